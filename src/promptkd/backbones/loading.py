@@ -1,0 +1,556 @@
+"""The one front door for CLIP backbones: ``load_backbone(name, pretrained)``.
+
+Every model comes from open_clip (no fork). What this layer adds is what open_clip leaves to the user: one clear
+error per bad input (unknown name or tag, offline tag, wrong architecture, truncated file), the QuickGELU decision
+made explicitly and recorded with its reason, and the model's facts (widths, grid, preprocessing) exposed so that
+no other module hard-codes 512/768/224.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+from promptkd.backbones.architecture import (
+    builtin_names_matching,
+    describe_config,
+    infer_clip_config,
+    is_openai_layout_vit,
+)
+from promptkd.backbones.files import WeightFileError, read_weight_file, sha256_of
+
+logger = logging.getLogger(__name__)
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class BackboneError(RuntimeError):
+    """A backbone that cannot be built as asked; the message says what was expected, what was found, what to do."""
+
+
+def register_builtin_configs() -> None:
+    """Make promptkd's tiny model configs visible to open_clip (idempotent)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass
+class PreprocessInfo:
+    """How images must be prepared for a model; read from the model, never assumed."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> PreprocessInfo:
+        cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+        size = cfg.get("size", getattr(model.visual, "image_size", 224))
+        if isinstance(size, (list, tuple)):
+            size = size[0]
+        return cls(
+            size=int(size),
+            mean=tuple(float(x) for x in cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            std=tuple(float(x) for x in cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            resize_mode=str(cfg.get("resize_mode", "shortest")),
+        )
+
+
+@dataclass
+class BackboneSpec:
+    """What identifies a backbone; stored in every checkpoint and run config so a result can be traced."""
+
+    model_name: str
+    pretrained: str | None = None
+    source: str = "random"  # "tag" | "file" | "local-dir" | "random"
+    quick_gelu: bool = False
+    quick_gelu_reason: str = ""
+    file_sha256: str | None = None
+    open_clip_version: str = field(default_factory=lambda: open_clip.__version__)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def same_identity(self, other: dict[str, Any]) -> bool:
+        """True when ``other`` (a stored spec) names the same architecture, weights and activation."""
+        keys = ("model_name", "pretrained", "quick_gelu", "file_sha256")
+        return all(other.get(k) == getattr(self, k) for k in keys if other.get(k) is not None or k != "file_sha256")
+
+
+@dataclass
+class Backbone:
+    """A loaded open_clip CLIP plus its tokenizer, preprocessing and identity."""
+
+    model: nn.Module
+    tokenizer: Any
+    spec: BackboneSpec
+    preprocess: PreprocessInfo
+    precision: str = "fp32"
+
+    # --- facts read from the model -------------------------------------------------------------------------------
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def text_tower(self) -> nn.Module:
+        """open_clip keeps the text tower flat on ``CLIP`` and under ``.text`` on ``CustomTextCLIP``."""
+        return self.model.text if hasattr(self.model, "text") else self.model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.visual.conv1.weight.shape[0]) if hasattr(self.visual, "conv1") else int(self.embed_dim)
+
+    @property
+    def vision_layers(self) -> int:
+        return len(self.visual.transformer.resblocks) if hasattr(self.visual, "transformer") else 0
+
+    @property
+    def text_width(self) -> int:
+        return int(self.text_tower.ln_final.weight.shape[0])
+
+    @property
+    def text_layers(self) -> int:
+        return len(self.text_tower.transformer.resblocks)
+
+    @property
+    def embed_dim(self) -> int:
+        proj = getattr(self.text_tower, "text_projection", None)
+        if isinstance(proj, nn.Linear):
+            return int(proj.out_features)
+        if proj is not None:
+            return int(proj.shape[1])
+        return int(self.text_width)
+
+    @property
+    def image_size(self) -> int:
+        size = getattr(self.visual, "image_size", self.preprocess.size)
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def patch_size(self) -> int:
+        size = getattr(self.visual, "patch_size", (0,))
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        grid = getattr(self.visual, "grid_size", (0, 0))
+        return (int(grid[0]), int(grid[1]))
+
+    @property
+    def context_length(self) -> int:
+        return int(self.text_tower.positional_embedding.shape[0])
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale) as a detached scalar: frozen in every method here."""
+        return self.model.logit_scale.detach().exp()
+
+    def tokenize(self, texts: str | list[str]) -> torch.Tensor:
+        return self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+
+    def autocast(self):
+        """Context for this backbone's compute precision (fp32 master weights, bf16/fp16 autocast)."""
+        return autocast_for(self.precision, self.device)
+
+    def freeze(self) -> Backbone:
+        self.model.eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.spec.to_dict(),
+            "vision_width": self.vision_width,
+            "vision_layers": self.vision_layers,
+            "text_width": self.text_width,
+            "text_layers": self.text_layers,
+            "embed_dim": self.embed_dim,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "context_length": self.context_length,
+            "preprocess": asdict(self.preprocess),
+        }
+
+
+def autocast_for(precision: str, device: torch.device | str):
+    """Autocast context for a precision name; fp16 on CPU is refused because it is ~17x slower than fp32 here."""
+    device = torch.device(device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        if device.type == "cpu":
+            raise BackboneError("precision fp16 on the CPU is very slow (no fp16 matmul kernels); use bf16 or fp32.")
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    raise BackboneError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}.")
+
+
+# --- name and tag resolution --------------------------------------------------------------------------------------
+def normalise_model_name(name: str) -> str:
+    """'ViT-B/16' (OpenAI spelling) -> 'ViT-B-16' (open_clip spelling)."""
+    if name.startswith(("local-dir:", "hf-hub:")):
+        return name
+    return name.replace("/", "-")
+
+
+def _did_you_mean(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def check_model_name(name: str) -> str:
+    register_builtin_configs()
+    name = normalise_model_name(name)
+    if name.startswith(("local-dir:", "hf-hub:")):
+        return name
+    if open_clip.get_model_config(name) is None:
+        raise BackboneError(
+            f"unknown model {name!r}.{_did_you_mean(name, open_clip.list_models())} "
+            "Run `promptkd models` to list every name."
+        )
+    return name
+
+
+def _tag_cfg(name: str, tag: str) -> dict | None:
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    return cfg or None
+
+
+def _base_name(name: str) -> str:
+    return name[: -len("-quickgelu")] if name.endswith("-quickgelu") else name
+
+
+def _known_openai_hashes() -> dict[str, tuple[str, str]]:
+    """sha256 -> (model name, tag) for OpenAI's TorchScript releases; the hash is part of their URLs."""
+    found = {}
+    for name, tag in open_clip.list_pretrained():
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        url = cfg.get("url", "") if cfg else ""
+        parts = url.split("/")
+        if "openaipublic" in url and len(parts) >= 2 and len(parts[-2]) == 64:
+            found[parts[-2]] = (name, tag)
+    return found
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+def load_backbone(
+    model_name: str | None,
+    pretrained: str | None = None,
+    *,
+    quick_gelu: bool | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    cache_dir: str | None = None,
+    allow_torchscript: bool = True,
+    identify_file: bool = True,
+) -> Backbone:
+    """Build an open_clip CLIP by name + tag, from a local weight file, or from a ``local-dir:`` folder.
+
+    Args:
+        model_name: open_clip name (``ViT-B-16``; OpenAI spelling ``ViT-B/16`` accepted), ``local-dir:<folder>``,
+            or None to infer the architecture from the weight file.
+        pretrained: a pretrained tag of that model (``openai``, ``laion2b_s34b_b88k``), a weight file (OpenAI
+            TorchScript ``.pt``, state dict ``.pt``/``.bin``, ``.safetensors``), or None for random weights.
+        quick_gelu: force the activation; None decides from the evidence and records why in ``spec``.
+        precision: compute precision (``fp32``, ``bf16`` autocast, ``fp16`` autocast on GPU).
+    """
+    register_builtin_configs()
+    if precision not in PRECISIONS:
+        raise BackboneError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}.")
+    if model_name is None and not pretrained:
+        raise BackboneError("give a model name, a weight file, or both.")
+    if model_name is not None and model_name.startswith("local-dir:"):
+        backbone = _load_local_dir(model_name, quick_gelu)
+    elif pretrained and (tag_name := _resolve_tag(model_name, pretrained)):
+        backbone = _load_tag(tag_name[0], tag_name[1], quick_gelu, cache_dir)
+    elif pretrained:
+        backbone = _load_file(model_name, pretrained, quick_gelu, allow_torchscript, identify_file)
+    else:
+        name = check_model_name(model_name)  # type: ignore[arg-type]
+        qg = _decide_quick_gelu_from_name(name, quick_gelu)
+        model = _create(name, qg[0])
+        spec = BackboneSpec(model_name=name, source="random", quick_gelu=qg[0], quick_gelu_reason=qg[1])
+        backbone = Backbone(model, open_clip.get_tokenizer(name), spec, PreprocessInfo.from_model(model))
+    backbone.model.to(device)
+    backbone.model.eval()
+    backbone.precision = precision
+    if precision == "fp16" and torch.device(device).type == "cpu":
+        raise BackboneError("precision fp16 on the CPU is very slow (no fp16 matmul kernels); use bf16 or fp32.")
+    return backbone
+
+
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip logs 'No pretrained weights loaded' on the root logger; random init is what we asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def _create(name: str, quick_gelu: bool, **kwargs: Any) -> nn.Module:
+    """Random-weight model from a config name; ``quick_gelu`` overrides whatever the config says."""
+    root, notice_filter = logging.getLogger(), _DropRandomInitNotice()
+    root.addFilter(notice_filter)
+    try:
+        return open_clip.create_model(_base_name(name), pretrained=None, quick_gelu=quick_gelu, **kwargs)
+    finally:
+        root.removeFilter(notice_filter)
+
+
+def _decide_quick_gelu_from_name(name: str, forced: bool | None) -> tuple[bool, str]:
+    if forced is not None:
+        return forced, "set explicitly"
+    cfg = open_clip.get_model_config(_base_name(name)) or {}
+    if name.endswith("-quickgelu"):
+        return True, f"model name {name!r} ends in -quickgelu"
+    return bool(cfg.get("quick_gelu", False)), f"model config {name!r}"
+
+
+def _resolve_tag(model_name: str | None, pretrained: str) -> tuple[str, str] | None:
+    """(name, tag) when ``pretrained`` is a registered tag; raises on a name/tag that is neither tag nor file."""
+    if model_name is None:
+        return None
+    name = check_model_name(model_name)
+    if _tag_cfg(name, pretrained) is not None:
+        return name, pretrained
+    if os.path.exists(os.path.expanduser(pretrained)):
+        return None
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    base_tags = open_clip.list_pretrained_tags_by_model(_base_name(name) + "-quickgelu") if tags == [] else []
+    available = tags or base_tags
+    raise BackboneError(
+        f"{pretrained!r} is neither a pretrained tag of {name!r} nor an existing file."
+        f"{_did_you_mean(pretrained, available)} Tags of {name}: {', '.join(available) or 'none'}."
+    )
+
+
+def _load_tag(name: str, tag: str, forced: bool | None, cache_dir: str | None) -> Backbone:
+    cfg = _tag_cfg(name, tag) or {}
+    tag_qg = bool(cfg.get("quick_gelu", False)) or name.endswith("-quickgelu")
+    if forced is not None and forced != tag_qg:
+        warnings.warn(
+            f"quick_gelu={forced} was forced, but tag {tag!r} of {name} was trained with quick_gelu={tag_qg}: "
+            "expect lower accuracy.",
+            UserWarning,
+            stacklevel=3,
+        )
+    quick_gelu = tag_qg if forced is None else forced
+    reason = "set explicitly" if forced is not None else f"pretrained tag {tag!r} records quick_gelu={tag_qg}"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="QuickGELU mismatch")
+            model, _, _ = open_clip.create_model_and_transforms(
+                _base_name(name), pretrained=tag, force_quick_gelu=quick_gelu, cache_dir=cache_dir
+            )
+    except RuntimeError as error:
+        raise BackboneError(
+            f"weights for {name} / {tag} are not in the local cache and could not be downloaded ({error}). "
+            f"On a connected machine run `promptkd models --download {name} {tag}` (or open_clip.create_model) and "
+            "copy the Hugging Face cache, then set HF_HUB_OFFLINE=1; or pass the weight file itself with "
+            "--pretrained /path/to/weights (.pt, .bin or .safetensors)."
+        ) from error
+    spec = BackboneSpec(model_name=_base_name(name), pretrained=tag, source="tag", quick_gelu=quick_gelu,
+                        quick_gelu_reason=reason)
+    return Backbone(model, open_clip.get_tokenizer(_base_name(name)), spec, PreprocessInfo.from_model(model))
+
+
+def _sidecar_config(path: Path) -> dict | None:
+    """An open_clip-style config next to a weight file (``open_clip_config.json`` or ``<file>.json``)."""
+    for candidate in (path.with_suffix(".json"), path.parent / "open_clip_config.json"):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except json.JSONDecodeError as error:
+                raise BackboneError(f"{candidate}: not valid JSON ({error}).") from error
+            if isinstance(data, dict) and "model_cfg" in data:
+                return data
+    return None
+
+
+def _load_file(
+    model_name: str | None, pretrained: str, forced: bool | None, allow_torchscript: bool, identify_file: bool
+) -> Backbone:
+    path = Path(pretrained).expanduser()
+    try:
+        weights = read_weight_file(path, allow_torchscript=allow_torchscript)
+    except WeightFileError as error:
+        raise BackboneError(str(error)) from error
+    state = weights.state_dict
+    sidecar = _sidecar_config(path)
+    digest = None
+    identified: tuple[str, str] | None = None
+    if weights.format == "torchscript" and identify_file:
+        digest = sha256_of(path)
+        identified = _known_openai_hashes().get(digest)
+
+    found_cfg = infer_clip_config(state) if is_openai_layout_vit(state) else None
+    if model_name is None:
+        if sidecar is not None:
+            model_cfg = dict(sidecar["model_cfg"])
+            name = f"file:{path.name}"
+        elif found_cfg is not None:
+            matches = builtin_names_matching(found_cfg)
+            if not matches:
+                model_cfg, name = found_cfg, f"file:{path.name}"
+            else:
+                name = next((m for m in matches if not m.endswith("-quickgelu")), matches[0])
+                model_cfg = None
+        else:
+            raise BackboneError(
+                f"{path}: cannot infer the architecture from this file (not an OpenAI-layout ViT CLIP); "
+                "pass the model name, e.g. --model ViT-B-16."
+            )
+    else:
+        name = check_model_name(model_name)
+        model_cfg = None
+
+    # --- QuickGELU: explicit flag > sidecar > OpenAI archive > name; ambiguous OpenAI-shaped files get a warning ---
+    if forced is not None:
+        quick_gelu, reason = forced, "set explicitly"
+    elif sidecar is not None and "quick_gelu" in sidecar["model_cfg"]:
+        quick_gelu, reason = bool(sidecar["model_cfg"]["quick_gelu"]), "config file next to the weights"
+    elif identified is not None:
+        quick_gelu, reason = True, f"file is OpenAI's {identified[0]} release (sha256 match)"
+    elif weights.format == "torchscript":
+        quick_gelu, reason = True, "TorchScript archive: OpenAI release format, trained with QuickGELU"
+    elif model_cfg is not None:
+        quick_gelu, reason = bool(model_cfg.get("quick_gelu", False)), "inferred config"
+    else:
+        quick_gelu, reason = _decide_quick_gelu_from_name(name, None)
+        if not quick_gelu and open_clip.list_pretrained_tags_by_model(name + "-quickgelu"):
+            warnings.warn(
+                f"{path}: the file does not say whether its weights were trained with QuickGELU (OpenAI's CLIP "
+                f"weights were; most LAION weights were not). Using plain GELU from the name {name!r}. If these are "
+                "OpenAI weights, pass quick_gelu=True (--quick-gelu) or the name with -quickgelu: the wrong "
+                "activation silently costs accuracy.",
+                UserWarning,
+                stacklevel=3,
+            )
+    if forced is not None and weights.format == "torchscript" and not forced:
+        warnings.warn(f"{path}: OpenAI archive loaded with quick_gelu=False; expect lower accuracy.", stacklevel=3)
+
+    if model_cfg is not None:
+        model = _create_from_cfg(model_cfg, quick_gelu)
+        if sidecar is not None and "preprocess_cfg" in sidecar:
+            open_clip.set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **sidecar["preprocess_cfg"]})
+    else:
+        model = _create(name, quick_gelu)
+    if identified is not None:
+        tag_cfg = open_clip.get_pretrained_cfg(*identified)
+        pre = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+        open_clip.set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **pre})
+    _load_state_checked(model, state, path, name, found_cfg)
+    spec = BackboneSpec(
+        model_name=name,
+        pretrained=str(path),
+        source="file",
+        quick_gelu=quick_gelu,
+        quick_gelu_reason=reason,
+        file_sha256=digest,
+    )
+    if model_cfg is None:
+        tokenizer = open_clip.get_tokenizer(_base_name(name))
+    else:
+        tokenizer = open_clip.SimpleTokenizer(context_length=int(model_cfg["text_cfg"].get("context_length", 77)))
+    return Backbone(model, tokenizer, spec, PreprocessInfo.from_model(model))
+
+
+def _create_from_cfg(model_cfg: dict[str, Any], quick_gelu: bool) -> nn.Module:
+    cfg = {k: v for k, v in model_cfg.items() if k not in ("custom_text",)}
+    cfg["quick_gelu"] = quick_gelu
+    cls = open_clip.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.CLIP
+    return cls(**cfg)
+
+
+def _load_state_checked(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str, found_cfg: dict | None
+) -> None:
+    """Strict load with a message naming the file, the expected architecture and what the file holds."""
+    if hasattr(model, "text") and not any(k.startswith("text.") for k in state):
+        from open_clip.model import convert_to_custom_text_state_dict
+
+        state = convert_to_custom_text_state_dict(state)
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    mis_shaped = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mis_shaped:
+        expected_desc = describe_config(open_clip.get_model_config(_base_name(name)) or {}) if not name.startswith(
+            "file:"
+        ) else "the inferred architecture"
+        found_desc = describe_config(found_cfg) if found_cfg else "an unrecognised layout"
+        hint = ""
+        if found_cfg:
+            matches = [m for m in builtin_names_matching(found_cfg) if not m.endswith("-quickgelu")]
+            if matches:
+                hint = f" The file matches {', '.join(matches)}: pass that model name (or omit the name)."
+        raise BackboneError(
+            f"{path}: weights do not fit model {name!r}. Expected {expected_desc}; the file holds {found_desc}."
+            f"{hint}\n" + _format_key_problems(missing, unexpected, mis_shaped)
+        )
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def _format_key_problems(missing: list[str], unexpected: list[str], mis_shaped: list[str], limit: int = 8) -> str:
+    lines = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+        if items:
+            shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+            lines.append(f"  {label} keys ({len(items)}): {shown}")
+    return "\n".join(lines)
+
+
+def _load_local_dir(model_name: str, forced: bool | None) -> Backbone:
+    folder = Path(model_name[len("local-dir:") :]).expanduser()
+    config_path = folder / "open_clip_config.json"
+    if not folder.is_dir():
+        raise BackboneError(f"{folder}: no such folder (from {model_name!r}).")
+    if not config_path.is_file():
+        raise BackboneError(
+            f"{folder}: a local-dir model needs open_clip_config.json with 'model_cfg' (and optionally "
+            "'preprocess_cfg') next to open_clip_model.safetensors or open_clip_pytorch_model.bin."
+        )
+    config = json.loads(config_path.read_text())
+    cfg_qg = bool(config.get("model_cfg", {}).get("quick_gelu", False))
+    quick_gelu = cfg_qg if forced is None else forced
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(model_name, force_quick_gelu=quick_gelu)
+    except (RuntimeError, ValueError, FileNotFoundError) as error:
+        raise BackboneError(f"{folder}: cannot build the local model: {error}") from error
+    spec = BackboneSpec(
+        model_name=model_name,
+        source="local-dir",
+        quick_gelu=quick_gelu,
+        quick_gelu_reason="set explicitly" if forced is not None else "open_clip_config.json",
+    )
+    return Backbone(model, open_clip.get_tokenizer(model_name), spec, PreprocessInfo.from_model(model))

@@ -1,0 +1,220 @@
+"""Learnable prompt parameters: CoOp context (+ deep text prompts), deep visual prompts, MaPLe coupling.
+
+These modules hold only trainable tensors; the frozen CLIP lives elsewhere. Their parameter names are the keys of
+promptkd checkpoints: ``text.ctx``, ``text.deep``, ``visual.prompts``, ``coupling.{k}.weight`` (see
+``promptkd.checkpoints.reference`` for how the reference code's keys map onto them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from promptkd.prompts.encoders import PromptedTextEncoder
+
+Position = Literal["end", "middle", "front"]
+POSITIONS = ("end", "middle", "front")
+
+
+def clean_classname(name: str) -> str:
+    """All reference trainers replace '_' with ' ' in class names."""
+    return name.replace("_", " ")
+
+
+def _normal(shape: Sequence[int], std: float, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.empty(*shape).normal_(mean=0.0, std=std, generator=generator)
+
+
+class TextPromptLearner(nn.Module):
+    """CoOp's learnable context for C class prompts, plus optional deep text prompts (IVLP / MaPLe / PromptSRC).
+
+    The prompt of class c is ``[SOS] [ctx_1..ctx_M] [CLASS c] [.] [EOT]`` ('end'); 'front' and 'middle' move the
+    class tokens as in CoOp. With an init phrase ("a photo of a") the context starts as that phrase's token
+    embeddings and M defaults to its token count; with ``n_ctx`` smaller than the phrase, only the first ``n_ctx``
+    tokens are learnable and the rest stay fixed words (MaPLe's rule: n = 2 learns "a photo", keeps "of a").
+
+    Class-token buffers are rebuilt from the current class list (``set_classnames``), never saved, so a context
+    learnt on one dataset can be evaluated on another (except class-specific context, which is bound to its classes).
+    """
+
+    def __init__(
+        self,
+        encoder: PromptedTextEncoder,
+        tokenizer,
+        classnames: Sequence[str],
+        *,
+        n_ctx: int | None = None,
+        init: str | None = "a photo of a",
+        class_specific: bool = False,
+        position: Position = "end",
+        deep_depth: int = 1,
+        init_std: float = 0.02,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if position not in POSITIONS:
+            raise ValueError(f"class-token position {position!r} is not one of {', '.join(POSITIONS)}")
+        if class_specific and init:
+            raise ValueError("class-specific context (CSC) is randomly initialised in CoOp; set init=None.")
+        if deep_depth < 1 or deep_depth > encoder.n_blocks:
+            raise ValueError(f"text prompt depth {deep_depth} must be between 1 and the {encoder.n_blocks} text blocks")
+        self.tokenizer = tokenizer
+        self.position: Position = position
+        self.class_specific = class_specific
+        width = encoder.width
+        object.__setattr__(self, "_encoder", encoder)  # not a submodule: the frozen tower is not ours to save
+        init = init.replace("_", " ").strip() if init else None
+        if init:
+            ids = tokenizer([init])
+            n_init = int(encoder.pool_positions(ids)[0]) - 1
+            if n_init < 1:
+                raise ValueError(f"init phrase {init!r} has no tokens")
+            n_ctx = n_init if n_ctx is None else n_ctx
+            if n_ctx > n_init:
+                raise ValueError(
+                    f"init phrase {init!r} has {n_init} tokens but n_ctx={n_ctx}; use n_ctx <= {n_init}, "
+                    "or init=None for random N(0, 0.02) context."
+                )
+            if n_ctx < n_init and position != "end":
+                raise ValueError("a partially learnable init phrase needs class-token position 'end'")
+            with torch.no_grad():
+                embedding = encoder.embed_tokens(ids.to(encoder.positional_embedding.device)).float()
+            ctx = embedding[0, 1 : 1 + n_ctx].clone().cpu()
+            self.prefix_text = init
+        else:
+            n_ctx = 16 if n_ctx is None else n_ctx
+            shape = (len(classnames), n_ctx, width) if class_specific else (n_ctx, width)
+            ctx = _normal(shape, init_std, generator)
+            self.prefix_text = " ".join(["X"] * n_ctx)
+        if n_ctx < 1:
+            raise ValueError("n_ctx must be at least 1")
+        self.n_ctx = n_ctx
+        self.ctx = nn.Parameter(ctx)
+        self.deep_depth = deep_depth
+        if deep_depth > 1:
+            self.deep = nn.Parameter(_normal((deep_depth - 1, n_ctx, width), init_std, generator))
+        else:
+            self.register_parameter("deep", None)
+        self._n_fixed_classes = len(classnames) if class_specific else None
+        self.set_classnames(classnames)
+
+    @property
+    def encoder(self) -> PromptedTextEncoder:
+        return self._encoder
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classnames)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Rebuild the fixed token buffers for a class list (cross-dataset and base/new evaluation)."""
+        classnames = [clean_classname(c) for c in classnames]
+        if not classnames:
+            raise ValueError("the class list is empty")
+        if self._n_fixed_classes is not None and len(classnames) != self._n_fixed_classes:
+            raise ValueError(
+                f"class-specific context was learnt for {self._n_fixed_classes} classes and cannot be used with "
+                f"{len(classnames)} other classes (it does not transfer to new classes)."
+            )
+        self.classnames = classnames
+        texts = [f"{self.prefix_text} {name}." for name in classnames]
+        device = self.ctx.device
+        token_ids = self.tokenizer(texts).to(device)
+        name_lens = [int(self.encoder.pool_positions(self.tokenizer([name]))[0]) - 1 for name in classnames]
+        eot = self.encoder.pool_positions(token_ids)
+        if int(eot.max()) >= token_ids.shape[1] - 1:
+            longest = classnames[int(eot.argmax())]
+            raise ValueError(f"the prompt for class {longest!r} fills the whole context length and may be cut off")
+        with torch.no_grad():
+            embedding = self.encoder.embed_tokens(token_ids).float()
+        self.register_buffer("token_ids", token_ids, persistent=False)
+        self.register_buffer("token_embedding", embedding, persistent=False)
+        self.register_buffer("gather_index", self._gather_index(token_ids.shape[1], name_lens).to(device), persistent=False)
+
+    def _gather_index(self, length: int, name_lens: list[int]) -> torch.Tensor:
+        """Per class, where each output position comes from in cat([token embeddings (L), ctx (M)])."""
+        m = self.n_ctx
+        ctx_idx = list(range(length, length + m))
+        rows = []
+        for k in name_lens:
+            name_idx = list(range(1 + m, 1 + m + k))
+            rest = list(range(1 + m + k, length))
+            if self.position == "end":
+                row = [0, *ctx_idx, *range(1 + m, length)]
+            elif self.position == "front":
+                row = [0, *name_idx, *ctx_idx, *rest]
+            else:
+                half = m // 2
+                row = [0, *ctx_idx[:half], *name_idx, *ctx_idx[half:], *rest]
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.long)
+
+    def build(self, ctx: torch.Tensor | None = None, *, batched: bool = False) -> torch.Tensor:
+        """Prompt embeddings [C, L, W]; with ``batched`` and ctx [B, M, W] (per-sample context): [B, C, L, W]."""
+        ctx = self.ctx if ctx is None else ctx
+        emb = self.token_embedding
+        n_cls, length, width = emb.shape
+        if batched:
+            batch = ctx.shape[0]
+            ctx_full = ctx.unsqueeze(1).expand(batch, n_cls, -1, -1).to(emb.dtype)
+            source = torch.cat([emb.unsqueeze(0).expand(batch, -1, -1, -1), ctx_full], dim=2)
+            index = self.gather_index.view(1, n_cls, length, 1).expand(batch, -1, -1, width)
+            return torch.gather(source, 2, index)
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
+        source = torch.cat([emb, ctx.to(emb.dtype)], dim=1)
+        return torch.gather(source, 1, self.gather_index.unsqueeze(-1).expand(-1, -1, width))
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt embeddings [C, L, W], token ids [C, L]) for the current classes."""
+        return self.build(), self.token_ids
+
+    def encode(self, *, normalize: bool = True, deep: torch.Tensor | None = None) -> torch.Tensor:
+        """Class text features [C, E] through the prompted text encoder."""
+        embeddings, token_ids = self()
+        return self.encoder(embeddings, token_ids, self.deep if deep is None else deep, normalize=normalize)
+
+
+class VisualPrompts(nn.Module):
+    """Deep visual prompts: ``prompts[0]`` is appended at the input, ``prompts[i]`` replaces them before block i."""
+
+    def __init__(
+        self, n_tokens: int, depth: int, width: int, *, init_std: float = 0.02, generator: torch.Generator | None = None
+    ):
+        super().__init__()
+        if n_tokens < 1 or depth < 1:
+            raise ValueError("visual prompts need n_tokens >= 1 and depth >= 1")
+        self.prompts = nn.Parameter(_normal((depth, n_tokens, width), init_std, generator))
+
+    @property
+    def depth(self) -> int:
+        return int(self.prompts.shape[0])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.prompts.shape[1])
+
+    def forward(self) -> torch.Tensor:
+        return self.prompts
+
+
+class MultimodalCoupling(nn.Module):
+    """MaPLe: vision prompts are linear functions of the text prompts, one Linear(text_width, vision_width) per layer.
+
+    Layer 0 maps the shallow context (MaPLe's ``proj``), layers 1..J-1 the deep text prompts
+    (``compound_prompt_projections``); there are no independent vision parameters.
+    """
+
+    def __init__(self, depth: int, text_width: int, vision_width: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(depth))
+
+    def forward(self, ctx: torch.Tensor, deep: torch.Tensor | None) -> list[torch.Tensor]:
+        """ctx [n, Wt] (or [B, n, Wt]) and deep [J-1, n, Wt] -> J vision prompt layers, each [n, Wv]."""
+        text_layers = [ctx] + (list(deep.unbind(-3)) if deep is not None else [])
+        if len(text_layers) != len(self.layers):
+            raise ValueError(f"coupling has {len(self.layers)} layers but got {len(text_layers)} text prompt layers")
+        return [layer(prompt) for layer, prompt in zip(self.layers, text_layers)]
