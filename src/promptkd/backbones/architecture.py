@@ -70,6 +70,7 @@ def _shape_signature(cfg: dict[str, Any]) -> tuple:
     if isinstance(image_size, (list, tuple)):
         image_size = image_size[0]
     return (
+        bool(cfg.get("custom_text", False)),
         cfg.get("embed_dim"),
         image_size,
         v.get("layers"),
@@ -88,7 +89,11 @@ def builtin_names_matching(cfg: dict[str, Any]) -> list[str]:
     matches = []
     for name in open_clip.list_models():
         other = open_clip.get_model_config(name)
-        if not other or "timm_model_name" in other.get("vision_cfg", {}) or "hf_model_name" in other.get("text_cfg", {}):
+        if (
+            not other
+            or "timm_model_name" in other.get("vision_cfg", {})
+            or "hf_model_name" in other.get("text_cfg", {})
+        ):
             continue
         if _shape_signature(other) == target:
             matches.append(name)

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
+from promptkd.errors import PromptKDError
+
 logger = logging.getLogger(__name__)
 
 # Keys that OpenAI's TorchScript archives carry next to the weights; not parameters.
 _OPENAI_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-class WeightFileError(RuntimeError):
+class WeightFileError(PromptKDError, RuntimeError):
     """A weight or checkpoint file that cannot be read or does not fit; the message names the file."""
 
 

@@ -13,6 +13,7 @@ import difflib
 import json
 import logging
 import os
+import socket
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.transform import PreprocessCfg
 from torch import nn
 
 from promptkd.backbones.architecture import (
@@ -29,6 +31,7 @@ from promptkd.backbones.architecture import (
     is_openai_layout_vit,
 )
 from promptkd.backbones.files import WeightFileError, read_weight_file, sha256_of
+from promptkd.errors import PromptKDError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ _registered = False
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-class BackboneError(RuntimeError):
+class BackboneError(PromptKDError, RuntimeError):
     """A backbone that cannot be built as asked; the message says what was expected, what was found, what to do."""
 
 
@@ -360,6 +363,7 @@ def _load_tag(name: str, tag: str, forced: bool | None, cache_dir: str | None) -
             stacklevel=3,
         )
     quick_gelu = tag_qg if forced is None else forced
+    _require_cached_or_online(name, tag, cfg, cache_dir)
     reason = "set explicitly" if forced is not None else f"pretrained tag {tag!r} records quick_gelu={tag_qg}"
     try:
         with warnings.catch_warnings():
@@ -374,9 +378,34 @@ def _load_tag(name: str, tag: str, forced: bool | None, cache_dir: str | None) -
             "copy the Hugging Face cache, then set HF_HUB_OFFLINE=1; or pass the weight file itself with "
             "--pretrained /path/to/weights (.pt, .bin or .safetensors)."
         ) from error
-    spec = BackboneSpec(model_name=_base_name(name), pretrained=tag, source="tag", quick_gelu=quick_gelu,
-                        quick_gelu_reason=reason)
+    spec = BackboneSpec(
+        model_name=_base_name(name), pretrained=tag, source="tag", quick_gelu=quick_gelu, quick_gelu_reason=reason
+    )
     return Backbone(model, open_clip.get_tokenizer(_base_name(name)), spec, PreprocessInfo.from_model(model))
+
+
+def _hub_reachable(host: str = "huggingface.co") -> bool:
+    """A DNS lookup answers at once offline; without it huggingface_hub retries for ~45 s before failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _require_cached_or_online(name: str, tag: str, cfg: dict, cache_dir: str | None) -> None:
+    from promptkd.backbones.catalog import is_cached
+
+    if is_cached(cfg, cache_dir) or _hub_reachable():
+        return
+    raise BackboneError(
+        f"weights for {name} / {tag} are not in the local cache and this machine is offline. "
+        f"On a connected machine run `promptkd models --download {name} {tag}` and copy the Hugging Face cache "
+        "(~/.cache/huggingface) here; or pass the weight file itself: --pretrained /path/to/weights "
+        "(.pt, .bin or .safetensors), or a converted folder: --model local-dir:/path/to/folder."
+    )
 
 
 def _sidecar_config(path: Path) -> dict | None:
@@ -456,8 +485,11 @@ def _load_file(
 
     if model_cfg is not None:
         model = _create_from_cfg(model_cfg, quick_gelu)
-        if sidecar is not None and "preprocess_cfg" in sidecar:
-            open_clip.set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **sidecar["preprocess_cfg"]})
+        size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
+        preprocess = {**asdict(PreprocessCfg()), "size": size}
+        if sidecar is not None:
+            preprocess.update(sidecar.get("preprocess_cfg", {}))
+        open_clip.set_model_preprocess_cfg(model, preprocess)
     else:
         model = _create(name, quick_gelu)
     if identified is not None:
@@ -496,6 +528,8 @@ def _load_state_checked(
 
         state = convert_to_custom_text_state_dict(state)
     expected = model.state_dict()
+    non_persistent = {name for name, _ in model.named_buffers()} - set(expected)
+    state = {k: v for k, v in state.items() if k not in non_persistent}  # e.g. attn_mask in TorchScript archives
     missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected)
     mis_shaped = sorted(
@@ -504,9 +538,11 @@ def _load_state_checked(
         if k in state and state[k].shape != expected[k].shape
     )
     if missing or unexpected or mis_shaped:
-        expected_desc = describe_config(open_clip.get_model_config(_base_name(name)) or {}) if not name.startswith(
-            "file:"
-        ) else "the inferred architecture"
+        expected_desc = (
+            describe_config(open_clip.get_model_config(_base_name(name)) or {})
+            if not name.startswith("file:")
+            else "the inferred architecture"
+        )
         found_desc = describe_config(found_cfg) if found_cfg else "an unrecognised layout"
         hint = ""
         if found_cfg:

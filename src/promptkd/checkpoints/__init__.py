@@ -3,6 +3,7 @@
 from promptkd.checkpoints.format import (
     CheckpointError,
     atomic_path,
+    atomic_write_text,
     check_state_fits,
     checkpoint_paths,
     classnames_hash,
@@ -11,15 +12,26 @@ from promptkd.checkpoints.format import (
     save_checkpoint,
     trainable_state,
 )
+from promptkd.checkpoints.reference import (
+    ConversionReport,
+    convert_reference_checkpoint,
+    convert_reference_state_dict,
+    read_reference_checkpoint,
+)
 
 __all__ = [
     "CheckpointError",
+    "ConversionReport",
     "atomic_path",
+    "atomic_write_text",
     "check_state_fits",
     "checkpoint_paths",
     "classnames_hash",
+    "convert_reference_checkpoint",
+    "convert_reference_state_dict",
     "load_checkpoint",
     "load_trainable_state",
+    "read_reference_checkpoint",
     "save_checkpoint",
     "trainable_state",
 ]

@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from promptkd._version import __version__
+from promptkd.errors import PromptKDError
 
 FORMAT_NAME = "promptkd-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PromptKDError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message names file and keys."""
 
 
@@ -75,7 +76,9 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], confi
     meta.setdefault("format_version", FORMAT_VERSION)
     meta.setdefault("library_version", __version__)
     meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    meta["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in clean.items()}
+    meta["tensors"] = {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in clean.items()
+    }
     if "classnames" in meta and meta["classnames"] is not None:
         meta["classnames_sha256"] = classnames_hash(list(meta["classnames"]))
     with atomic_path(tensor_path) as tmp:
@@ -125,7 +128,9 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     state = module.state_dict()
     params = dict(module.named_parameters())
     keep = {}
-    trainable_prefixes = {name.rsplit(".", 1)[0] if "." in name else "" for name, p in params.items() if p.requires_grad}
+    trainable_prefixes = {
+        name.rsplit(".", 1)[0] if "." in name else "" for name, p in params.items() if p.requires_grad
+    }
     for key, value in state.items():
         if key in params:
             if params[key].requires_grad:
@@ -153,7 +158,9 @@ def check_state_fits(
         for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
             if items:
                 lines.append(f"  {label} keys: {', '.join(items)}")
-        lines.append("  Check that the method, backbone and prompt settings match the ones the checkpoint was made with.")
+        lines.append(
+            "  Check that the method, backbone and prompt settings match the ones the checkpoint was made with."
+        )
         raise CheckpointError("\n".join(lines))
 
 

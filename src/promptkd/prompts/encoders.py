@@ -19,10 +19,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from promptkd.errors import PromptKDError
+
 PromptLayers = torch.Tensor | Sequence[torch.Tensor] | None
 
 
-class UnsupportedModelError(RuntimeError):
+class UnsupportedModelError(PromptKDError, RuntimeError):
     """A model whose towers cannot take prompts (ResNet or timm image towers, HF text towers, CoCa)."""
 
 

@@ -132,7 +132,9 @@ class TextPromptLearner(nn.Module):
             embedding = self.encoder.embed_tokens(token_ids).float()
         self.register_buffer("token_ids", token_ids, persistent=False)
         self.register_buffer("token_embedding", embedding, persistent=False)
-        self.register_buffer("gather_index", self._gather_index(token_ids.shape[1], name_lens).to(device), persistent=False)
+        self.register_buffer(
+            "gather_index", self._gather_index(token_ids.shape[1], name_lens).to(device), persistent=False
+        )
 
     def _gather_index(self, length: int, name_lens: list[int]) -> torch.Tensor:
         """Per class, where each output position comes from in cat([token embeddings (L), ctx (M)])."""

@@ -1,0 +1,66 @@
+"""Arguments and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from promptkd.backbones import PRECISIONS, Backbone, load_backbone
+
+
+def add_backbone_args(parser: argparse.ArgumentParser, *, prefix: str = "", default_model: str | None = None) -> None:
+    """--model/--pretrained/--quick-gelu (optionally prefixed, e.g. --teacher-model)."""
+    dash = f"--{prefix}-" if prefix else "--"
+    dest = f"{prefix}_" if prefix else ""
+    group = parser.add_argument_group(f"{prefix or 'model'} backbone")
+    group.add_argument(f"{dash}model", dest=f"{dest}model", default=default_model,
+                       help="open_clip model name (ViT-B-16, ViT-L-14, pkd-tiny, ...) or local-dir:<folder>; "
+                       "omit to infer it from a weight file")
+    group.add_argument(f"{dash}pretrained", dest=f"{dest}pretrained", default=None,
+                       help="pretrained tag (openai, laion2b_s34b_b88k, ...) or a weight file (.pt/.bin/.safetensors)")
+    group.add_argument(f"{dash}quick-gelu", dest=f"{dest}quick_gelu", action=argparse.BooleanOptionalAction,
+                       default=None, help="force the QuickGELU activation on or off (default: decided from the weights)")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    group.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                       help="compute precision: fp32, bf16 autocast, fp16 autocast (GPU only)")
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def backbone_from_args(args: argparse.Namespace, *, prefix: str = "") -> Backbone:
+    dest = f"{prefix}_" if prefix else ""
+    return load_backbone(
+        getattr(args, f"{dest}model"),
+        getattr(args, f"{dest}pretrained"),
+        quick_gelu=getattr(args, f"{dest}quick_gelu"),
+        device=resolve_device(getattr(args, "device", "cpu")),
+        precision=getattr(args, "precision", "fp32"),
+    )
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], file=None) -> None:
+    """A plain aligned text table (Markdown-compatible)."""
+    file = file or sys.stdout
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for index, row in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |", file=file)
+        if index == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=file)
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))

@@ -1,0 +1,36 @@
+"""`promptkd convert`: turn a CoOp/MaPLe/PromptSRC/PromptKD reference checkpoint into a promptkd checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "convert a reference (Dassl) prompt checkpoint into promptkd's format and report what was mapped"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptkd.cli.common import add_backbone_args
+
+    parser.add_argument("checkpoint", help="reference checkpoint, e.g. model-best.pth.tar or model.pth.tar-20")
+    parser.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
+    parser.add_argument("--classnames", default=None,
+                        help="text file with one class name per line, bound to the checkpoint (optional)")
+    add_backbone_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from promptkd.checkpoints import convert_reference_checkpoint
+    from promptkd.cli.common import backbone_from_args
+
+    backbone = backbone_from_args(args) if (args.model or args.pretrained) else None
+    classnames = None
+    if args.classnames:
+        classnames = [line.strip() for line in Path(args.classnames).read_text().splitlines() if line.strip()]
+    written, report = convert_reference_checkpoint(args.checkpoint, args.out, backbone=backbone,
+                                                   classnames=classnames)
+    print(report.summary())
+    if backbone is None:
+        print("  (no --model given: prompt shapes were not checked against a backbone)")
+    print(f"wrote {written} and {written.with_suffix('.json')}")
+    return 0

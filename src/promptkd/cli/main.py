@@ -1,0 +1,58 @@
+"""The `promptkd` command: a thin layer over the Python API, one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from promptkd._version import __version__
+
+# subcommand -> module under promptkd.cli; each has HELP, add_arguments(parser) and run(args) -> int.
+COMMANDS: dict[str, str] = {
+    "models": "models",
+    "convert": "convert",
+    "convert-weights": "convert_weights",
+    "inspect": "inspect",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="promptkd",
+        description="Prompt learning, prompt distillation (PromptKD) and test-time prompt tuning for CLIP models.",
+    )
+    parser.add_argument("--version", action="version", version=f"promptkd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"promptkd.cli.{module_name}")
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from promptkd.errors import PromptKDError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.run(args) or 0)
+    except PromptKDError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
