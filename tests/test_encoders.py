@@ -39,10 +39,12 @@ def test_empty_prompts_reproduce_open_clip_vit_b16():
     ids = backbone.tokenize(TEXTS)
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        assert torch.allclose(PromptedTextEncoder(backbone.model).encode_ids(ids), backbone.model.encode_text(ids),
-                              atol=1e-5)
-        assert torch.allclose(PromptedImageEncoder(backbone.model)(images), backbone.model.encode_image(images),
-                              atol=1e-5)
+        assert torch.allclose(
+            PromptedTextEncoder(backbone.model).encode_ids(ids), backbone.model.encode_text(ids), atol=1e-5
+        )
+        assert torch.allclose(
+            PromptedImageEncoder(backbone.model)(images), backbone.model.encode_image(images), atol=1e-5
+        )
 
 
 def _manual_text(backbone, embeddings, ids, deep):
@@ -142,8 +144,15 @@ def test_coop_positions_place_class_tokens(tiny_backbone):
     encoder = PromptedTextEncoder(tiny_backbone.model)
     classes = ["cat", "red star"]
     for position in ("end", "front", "middle"):
-        learner = TextPromptLearner(encoder, tiny_backbone.tokenizer, classes, n_ctx=4, init=None, position=position,
-                                    generator=torch.Generator().manual_seed(0))
+        learner = TextPromptLearner(
+            encoder,
+            tiny_backbone.tokenizer,
+            classes,
+            n_ctx=4,
+            init=None,
+            position=position,
+            generator=torch.Generator().manual_seed(0),
+        )
         embeddings, token_ids = learner()
         assert embeddings.shape == (2, 77, 64) and token_ids.shape == (2, 77)
         for c, name in enumerate(classes):
@@ -158,8 +167,15 @@ def test_coop_positions_place_class_tokens(tiny_backbone):
 
 def test_coop_class_specific_and_random_init(tiny_backbone):
     encoder = PromptedTextEncoder(tiny_backbone.model)
-    learner = TextPromptLearner(encoder, tiny_backbone.tokenizer, ["a", "b", "c"], n_ctx=16, init=None,
-                                class_specific=True, generator=torch.Generator().manual_seed(0))
+    learner = TextPromptLearner(
+        encoder,
+        tiny_backbone.tokenizer,
+        ["a", "b", "c"],
+        n_ctx=16,
+        init=None,
+        class_specific=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert tuple(learner.ctx.shape) == (3, 16, 64)
     assert 0.015 < float(learner.ctx.detach().std()) < 0.025
     embeddings, _ = learner()

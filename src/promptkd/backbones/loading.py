@@ -299,7 +299,7 @@ def load_backbone(
         qg = _decide_quick_gelu_from_name(name, quick_gelu)
         model = _create(name, qg[0])
         spec = BackboneSpec(model_name=name, source="random", quick_gelu=qg[0], quick_gelu_reason=qg[1])
-        backbone = Backbone(model, open_clip.get_tokenizer(name), spec, PreprocessInfo.from_model(model))
+        backbone = Backbone(model, make_tokenizer(name, _context_length(model)), spec, PreprocessInfo.from_model(model))
     backbone.model.to(device)
     backbone.model.eval()
     backbone.precision = precision
@@ -323,6 +323,29 @@ def _create(name: str, quick_gelu: bool, **kwargs: Any) -> nn.Module:
         return open_clip.create_model(_base_name(name), pretrained=None, quick_gelu=quick_gelu, **kwargs)
     finally:
         root.removeFilter(notice_filter)
+
+
+TOKENIZER_FILE = "tokenizer_bpe.txt.gz"
+
+
+def make_tokenizer(name: str, context_length: int, folder: Path | None = None):
+    """open_clip's tokenizer for ``name``; world models use the world vocabulary; a folder may carry its own BPE."""
+    if folder is not None and (folder / TOKENIZER_FILE).is_file():
+        tokenizer = open_clip.SimpleTokenizer(bpe_path=str(folder / TOKENIZER_FILE), context_length=context_length)
+        tokenizer.bpe_path = str(folder / TOKENIZER_FILE)  # remembered so an export carries the vocabulary along
+        return tokenizer
+    if _base_name(name).startswith("pkd-world"):
+        from promptkd.backbones.vocab import world_tokenizer
+
+        return world_tokenizer(context_length)
+    if name.startswith("file:") or name.startswith("local-dir:"):
+        return open_clip.SimpleTokenizer(context_length=context_length)
+    return open_clip.get_tokenizer(_base_name(name), context_length=context_length)
+
+
+def _context_length(model: nn.Module) -> int:
+    tower = model.text if hasattr(model, "text") else model
+    return int(tower.positional_embedding.shape[0])
 
 
 def _decide_quick_gelu_from_name(name: str, forced: bool | None) -> tuple[bool, str]:
@@ -381,7 +404,7 @@ def _load_tag(name: str, tag: str, forced: bool | None, cache_dir: str | None) -
     spec = BackboneSpec(
         model_name=_base_name(name), pretrained=tag, source="tag", quick_gelu=quick_gelu, quick_gelu_reason=reason
     )
-    return Backbone(model, open_clip.get_tokenizer(_base_name(name)), spec, PreprocessInfo.from_model(model))
+    return Backbone(model, make_tokenizer(name, _context_length(model)), spec, PreprocessInfo.from_model(model))
 
 
 def _hub_reachable(host: str = "huggingface.co") -> bool:
@@ -505,10 +528,7 @@ def _load_file(
         quick_gelu_reason=reason,
         file_sha256=digest,
     )
-    if model_cfg is None:
-        tokenizer = open_clip.get_tokenizer(_base_name(name))
-    else:
-        tokenizer = open_clip.SimpleTokenizer(context_length=int(model_cfg["text_cfg"].get("context_length", 77)))
+    tokenizer = make_tokenizer(name, _context_length(model), path.parent if sidecar is not None else None)
     return Backbone(model, tokenizer, spec, PreprocessInfo.from_model(model))
 
 
@@ -589,4 +609,6 @@ def _load_local_dir(model_name: str, forced: bool | None) -> Backbone:
         quick_gelu=quick_gelu,
         quick_gelu_reason="set explicitly" if forced is not None else "open_clip_config.json",
     )
-    return Backbone(model, open_clip.get_tokenizer(model_name), spec, PreprocessInfo.from_model(model))
+    return Backbone(
+        model, make_tokenizer(model_name, _context_length(model), folder), spec, PreprocessInfo.from_model(model)
+    )

@@ -16,20 +16,37 @@ def add_backbone_args(parser: argparse.ArgumentParser, *, prefix: str = "", defa
     dash = f"--{prefix}-" if prefix else "--"
     dest = f"{prefix}_" if prefix else ""
     group = parser.add_argument_group(f"{prefix or 'model'} backbone")
-    group.add_argument(f"{dash}model", dest=f"{dest}model", default=default_model,
-                       help="open_clip model name (ViT-B-16, ViT-L-14, pkd-tiny, ...) or local-dir:<folder>; "
-                       "omit to infer it from a weight file")
-    group.add_argument(f"{dash}pretrained", dest=f"{dest}pretrained", default=None,
-                       help="pretrained tag (openai, laion2b_s34b_b88k, ...) or a weight file (.pt/.bin/.safetensors)")
-    group.add_argument(f"{dash}quick-gelu", dest=f"{dest}quick_gelu", action=argparse.BooleanOptionalAction,
-                       default=None, help="force the QuickGELU activation on or off (default: decided from the weights)")
+    group.add_argument(
+        f"{dash}model",
+        dest=f"{dest}model",
+        default=default_model,
+        help="open_clip model name (ViT-B-16, ViT-L-14, pkd-tiny, ...) or local-dir:<folder>; "
+        "omit to infer it from a weight file",
+    )
+    group.add_argument(
+        f"{dash}pretrained",
+        dest=f"{dest}pretrained",
+        default=None,
+        help="pretrained tag (openai, laion2b_s34b_b88k, ...) or a weight file (.pt/.bin/.safetensors)",
+    )
+    group.add_argument(
+        f"{dash}quick-gelu",
+        dest=f"{dest}quick_gelu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force QuickGELU on or off (default: decided from the weights)",
+    )
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    group.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                       help="compute precision: fp32, bf16 autocast, fp16 autocast (GPU only)")
+    group.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="compute precision: fp32, bf16 autocast, fp16 autocast (GPU only)",
+    )
 
 
 def resolve_device(name: str) -> str:

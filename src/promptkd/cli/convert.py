@@ -12,8 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("checkpoint", help="reference checkpoint, e.g. model-best.pth.tar or model.pth.tar-20")
     parser.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
-    parser.add_argument("--classnames", default=None,
-                        help="text file with one class name per line, bound to the checkpoint (optional)")
+    parser.add_argument(
+        "--classnames", default=None, help="text file with one class name per line, bound to the checkpoint (optional)"
+    )
     add_backbone_args(parser)
 
 
@@ -27,8 +28,7 @@ def run(args: argparse.Namespace) -> int:
     classnames = None
     if args.classnames:
         classnames = [line.strip() for line in Path(args.classnames).read_text().splitlines() if line.strip()]
-    written, report = convert_reference_checkpoint(args.checkpoint, args.out, backbone=backbone,
-                                                   classnames=classnames)
+    written, report = convert_reference_checkpoint(args.checkpoint, args.out, backbone=backbone, classnames=classnames)
     print(report.summary())
     if backbone is None:
         print("  (no --model given: prompt shapes were not checked against a backbone)")

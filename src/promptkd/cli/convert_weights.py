@@ -20,6 +20,8 @@ def run(args: argparse.Namespace) -> int:
 
     backbone = backbone_from_args(args)
     folder = save_local_dir(backbone, args.out)
-    print(f"wrote {folder} (quick_gelu={backbone.spec.quick_gelu}: {backbone.spec.quick_gelu_reason}); "
-          f"load it with --model local-dir:{folder}")
+    print(
+        f"wrote {folder} (quick_gelu={backbone.spec.quick_gelu}: {backbone.spec.quick_gelu_reason}); "
+        f"load it with --model local-dir:{folder}"
+    )
     return 0

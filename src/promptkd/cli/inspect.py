@@ -20,8 +20,10 @@ def run(args: argparse.Namespace) -> int:
     backbone = config.get("backbone") or {}
     print(f"method: {config.get('method')}   library {config.get('library_version')}   created {config.get('created')}")
     if backbone:
-        print(f"backbone: {backbone.get('model_name')} / {backbone.get('pretrained') or 'random'} "
-              f"(quick_gelu={backbone.get('quick_gelu')})")
+        print(
+            f"backbone: {backbone.get('model_name')} / {backbone.get('pretrained') or 'random'} "
+            f"(quick_gelu={backbone.get('quick_gelu')})"
+        )
     classnames = config.get("classnames")
     if classnames:
         shown = ", ".join(classnames[:8]) + (", ..." if len(classnames) > 8 else "")

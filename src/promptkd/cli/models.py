@@ -11,8 +11,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("filter", nargs="?", default="", help="only models whose name contains this text")
     parser.add_argument("--offline", action="store_true", help="only what loads without a download")
     parser.add_argument("--cache-dir", default=None, help="Hugging Face / open_clip cache folder to look in")
-    parser.add_argument("--download", nargs=2, metavar=("MODEL", "TAG"),
-                        help="download MODEL/TAG into the cache (on a connected machine) and exit")
+    parser.add_argument(
+        "--download",
+        nargs=2,
+        metavar=("MODEL", "TAG"),
+        help="download MODEL/TAG into the cache (on a connected machine) and exit",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -32,10 +36,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json([asdict(e) for e in entries])
         return 0
-    rows = [(e.model, e.tag or "(random init)", "yes" if e.offline else "no", "yes" if e.quick_gelu else "no",
-             e.source) for e in entries]
+    rows = [
+        (e.model, e.tag or "(random init)", "yes" if e.offline else "no", "yes" if e.quick_gelu else "no", e.source)
+        for e in entries
+    ]
     print_table(["model", "pretrained tag", "offline", "quick_gelu", "source"], rows)
     n_offline = sum(e.offline for e in entries if e.tag)
-    print(f"\n{len(entries)} entries; {n_offline} pretrained tags are in the local cache. Any model also loads from "
-          "a weight file: --model NAME --pretrained /path/to/file (.pt, .bin, .safetensors).")
+    print(
+        f"\n{len(entries)} entries; {n_offline} pretrained tags are in the local cache. Any model also loads from "
+        "a weight file: --model NAME --pretrained /path/to/file (.pt, .bin, .safetensors)."
+    )
     return 0

@@ -24,10 +24,12 @@ from typing import Protocol
 
 from promptkd.data.items import DataError, DatasetSplits, Datum, check_files, format_list, is_image_file
 from promptkd.data.templates import dataset_template
+from promptkd.errors import PromptKDError
 
 __all__ = [
     "BENCHMARKS",
     "BenchmarkSpec",
+    "UnknownDatasetError",
     "build_benchmark",
     "list_benchmarks",
     "register_benchmark",
@@ -39,7 +41,6 @@ SPLIT_SOURCE = (
     "the split_zhou_*.json files are distributed with CoOp (linked from DATASETS.md) and mirrored with the images "
     "in the Hugging Face dataset zhengli97/prompt_learning_dataset"
 )
-
 
 
 class Builder(Protocol):
@@ -244,8 +245,7 @@ def _finalize(
         absent = sorted(set(range(n)) - {d.label for d in train})
         if absent:
             raise DataError(
-                f"{len(absent)} classes have no training items: "
-                + ", ".join(f"{y} ({names[y]})" for y in absent[:10]),
+                f"{len(absent)} classes have no training items: " + ", ".join(f"{y} ({names[y]})" for y in absent[:10]),
                 path=source,
                 expected="every class in the train split (class names and base/new splits derive from it)",
                 fix="use the unmodified split file distributed with CoOp",
@@ -253,6 +253,8 @@ def _finalize(
     final = {y: _final_name(c) for y, c in names.items()}
 
     def fin(items: list[Datum]) -> list[Datum]:
+        if all(final[y] == c for y, c in names.items()):
+            return items
         return [Datum(d.path, d.label, final[d.label]) for d in items]
 
     return DatasetSplits(
@@ -632,6 +634,10 @@ ALIASES: dict[str, str] = {
 }
 
 
+class UnknownDatasetError(PromptKDError, ValueError):
+    """A dataset name that is not in the registry; the message suggests the closest names."""
+
+
 def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
@@ -660,7 +666,7 @@ def resolve_name(name: str) -> str:
     close += [table[_key(c)] for c in difflib.get_close_matches(key, list(table), n=3, cutoff=0.6)]
     suggestions = list(dict.fromkeys(table[_key(c)] for c in close))
     hint = f" Did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
-    raise ValueError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(BENCHMARKS)}")
+    raise UnknownDatasetError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(BENCHMARKS)}")
 
 
 def register_benchmark(spec: BenchmarkSpec, *, overwrite: bool = False) -> None:

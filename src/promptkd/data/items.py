@@ -16,6 +16,8 @@ from typing import Any
 import torch.utils.data
 from PIL import Image
 
+from promptkd.errors import PromptKDError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
@@ -23,7 +25,9 @@ __all__ = [
     "Datum",
     "ImageDataset",
     "check_files",
+    "format_list",
     "is_image_file",
+    "load_rgb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,8 +51,8 @@ def _rebuild_data_error(message: str, path: str | None, line: int | None) -> Dat
     return err
 
 
-class DataError(ValueError):
-    """A problem with the user's data files that the user can fix.
+class DataError(PromptKDError, ValueError):
+    """A problem with the user's data files that the user can fix (the CLI prints it without a traceback).
 
     The message is ``"<path>[:<line>]: <problem>"`` followed by what was expected and what to do. A single
     positional argument is also accepted (it is then the whole message) so that the error survives being

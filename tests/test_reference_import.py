@@ -1,0 +1,250 @@
+"""Import of checkpoints written by the public CoOp / MaPLe / PromptSRC / PromptKD code (Dassl format)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from promptkd.checkpoints import (
+    CheckpointError,
+    convert_reference_checkpoint,
+    convert_reference_state_dict,
+    load_checkpoint,
+    load_trainable_state,
+    read_reference_checkpoint,
+)
+from promptkd.prompts import PromptedTextEncoder, TextPromptLearner, VisualPrompts
+
+
+def _fake_dassl_module():
+    """A class from a module that will not be importable at load time, like Dassl's schedulers."""
+    module = types.ModuleType("dassl_fake_lr_scheduler")
+
+    class ConstantWarmupScheduler:
+        def __init__(self):
+            self.successor = {"T_max": 20}
+            self.last_epoch = 19
+
+    ConstantWarmupScheduler.__module__ = module.__name__
+    ConstantWarmupScheduler.__qualname__ = "ConstantWarmupScheduler"
+    module.ConstantWarmupScheduler = ConstantWarmupScheduler
+    return module
+
+
+def save_dassl(path, state_dict, epoch=20):
+    module = _fake_dassl_module()
+    sys.modules[module.__name__] = module
+    try:
+        torch.save(
+            {
+                "state_dict": state_dict,
+                "epoch": epoch,
+                "optimizer": {"state": {}, "param_groups": []},
+                "scheduler": module.ConstantWarmupScheduler(),
+                "val_result": 81.5,
+            },
+            path,
+        )
+    finally:
+        del sys.modules[module.__name__]
+
+
+def ivlp_teacher_state(backbone, n_cls=3, n_ctx=4, depth=2, promptsrc=True):
+    g = torch.Generator().manual_seed(0)
+    wt, wv = backbone.text_width, backbone.vision_width
+    state = {
+        "prompt_learner.ctx": torch.randn(n_ctx, wt, generator=g),
+        "prompt_learner.token_prefix": torch.randn(n_cls, 1, wt, generator=g),
+        "prompt_learner.token_suffix": torch.randn(n_cls, 72, wt, generator=g),
+        "image_encoder.VPT": torch.randn(n_ctx, wv, generator=g),
+        "image_encoder.conv1.weight": backbone.model.visual.conv1.weight.clone(),
+        "text_encoder.ln_final.weight": backbone.model.ln_final.weight.clone(),
+        "logit_scale": backbone.model.logit_scale.clone(),
+    }
+    for i in range(1, depth):
+        state[f"text_encoder.transformer.resblocks.{i}.VPT_shallow"] = torch.randn(n_ctx, wt, generator=g)
+        state[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = torch.randn(n_ctx, wv, generator=g)
+    if promptsrc:
+        state["prompt_learner.ZS_image_encoder.conv1.weight"] = backbone.model.visual.conv1.weight.clone()
+    return state
+
+
+def test_promptsrc_teacher_maps_every_prompt(tiny_backbone, tmp_path):
+    state = ivlp_teacher_state(tiny_backbone)
+    path = tmp_path / "model-best.pth.tar"
+    save_dassl(path, state)
+    out, report = convert_reference_state_dict(read_reference_checkpoint(path)[0], str(path))
+    assert report.method == "promptsrc"
+    assert torch.equal(out["text.ctx"], state["prompt_learner.ctx"])
+    assert torch.equal(out["text.deep"][0], state["text_encoder.transformer.resblocks.1.VPT_shallow"])
+    assert torch.equal(out["visual.prompts"][0], state["image_encoder.VPT"])
+    assert torch.equal(out["visual.prompts"][1], state["image_encoder.transformer.resblocks.1.VPT_shallow"])
+    assert sorted(report.ignored_buffers) == ["prompt_learner.token_prefix", "prompt_learner.token_suffix"]
+    assert len(report.frozen_weights) == 4
+    assert report.settings == {
+        "n_ctx": 4,
+        "class_specific": False,
+        "text_width": 64,
+        "text_depth": 2,
+        "n_vision_tokens": 4,
+        "vision_depth": 2,
+        "vision_width": 64,
+    }
+
+
+def test_dassl_file_is_read_without_running_its_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": {"prompt_learner.ctx": torch.ones(2, 4)}, "scheduler": Evil()}, tmp_path / "x.pth")
+    state, _ = read_reference_checkpoint(tmp_path / "x.pth")
+    assert not marker.exists()
+    assert torch.equal(state["prompt_learner.ctx"], torch.ones(2, 4))
+
+
+def test_converted_teacher_loads_strictly_and_gives_same_text_features(tiny_backbone, tmp_path):
+    state = ivlp_teacher_state(tiny_backbone)
+    path = tmp_path / "model.pth.tar-20"
+    save_dassl(path, state)
+    classes = ["red star", "blue ring", "green cross"]
+    written, _report = convert_reference_checkpoint(
+        path, tmp_path / "teacher", backbone=tiny_backbone, classnames=classes
+    )
+    tensors, config = load_checkpoint(written)
+    assert config["method"] == "promptsrc" and config["converted_from"]["epoch"] == 20
+    assert config["backbone"]["model_name"] == "pkd-tiny" and config["classnames"] == classes
+
+    encoder = PromptedTextEncoder(tiny_backbone.model)
+
+    class IVLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text = TextPromptLearner(
+                encoder, tiny_backbone.tokenizer, classes, n_ctx=4, init="a photo of a", deep_depth=2
+            )
+            self.visual = VisualPrompts(4, 2, tiny_backbone.vision_width)
+
+    learner = IVLP()
+    load_trainable_state(learner, tensors, written)
+    ids = tiny_backbone.tokenize([f"X X X X {c}." for c in classes])
+    with torch.no_grad():
+        embeddings = encoder.embed_tokens(ids)
+        embeddings[:, 1:5] = state["prompt_learner.ctx"]
+        expected = encoder(embeddings, ids, [state["text_encoder.transformer.resblocks.1.VPT_shallow"]])
+        assert torch.allclose(learner.text.encode(normalize=False), expected, atol=1e-5)
+
+
+def test_maple_coop_cocoop_and_promptkd_student(tiny_backbone):
+    wt, wv = 64, 64
+    maple = {
+        "prompt_learner.ctx": torch.randn(2, wt),
+        "prompt_learner.proj.weight": torch.randn(wv, wt),
+        "prompt_learner.proj.bias": torch.randn(wv),
+        "prompt_learner.compound_prompts_text.0": torch.randn(2, wt),
+        "prompt_learner.compound_prompt_projections.0.weight": torch.randn(wv, wt),
+        "prompt_learner.compound_prompt_projections.0.bias": torch.randn(wv),
+    }
+    out, report = convert_reference_state_dict(maple)
+    assert report.method == "maple" and report.settings["depth"] == 2
+    assert torch.equal(out["coupling.layers.1.weight"], maple["prompt_learner.compound_prompt_projections.0.weight"])
+    assert torch.equal(out["text.deep"][0], maple["prompt_learner.compound_prompts_text.0"])
+
+    coop = {
+        "ctx": torch.randn(5, 16, wt),
+        "token_prefix": torch.zeros(5, 1, wt),
+        "token_suffix": torch.zeros(5, 60, wt),
+    }
+    out, report = convert_reference_state_dict(coop)
+    assert report.method == "coop" and report.settings["class_specific"] and out["text.ctx"].shape == (5, 16, wt)
+
+    cocoop = {
+        "ctx": torch.randn(4, wt),
+        "meta_net.linear1.weight": torch.randn(2, 32),
+        "meta_net.linear1.bias": torch.randn(2),
+        "meta_net.linear2.weight": torch.randn(wt, 2),
+        "meta_net.linear2.bias": torch.randn(wt),
+    }
+    out, report = convert_reference_state_dict(cocoop)
+    assert report.method == "cocoop" and set(out) == {
+        "text.ctx",
+        "meta_net.linear1.weight",
+        "meta_net.linear1.bias",
+        "meta_net.linear2.weight",
+        "meta_net.linear2.bias",
+    }
+
+    student = {
+        "image_encoder.VPT": torch.randn(4, wv),
+        "image_encoder.transformer.resblocks.1.VPT_shallow": torch.randn(4, wv),
+        "image_encoder.conv1.weight": torch.randn(wv, 3, 8, 8),
+        "VPT_image_trans.conv1.0.weight": torch.randn(48, 32, 1, 1),
+        "VPT_image_trans.conv1.0.bias": torch.randn(48),
+        "VPT_image_trans.conv1.1.weight": torch.randn(48),
+        "VPT_image_trans.conv1.1.bias": torch.randn(48),
+        "VPT_image_trans.conv1.1.running_mean": torch.randn(48),
+        "VPT_image_trans.conv1.1.running_var": torch.rand(48),
+        "VPT_image_trans.conv1.1.num_batches_tracked": torch.tensor(100),
+        "VPT_image_trans.conv1.3.weight": torch.randn(48, 48, 1, 1),
+        "VPT_image_trans.conv1.3.bias": torch.randn(48),
+    }
+    out, report = convert_reference_state_dict(student)
+    assert report.method == "promptkd"
+    assert out["projector.fc1.weight"].shape == (48, 32)
+    assert torch.equal(out["projector.fc1.weight"], student["VPT_image_trans.conv1.0.weight"].flatten(1))
+    assert torch.equal(out["projector.bn.running_var"], student["VPT_image_trans.conv1.1.running_var"])
+    assert out["visual.prompts"].shape == (2, 4, wv)
+    assert report.settings["projector_in"] == 32 and report.settings["projector_out"] == 48
+
+
+def test_checkpoint_for_another_backbone_is_refused(wide_backbone, tiny_backbone, tmp_path):
+    path = tmp_path / "wide-teacher.pth.tar"
+    save_dassl(path, ivlp_teacher_state(wide_backbone, depth=3))
+    with pytest.raises(CheckpointError) as info:
+        convert_reference_checkpoint(path, tmp_path / "out", backbone=tiny_backbone)
+    message = str(info.value)
+    assert str(path) in message and "does not fit backbone pkd-tiny" in message
+    assert "text context width 96 (backbone text width 64)" in message
+    assert "visual prompt depth 3 (backbone has 2 blocks)" in message
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_stored_frozen_weights_must_match_backbone(tiny_backbone, wide_backbone, tmp_path):
+    state = ivlp_teacher_state(tiny_backbone)
+    state["image_encoder.conv1.weight"] = wide_backbone.model.visual.conv1.weight.clone()
+    path = tmp_path / "t.pth.tar"
+    save_dassl(path, state)
+    with pytest.raises(
+        CheckpointError, match=r"stored CLIP weight image_encoder.conv1.weight has shape \[96, 3, 4, 4\]"
+    ):
+        convert_reference_checkpoint(path, tmp_path / "out", backbone=tiny_backbone)
+
+
+def test_unknown_keys_and_gaps_are_errors():
+    with pytest.raises(CheckpointError, match="not known reference prompt keys: prompt_learner.mystery"):
+        convert_reference_state_dict(
+            {"prompt_learner.ctx": torch.zeros(2, 4), "prompt_learner.mystery": torch.zeros(1)}
+        )
+    gap = {
+        "image_encoder.VPT": torch.zeros(2, 4),
+        "image_encoder.transformer.resblocks.2.VPT_shallow": torch.zeros(2, 4),
+    }
+    with pytest.raises(CheckpointError, match=r"visual prompts exist for layers \[0, 2\]"):
+        convert_reference_state_dict(gap)
+    with pytest.raises(CheckpointError, match="no prompt tensors found"):
+        convert_reference_state_dict({"image_encoder.conv1.weight": torch.zeros(1)})
+
+
+def test_truncated_reference_file(tiny_backbone, tmp_path):
+    path = tmp_path / "model.pth.tar-5"
+    save_dassl(path, ivlp_teacher_state(tiny_backbone))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cannot be read as a Dassl/torch checkpoint"):
+        read_reference_checkpoint(path)
