@@ -13,7 +13,6 @@ All randomness comes from the ``numpy.random.Generator`` passed in; identical ge
 
 from __future__ import annotations
 
-import colorsys
 import math
 
 import numpy as np
@@ -28,9 +27,20 @@ _RADIUS = {
     "clean": {"small": (0.25, 0.32), "large": (0.36, 0.44), None: (0.25, 0.44)},
     "scene": {"small": (0.16, 0.23), "large": (0.28, 0.38), None: (0.16, 0.38)},
 }
-_MULTI_RADIUS = {"clean": (0.15, 0.18), "scene": (0.11, 0.15)}
+_MULTI_RADIUS = {"clean": (0.15, 0.18), "scene": (0.12, 0.16)}
+# Pixel-noise standard deviation (0-255 scale) per style.
+_NOISE_SIGMA = {"clean": 0.0, "scene": 4.0, "sketch": 3.0, "noisy": 24.0}
 # Maximum rotation jitter in degrees: squares stay axis-aligned and diamonds at 45 degrees.
-_MAX_ROTATION = {"square": 6, "diamond": 6, "cross": 10, "triangle": 20, "circle": 0, "ring": 0, "star": 36, "hexagon": 30}
+_MAX_ROTATION = {
+    "square": 6,
+    "diamond": 6,
+    "cross": 10,
+    "triangle": 20,
+    "circle": 0,
+    "ring": 0,
+    "star": 36,
+    "hexagon": 30,
+}
 
 _grid_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -43,7 +53,7 @@ def _grid(side: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _jitter_colour(rgb: tuple[int, int, int], rng: np.random.Generator, amount: float) -> np.ndarray:
-    return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, 3), 0, 255)
+    return np.asarray([min(255.0, max(0.0, c + d)) for c, d in zip(rgb, rng.uniform(-amount, amount, 3).tolist())])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -52,7 +62,10 @@ def _jitter_colour(rgb: tuple[int, int, int], rng: np.random.Generator, amount: 
 
 
 def _regular_polygon(cx: float, cy: float, r: float, n: int, angle: float) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(angle + 2 * math.pi * k / n), cy + r * math.sin(angle + 2 * math.pi * k / n)) for k in range(n)]
+    return [
+        (cx + r * math.cos(angle + 2 * math.pi * k / n), cy + r * math.sin(angle + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
 
 
 def _rotate(points: list[tuple[float, float]], cx: float, cy: float, angle: float) -> list[tuple[float, float]]:
@@ -80,13 +93,16 @@ def _outline_polygons(shape: str, cx: float, cy: float, r: float, rot: float) ->
             pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
         return [pts]
     if shape == "cross":
-        w, e = 0.32 * r, 0.92 * r
-        pts = [(-w, -e), (w, -e), (w, -w), (e, -w), (e, w), (w, w), (w, e), (-w, e), (-w, w), (-e, w), (-e, -w), (-w, -w)]
+        w, e = 0.32 * r, 0.92 * r  # arm half-width and reach
+        arm = [(-w, -e), (w, -e), (w, -w)]  # one arm, rotated four times by 90 degrees
+        pts = [(x * c - y * s, x * s + y * c) for c, s in ((1, 0), (0, 1), (-1, 0), (0, -1)) for x, y in arm]
         return [_rotate([(cx + x, cy + y) for x, y in pts], cx, cy, rot)]
     raise ValueError(f"no polygon for {shape!r}")
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rot: float, width: int = 0) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rot: float, width: int = 0
+) -> None:
     """Draw a filled shape (``width == 0``) or its outline (``width`` pixels) in value 255 on an "L" mask."""
     if shape in ("circle", "ring"):
         radii = (r, 0.52 * r) if shape == "ring" else (r,)
@@ -109,7 +125,10 @@ def _layout(attrs: Attributes, style: str, side: int, rng: np.random.Generator) 
     family = "clean" if style == "clean" else "scene"
     n = attrs.count or 1
     if n == 1:
-        r = side * rng.uniform(*_RADIUS[family][attrs.size])
+        lo, hi = _RADIUS[family][attrs.size]
+        if attrs.pattern not in (None, "plain"):  # patterns need room to be seen
+            lo, hi = max(lo, 0.26), max(hi, 0.30)
+        r = side * rng.uniform(lo, hi)
         if family == "clean":
             cx, cy = side / 2 + side * rng.uniform(-0.05, 0.05, 2)
         else:
@@ -117,21 +136,25 @@ def _layout(attrs: Attributes, style: str, side: int, rng: np.random.Generator) 
         return [(float(cx), float(cy), float(r))]
     r = side * rng.uniform(*_MULTI_RADIUS[family])
     if family == "clean":
-        # Tidy, centred arrangements: a row of two or three, a 2x2 grid of four.
+        # Tidy, centred arrangements: a row of two, a triangle of three, a 2x2 grid of four.
         gap = 2.3 * r
-        offsets = {2: [(-0.5, 0), (0.5, 0)], 3: [(-1, 0), (0, 0), (1, 0)], 4: [(-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5)]}[n]
+        offsets = {
+            2: [(-0.5, 0), (0.5, 0)],
+            3: [(-0.5, 0.43), (0.5, 0.43), (0, -0.43)],
+            4: [(-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5)],
+        }[n]
         c = side / 2
         return [(c + gap * dx, c + gap * dy, float(r)) for dx, dy in offsets]
     # Scattered: rejection sampling of non-overlapping positions, with a jittered 2x2 grid as the fallback.
     lo, hi = r + 0.02 * side, side - r - 0.02 * side
-    for _ in range(30):
-        pts = rng.uniform(lo, hi, (n, 2))
-        d = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1)) + np.eye(n) * side
-        if d.min() > 2.25 * r:
-            return [(float(x), float(y), float(r)) for x, y in pts]
+    tries = rng.uniform(lo, hi, (32, n, 2))  # all candidate layouts in one go; the first valid one is used
+    gaps = np.sqrt(((tries[:, :, None] - tries[:, None]) ** 2).sum(-1)) + np.eye(n) * side
+    valid = np.flatnonzero(gaps.min(axis=(1, 2)) > 2.25 * r)
+    if valid.size:
+        return [(float(x), float(y), float(r)) for x, y in tries[valid[0]].tolist()]
     cells = [(0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73)]
     order = rng.permutation(4)[:n]
-    return [(side * cells[k][0], side * cells[k][1], float(side * 0.2)) for k in order]
+    return [(side * cells[k][0], side * cells[k][1], float(r)) for k in order]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -139,64 +162,56 @@ def _layout(attrs: Attributes, style: str, side: int, rng: np.random.Generator) 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _pattern_mask(pattern: str, side: int, period: float, angle: float, phase: np.ndarray) -> np.ndarray:
-    """Boolean array: where the pattern's marks are."""
+def _pattern_mask(pattern: str, side: int, period: float, angle: float, phase: tuple[float, float]) -> np.ndarray:
+    """Boolean array: where the pattern's marks are (stripes, checks or dots of the given period and angle)."""
     xx, yy = _grid(side)
     c, s = math.cos(angle), math.sin(angle)
     u = xx * c + yy * s + phase[0]
-    v = -xx * s + yy * c + phase[1]
     if pattern == "striped":
         return (u % period) < period / 2
+    v = yy * c - xx * s + phase[1]
     if pattern == "checkered":
-        return ((np.floor(u / period) + np.floor(v / period)) % 2) == 0
+        return ((u % (2 * period)) < period) ^ ((v % (2 * period)) < period)
     if pattern == "dotted":
         du = (u % period) - period / 2
         dv = (v % period) - period / 2
-        return du * du + dv * dv < (0.25 * period) ** 2
+        return du * du + dv * dv < (0.28 * period) ** 2
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def _fill(attrs: Attributes, style: str, side: int, scale: int, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
-    """The object's fill layer (full canvas) and its base colour."""
-    base = _jitter_colour(COLOUR_RGB[attrs.colour], rng, 8 if style == "clean" else 18)
+def _pattern_marks(attrs: Attributes, style: str, size: int, scale: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Where the fill pattern's light marks are, at ``size * scale`` pixels, or None for a plain fill."""
     if attrs.pattern in (None, "plain"):
-        return Image.new("RGB", (side, side), tuple(int(v) for v in base)), base
-    light = base + (255 - base) * 0.8
-    if style == "clean":
+        return None
+    if style == "clean":  # tidy: horizontal stripes, axis-aligned checks and dots, one period
         period, angle = 4.0 * scale, 0.0
     else:
-        period = rng.uniform(3.2, 4.6) * scale
+        period = float(rng.uniform(3.4, 4.6)) * scale
         angle = float(rng.choice([0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4]) + rng.uniform(-0.15, 0.15))
-    marks = _pattern_mask(attrs.pattern, side, period, angle, rng.uniform(0, period, 2))
-    arr = np.where(marks[..., None], light, base).astype(np.uint8)
-    return Image.fromarray(arr, "RGB"), base
+    phase = rng.uniform(0, period, 2)
+    return _pattern_mask(attrs.pattern, size * scale, period, angle, (float(phase[0]), float(phase[1])))
 
 
-def _scene_background(side: int, rng: np.random.Generator) -> Image.Image:
-    """Muted two-colour gradient with blotches: a 5x5 grid of colours, bicubically up-sampled (smooth and cheap)."""
-    ends = np.array([colorsys.hsv_to_rgb(*hsv) for hsv in rng.uniform((0, 0.05, 0.25), (1, 0.3, 0.85), (2, 3))])
-    a = rng.uniform(0, 2 * math.pi)
-    t = np.linspace(-1, 1, 5)
-    ramp = (t[None, :] * math.cos(a) + t[:, None] * math.sin(a)) / (abs(math.cos(a)) + abs(math.sin(a))) * 0.5 + 0.5
-    grid = ends[0] * (1 - ramp[..., None]) + ends[1] * ramp[..., None]
-    grid = grid * 255 + rng.uniform(-1, 1, (5, 5, 1)) * rng.uniform(12, 32)
+def _scene_background(size: int, rng: np.random.Generator) -> Image.Image:
+    """A muted, blotchy gradient: a 3x3 grid of greyish colours, bicubically up-sampled (smooth and cheap)."""
+    base = rng.uniform(55, 215) + rng.uniform(-28, 28, 3)
+    grid = base + rng.uniform(-45, 45, (3, 3, 1)) + rng.uniform(-14, 14, (3, 3, 3))
     small = Image.fromarray(np.clip(grid, 0, 255).astype(np.uint8), "RGB")
-    return small.resize((side, side), Image.Resampling.BICUBIC)
+    return small.resize((size, size), Image.Resampling.BICUBIC)
 
 
 def _add_clutter(img: Image.Image, side: int, scale: int, rng: np.random.Generator) -> None:
     """Grey strokes and small blobs behind the object (low saturation, so they never look like a class colour)."""
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(5, 10))):
-        grey = int(rng.integers(40, 220))
-        tone = tuple(int(np.clip(grey + d, 0, 255)) for d in rng.integers(-12, 13, 3))
-        if rng.random() < 0.6:
-            x0, y0, x1, y1 = (float(v) for v in rng.uniform(0, side, 4))
-            draw.line((x0, y0, x1, y1), fill=tone, width=int(scale * rng.uniform(0.6, 1.6)))
+    for u in rng.random((int(rng.integers(5, 10)), 10)).tolist():  # one row of uniforms per item
+        grey = 40 + 180 * u[0]
+        tone = tuple(int(grey + 24 * (v - 0.5)) for v in u[1:4])
+        x0, y0, x1, y1 = (side * v for v in u[4:8])
+        if u[8] < 0.6:
+            draw.line((x0, y0, x1, y1), fill=tone, width=max(1, round(scale * (0.6 + u[9]))))
         else:
-            x, y = (float(v) for v in rng.uniform(0, side, 2))
-            rad = side * rng.uniform(0.03, 0.08)
-            draw.ellipse((x - rad, y - rad, x + rad, y + rad), fill=tone)
+            rad = side * (0.03 + 0.05 * u[9])
+            draw.ellipse((x0 - rad, y0 - rad, x0 + rad, y0 + rad), fill=tone)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -204,10 +219,28 @@ def _add_clutter(img: Image.Image, side: int, scale: int, rng: np.random.Generat
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _rgb(values: np.ndarray) -> tuple[int, int, int]:
+    r, g, b = (min(255, max(0, int(v))) for v in values.tolist())
+    return r, g, b
+
+
+def _draw_mask(attrs: Attributes, layout, rotations, side: int, factor: int, width: int = 0) -> Image.Image:
+    """Draw all objects on a canvas-resolution mask and box-down-sample it by ``factor`` (anti-aliased alpha)."""
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
+    for (cx, cy, r), rot in zip(layout, rotations):
+        _draw_shape(draw, attrs.shape, cx, cy, r, rot, width=width)
+    return mask.reduce(factor) if factor > 1 else mask
+
+
 def render_attributes(
     attrs: Attributes, style: str, rng: np.random.Generator, image_size: int = 32, supersample: int = 4
 ) -> Image.Image:
-    """Render an image of fully specified ``attrs`` (see :meth:`Attributes.complete`) in ``style``."""
+    """Render an image of fully specified ``attrs`` (see :meth:`Attributes.complete`) in ``style``.
+
+    Objects are drawn on a canvas ``supersample`` times larger and box-down-sampled (anti-aliased edges); smooth
+    backgrounds are made directly at output size, and the layers are alpha-composited there.
+    """
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
     if attrs.colour is None or attrs.pattern is None or attrs.count is None:
@@ -215,63 +248,56 @@ def render_attributes(
     scale = max(1, int(supersample))
     side = image_size * scale
 
-    # Background.
+    # Background, at output size.
     if style == "clean":
-        dark = rng.uniform(8, 45) + rng.uniform(-6, 6, 3)
-        img = Image.new("RGB", (side, side), tuple(int(v) for v in np.clip(dark, 0, 255)))
+        img = Image.new("RGB", (image_size, image_size), _rgb(rng.uniform(8, 45) + rng.uniform(-6, 6, 3)))
     elif style == "sketch":
-        paper = rng.uniform(195, 245)
-        img = Image.new("RGB", (side, side), tuple(int(v) for v in np.clip(paper + rng.uniform(-5, 5, 3), 0, 255)))
-    else:
-        img = _scene_background(side, rng)
-        if style == "noisy":
-            _add_clutter(img, side, scale, rng)
+        img = Image.new("RGB", (image_size, image_size), _rgb(rng.uniform(195, 245) + rng.uniform(-5, 5, 3)))
+    elif style == "scene":
+        img = _scene_background(image_size, rng)
+    else:  # noisy: clutter strokes are drawn at twice the output size, for anti-aliased edges
+        cscale = min(scale, 2)
+        img = _scene_background(image_size * cscale, rng)
+        _add_clutter(img, image_size * cscale, cscale, rng)
+        img = img.reduce(cscale) if cscale > 1 else img
 
     # Objects: one mask for all of them (they share colour and pattern).
     layout = _layout(attrs, style, side, rng)
     rot_max = math.radians(_MAX_ROTATION[attrs.shape]) * (0.4 if style == "clean" else 1.0)
     rotations = [float(rng.uniform(-rot_max, rot_max)) if rot_max else 0.0 for _ in layout]
-    fill, base = _fill(attrs, style, side, scale, rng)
+    base = _jitter_colour(COLOUR_RGB[attrs.colour], rng, 8 if style == "clean" else 18)
+    # Patterns have a period of about 4 output pixels: two-fold super-sampling is enough for them.
+    pscale = 2 if scale % 2 == 0 else scale
+    marks = _pattern_marks(attrs, style, image_size, pscale, rng)
     if style == "sketch":
-        stroke = Image.new("L", (side, side), 0)
-        draw = ImageDraw.Draw(stroke)
+        ink = _rgb(base * rng.uniform(0.6, 0.9))
         width = max(1, round(scale * rng.uniform(0.8, 1.3)))
-        for (cx, cy, r), rot in zip(layout, rotations):
-            _draw_shape(draw, attrs.shape, cx, cy, r, rot, width=width)
-        ink = tuple(int(v) for v in base * rng.uniform(0.6, 0.9))
-        if attrs.pattern != "plain":  # pattern marks as faint ink inside the outline
-            mask = Image.new("L", (side, side), 0)
-            mdraw = ImageDraw.Draw(mask)
-            for (cx, cy, r), rot in zip(layout, rotations):
-                _draw_shape(mdraw, attrs.shape, cx, cy, r, rot)
-            marks = np.asarray(fill, np.float32).mean(-1) > base.mean() + 1
-            inside = (np.asarray(mask) > 0) & ~marks
-            img.paste(ink, mask=Image.fromarray((inside * 120).astype(np.uint8), "L"))
-        img.paste(ink, mask=stroke)
+        if marks is not None:  # the pattern as faint ink inside the outline
+            inside = np.asarray(_draw_mask(attrs, layout, rotations, side, scale // pscale)) > 127
+            hatch = Image.fromarray(((inside & ~marks) * np.uint8(120)).astype(np.uint8), "L")
+            img.paste(ink, mask=hatch.reduce(pscale) if pscale > 1 else hatch)
+        img.paste(ink, mask=_draw_mask(attrs, layout, rotations, side, scale, width=width))
     else:
-        mask = Image.new("L", (side, side), 0)
-        draw = ImageDraw.Draw(mask)
-        for (cx, cy, r), rot in zip(layout, rotations):
-            _draw_shape(draw, attrs.shape, cx, cy, r, rot)
-        img.paste(fill, mask=mask)
+        if marks is None:
+            fill: Image.Image | tuple[int, int, int] = _rgb(base)
+        else:
+            light = base + (255 - base) * 0.8
+            fill = Image.fromarray(np.where(marks[..., None], light, base).astype(np.uint8), "RGB")
+            fill = fill.reduce(pscale) if pscale > 1 else fill
+        img.paste(fill, mask=_draw_mask(attrs, layout, rotations, side, scale))
         if style != "clean" and rng.random() < 0.5:
-            edge = Image.new("L", (side, side), 0)
-            edraw = ImageDraw.Draw(edge)
-            for (cx, cy, r), rot in zip(layout, rotations):
-                _draw_shape(edraw, attrs.shape, cx, cy, r, rot, width=max(1, round(0.8 * scale)))
-            img.paste(tuple(int(v) for v in base * 0.35), mask=edge)
+            width = max(1, round(0.8 * scale))
+            img.paste(_rgb(base * 0.35), mask=_draw_mask(attrs, layout, rotations, side, scale, width=width))
 
-    # Down-sample (box filter over scale x scale blocks = anti-aliasing), then camera effects.
-    if scale > 1:
-        img = img.reduce(scale)
+    # Camera effects at output size.
     if style == "scene" and rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 0.7) * image_size / 32))
     if style == "noisy":
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8) * image_size / 32))
-    sigma = {"clean": 0.0, "scene": 4.0, "sketch": 3.0, "noisy": 32.0}[style]
+    sigma = _NOISE_SIGMA[style]
     if sigma:
-        arr = np.asarray(img, np.float32) + rng.normal(0.0, sigma, (image_size, image_size, 3)).astype(np.float32)
-        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
+        noise = rng.standard_normal((image_size, image_size, 3), dtype=np.float32) * np.float32(sigma)
+        img = Image.fromarray(np.clip(np.asarray(img, np.float32) + noise + 0.5, 0, 255).astype(np.uint8), "RGB")
     return img
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -127,12 +128,13 @@ def parse_classname(text: str) -> Attributes:
 
 @dataclass(frozen=True)
 class Family:
-    """A grid of compositions ``first-attribute x shape`` with its class order and its held-out cells.
+    """A grid of compositions ``attribute x shape`` with its class order and its held-out cells.
 
     Class order puts the "even" cells of the checkerboard ``(i + j) % 2 == 0`` first, so the base half (first
     ``ceil(n/2)`` labels) and the new half each contain every word: novel classes are new *combinations* of
-    words seen in base classes. Held-out cells ``j = (step * i + offset) % len(SHAPES)`` form a Latin-square-like
-    set: every word keeps most of its compositions in pre-training, and the held-out cells fall in both halves.
+    words seen in base classes. Held-out cells ``j = (step * i + offset) % len(SHAPES)`` for ``i`` in
+    ``holdout_rows`` form a Latin-square-like set: every word keeps most of its compositions in pre-training, and
+    the held-out cells fall in both halves. ("plain" is never held out: every single-colour image is plain.)
     """
 
     name: str
@@ -140,6 +142,7 @@ class Family:
     values: tuple[str, ...]
     holdout_step: int
     holdout_offsets: tuple[int, ...]
+    holdout_rows: tuple[int, ...] | None = None  # None: every value
 
     def cell_name(self, i: int, j: int) -> str:
         shape = SHAPES[j]
@@ -147,30 +150,49 @@ class Family:
             return f"{self.values[i]} {PLURALS[shape]}"
         return f"{self.values[i]} {shape}"
 
-    @property
-    def cells(self) -> list[tuple[int, int]]:
+    @cached_property
+    def cells(self) -> tuple[tuple[int, int], ...]:
         grid = [(i, j) for i in range(len(self.values)) for j in range(len(SHAPES))]
-        return [c for c in grid if sum(c) % 2 == 0] + [c for c in grid if sum(c) % 2 == 1]
+        return tuple(c for c in grid if sum(c) % 2 == 0) + tuple(c for c in grid if sum(c) % 2 == 1)
 
-    @property
+    @cached_property
     def classnames(self) -> tuple[str, ...]:
         return tuple(self.cell_name(i, j) for i, j in self.cells)
 
-    @property
+    @cached_property
+    def held_out_cells(self) -> frozenset[tuple[str, str]]:
+        """Held-out (attribute word, shape) pairs."""
+        rows = range(len(self.values)) if self.holdout_rows is None else self.holdout_rows
+        n = len(SHAPES)
+        return frozenset(
+            (self.values[i], SHAPES[(self.holdout_step * i + o) % n]) for i in rows for o in self.holdout_offsets
+        )
+
+    @cached_property
     def held_out(self) -> tuple[str, ...]:
         """Compositions never shown in pre-training (in class order)."""
-        cells = {(i, (self.holdout_step * i + o) % len(SHAPES)) for i in range(len(self.values)) for o in self.holdout_offsets}
-        return tuple(self.cell_name(i, j) for i, j in self.cells if (i, j) in cells)
+        return tuple(self.cell_name(i, j) for i, j in self.cells if (self.values[i], SHAPES[j]) in self.held_out_cells)
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("shapes", "colour", COLOURS, holdout_step=1, holdout_offsets=(2, 5)),  # 16 of 64 held out
-        Family("patterns", "pattern", PATTERNS, holdout_step=2, holdout_offsets=(0, 5)),  # 8 of 32
+        Family("patterns", "pattern", PATTERNS, holdout_step=3, holdout_offsets=(0, 1), holdout_rows=(1, 2, 3)),  # 6/32
         Family("counts", "count", tuple(COUNT_WORDS.values()), holdout_step=3, holdout_offsets=(0, 1)),  # 6 of 24
     )
 }
+
+
+def depicts_held_out(attrs: Attributes) -> bool:
+    """Whether an image with these attributes shows a held-out composition of any family (colour x shape, pattern x
+    shape or count x shape); pre-training images never do."""
+    count = COUNT_WORDS.get(attrs.count or 1)
+    return any(
+        (value, attrs.shape) in FAMILIES[name].held_out_cells
+        for name, value in (("shapes", attrs.colour), ("patterns", attrs.pattern), ("counts", count))
+        if value is not None
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -328,11 +350,29 @@ def pretrain_classnames() -> tuple[str, ...]:
     return tuple(names)
 
 
+def pretrain_attributes(classname: str, rng: np.random.Generator) -> Attributes:
+    """Complete attributes for a pre-training image of ``classname``, never depicting a held-out composition.
+
+    The nuisance colour of a pattern or count image avoids the held-out colour x shape pairs (patterns and counts
+    are plain and single-object where they are not the class, which is never held out).
+    """
+    attrs = parse_classname(classname)
+    if attrs.colour is None:
+        held = FAMILIES["shapes"].held_out_cells
+        allowed = [c for c in COLOURS if (c, attrs.shape) not in held]
+        attrs = replace(attrs, colour=allowed[int(rng.integers(len(allowed)))])
+    attrs = attrs.complete(rng)
+    if depicts_held_out(attrs):
+        raise ValueError(f"{classname!r} is a held-out composition: it has no pre-training images")
+    return attrs
+
+
 def held_out_compositions() -> dict[str, tuple[str, ...]]:
     """Per family, the compositions that never occur in pre-training (images or captions)."""
     return {name: family.held_out for name, family in FAMILIES.items()}
 
 
+@cache
 def family_of(classname: str) -> str:
     for name, family in FAMILIES.items():
         if classname in family.classnames:
@@ -348,7 +388,7 @@ PRETRAIN_TEMPLATES: tuple[str, ...] = (
     "a drawing of {np}.",
     "{np} on a dark background.",
     "a photo of {np} on a dark background.",
-    "there is {np} in the image.",
+    "{np} in the image.",
 )
 _KIND_TEMPLATE = "a photo of {np}, a type of {kind}."
 _KIND = {"shapes": "shape", "patterns": "pattern"}
@@ -359,7 +399,8 @@ def _with_article(phrase: str, count: int) -> str:
     return phrase if count > 1 else f"a {phrase}"
 
 
-def caption_choices(classname: str, attrs: Attributes) -> list[str]:
+@cache
+def caption_choices(classname: str, attrs: Attributes) -> tuple[str, ...]:
     """Every caption the corpus may use for an image of ``classname`` whose full attributes are ``attrs``.
 
     Short captions name just the class ("a photo of a red star"); attribute-rich ones name everything that was
@@ -372,12 +413,12 @@ def caption_choices(classname: str, attrs: Attributes) -> list[str]:
     captions = [t.format(np=short) for t in PRETRAIN_TEMPLATES] + [t.format(np=rich) for t in PRETRAIN_TEMPLATES]
     if family in _KIND:
         captions.append(_KIND_TEMPLATE.format(np=short, kind=_KIND[family]))
-    return captions
+    return tuple(sorted(set(captions)))
 
 
 def sample_captions(classname: str, attrs: Attributes, rng: np.random.Generator, k: int = 1) -> list[str]:
     """``k`` distinct captions for one image, drawn from :func:`caption_choices`."""
-    choices = sorted(set(caption_choices(classname, attrs)))
+    choices = caption_choices(classname, attrs)
     idx = rng.choice(len(choices), size=min(k, len(choices)), replace=False)
     return [choices[int(i)] for i in idx]
 
@@ -387,6 +428,7 @@ def sample_captions(classname: str, attrs: Attributes, rng: np.random.Generator,
 # ----------------------------------------------------------------------------------------------------------------------
 
 _WORD_RE = re.compile(r"[a-z]+")
+_ATTRIBUTE_WORDS = frozenset((*COLOURS, *SHAPES, *PLURALS.values(), *PATTERNS, *COUNT_WORDS.values(), *SIZES))
 WORLD_SYMBOLS: tuple[str, ...] = (",", ".")
 
 
@@ -395,8 +437,13 @@ def caption_words(text: str) -> list[str]:
     return _WORD_RE.findall(text.lower())
 
 
+def parse_caption(text: str) -> Attributes:
+    """The attributes a caption names ("a photo of two red striped stars." -> count 2, red, striped, star)."""
+    return parse_classname(" ".join(w for w in caption_words(text) if w in _ATTRIBUTE_WORDS))
+
+
 def _vocabulary() -> tuple[str, ...]:
-    words = set(COLOURS) | set(SHAPES) | set(PLURALS.values()) | set(PATTERNS) | set(COUNT_WORDS.values()) | set(SIZES)
+    words = set(_ATTRIBUTE_WORDS)
     texts = [*PRETRAIN_TEMPLATES, _KIND_TEMPLATE, *_KIND.values()]
     texts += [t for d in WORLD_DATASETS.values() for t in d.templates]
     for text in texts:
