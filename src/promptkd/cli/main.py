@@ -12,6 +12,11 @@ from promptkd._version import __version__
 
 # subcommand -> module under promptkd.cli; each has HELP, add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, str] = {
+    "demo": "demo",
+    "zeroshot": "zeroshot",
+    "linear-probe": "linear_probe",
+    "retrieval": "retrieval",
+    "report": "report",
     "models": "models",
     "convert": "convert",
     "convert-weights": "convert_weights",
@@ -40,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # open_clip logs its model-building steps at INFO on the root logger: keep those for --verbose only.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("promptkd").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not getattr(args, "run", None):
         parser.print_help()
         return 1

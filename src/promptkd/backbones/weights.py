@@ -1,0 +1,13 @@
+"""Pre-trained weights of the embedded world's CLIPs, shipped inside the package (made by `promptkd pretrain`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def shipped_weights(model_name: str) -> str | None:
+    """Path of the shipped weight file for a world model, or None when the package carries none."""
+    path = WEIGHTS_DIR / f"{model_name}.safetensors"
+    return str(path) if path.is_file() else None

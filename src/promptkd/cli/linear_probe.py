@@ -1,0 +1,104 @@
+"""`promptkd linear-probe`: K-shot logistic regression on frozen CLIP features, C chosen on the validation split."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from promptkd.cli._eval import add_data_args, add_eval_args, load_frozen_backbone, write_and_print
+
+HELP = "linear probe (CoOp lpclip): logistic regression on frozen image features, C chosen on validation"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptkd.cli.common import add_backbone_args, add_runtime_args
+
+    add_data_args(parser)
+    group = parser.add_argument_group("linear probe")
+    group.add_argument("--shots", type=int, default=16, help="training images per class (16; 0 = the full train split)")
+    group.add_argument("--seed", type=int, default=1, help="seed of the few-shot sample (1)")
+    group.add_argument(
+        "--C", dest="C", type=float, default=None, help="fixed inverse regularisation strength (skips the search)"
+    )
+    group.add_argument(
+        "--refine-steps", type=int, default=6, help="halving refinement steps in log10(C) after the coarse sweep (6)"
+    )
+    group.add_argument("--max-iter", type=int, default=1000, help="lbfgs iterations per fit (1000)")
+    group.add_argument(
+        "--few-shot-cache", default=None, help="store the few-shot selection here (outside the data folder)"
+    )
+    add_backbone_args(parser)
+    add_runtime_args(parser)
+    add_eval_args(parser, default_out="results")
+
+
+def run(args: argparse.Namespace) -> int:
+    from promptkd.data.sampling import few_shot_splits
+    from promptkd.evaluation import evaluate_linear_probe, resolve_dataset
+    from promptkd.results import make_result
+
+    splits = resolve_dataset(args.dataset, args.data_root)
+    if args.shots > 0:
+        splits = few_shot_splits(splits, args.shots, args.seed, cache_dir=args.few_shot_cache)
+    backbone = load_frozen_backbone(args)
+    outcome = evaluate_linear_probe(
+        backbone,
+        splits,
+        C=args.C,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        cache_dir=args.cache_dir,
+        skip_bad=args.skip_bad,
+        progress=not args.no_progress,
+        refine_steps=args.refine_steps,
+        max_iter=args.max_iter,
+    )
+    shots = args.shots if args.shots > 0 else None
+    config = {
+        "command": "linear-probe",
+        "dataset": splits.name,
+        "shots": shots,
+        "seed": args.seed,
+        "C": args.C,
+        "refine_steps": args.refine_steps,
+        "max_iter": args.max_iter,
+        "features": "L2-normalised, eval transform",
+        "model": backbone.spec.to_dict(),
+        "precision": backbone.precision,
+        "preprocess": asdict(backbone.preprocess),
+    }
+    result = make_result(
+        dataset=splits.name,
+        task="linear_probe",
+        metrics=outcome.metrics,
+        method=args.method or "linear-probe",
+        backbone=backbone,
+        protocol="few_shot" if shots else "linear_probe",
+        split="test",
+        seed=args.seed if shots else None,
+        num_shots=shots,
+        num_classes=splits.num_classes,
+        num_samples=outcome.num_test,
+        config=config,
+        skipped_images=outcome.skipped,
+        selection=outcome.selection,
+        classnames=splits.classnames,
+        extra={
+            "data_root": str(splits.root),
+            "num_train": outcome.num_train,
+            "num_val": outcome.num_val,
+            "notes": list(splits.notes),
+        },
+    )
+    shown = {
+        "dataset": splits.name,
+        "shots": shots or "all",
+        "seed": args.seed,
+        "train": outcome.num_train,
+        "val": outcome.num_val,
+        "test": outcome.num_test,
+        "C": outcome.C,
+        "lp_acc1": outcome.metrics["lp_acc1"],
+        "lp_acc5": outcome.metrics["lp_acc5"],
+    }
+    return write_and_print(result, args.out, shown)[1]

@@ -1,0 +1,118 @@
+"""Image transforms built from a model's :class:`~promptkd.backbones.PreprocessInfo`, never from constants.
+
+Evaluation follows the papers' Dassl test recipe: resize the *shorter* side to the model's input size with the
+model's interpolation (aspect ratio kept), centre crop, ``ToTensor``, normalise. The old Dassl ``Resize((s, s))``
+squashed the image and cost about a point (CoOp issue #8), so it is only used when the model itself asks for it
+(``resize_mode="squash"``). Training uses ``RandomResizedCrop(size, scale=(0.08, 1))`` + horizontal flip, the
+recipe of every prompt-learning trainer (Dassl >= 0.5).
+
+Sizes come from the model, so the embedded world's 32 px PNGs and the tiny 32 px models need no special case.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from promptkd.errors import PromptKDError
+
+__all__ = [
+    "RESIZE_MODES",
+    "ResizeLongest",
+    "build_transform",
+    "eval_transform",
+    "interpolation_mode",
+    "train_transform",
+    "transform_key",
+]
+
+RESIZE_MODES = ("shortest", "longest", "squash")
+
+_INTERPOLATIONS = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+    "lanczos": InterpolationMode.LANCZOS,
+    "box": InterpolationMode.BOX,
+    "hamming": InterpolationMode.HAMMING,
+}
+
+
+class TransformError(PromptKDError, ValueError):
+    """Preprocessing settings that cannot be turned into a transform."""
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    """torchvision interpolation for a name as open_clip stores it (``"bicubic"``, ``"bilinear"``, ...)."""
+    try:
+        return _INTERPOLATIONS[name.lower()]
+    except KeyError:
+        raise TransformError(
+            f"unknown interpolation {name!r}; expected one of {', '.join(sorted(_INTERPOLATIONS))}"
+        ) from None
+
+
+class ResizeLongest:
+    """Resize so the *longer* side equals ``size`` (aspect kept); the centre crop that follows pads with black.
+
+    open_clip's ``resize_mode="longest"`` (letter-boxing); kept here so such models are evaluated as trained.
+    """
+
+    def __init__(self, size: int, interpolation: InterpolationMode = InterpolationMode.BICUBIC) -> None:
+        self.size = int(size)
+        self.interpolation = interpolation
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        width, height = img.size
+        scale = self.size / max(width, height)
+        new = (max(1, round(height * scale)), max(1, round(width * scale)))
+        return F.resize(img, list(new), interpolation=self.interpolation)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value})"
+
+
+def _normalize(preprocess: Any) -> T.Normalize:
+    return T.Normalize(mean=tuple(preprocess.mean), std=tuple(preprocess.std))
+
+
+def eval_transform(preprocess: Any) -> T.Compose:
+    """Resize (shorter side by default) + CenterCrop + ToTensor + Normalize, as the model's preprocessing says."""
+    size = int(preprocess.size)
+    mode = interpolation_mode(preprocess.interpolation)
+    resize_mode = getattr(preprocess, "resize_mode", "shortest") or "shortest"
+    if resize_mode == "shortest":
+        resize: Any = T.Resize(size, interpolation=mode)
+    elif resize_mode == "longest":
+        resize = ResizeLongest(size, interpolation=mode)
+    elif resize_mode == "squash":
+        resize = T.Resize((size, size), interpolation=mode)
+    else:
+        raise TransformError(f"unknown resize_mode {resize_mode!r}; expected one of {', '.join(RESIZE_MODES)}")
+    return T.Compose([resize, T.CenterCrop(size), T.ToTensor(), _normalize(preprocess)])
+
+
+def train_transform(preprocess: Any, scale: tuple[float, float] = (0.08, 1.0), flip: bool = True) -> T.Compose:
+    """RandomResizedCrop(size, scale=(0.08, 1)) + RandomHorizontalFlip + ToTensor + Normalize (Dassl recipe)."""
+    size = int(preprocess.size)
+    steps: list[Any] = [
+        T.RandomResizedCrop(size, scale=scale, interpolation=interpolation_mode(preprocess.interpolation))
+    ]
+    if flip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), _normalize(preprocess)]
+    return T.Compose(steps)
+
+
+def build_transform(preprocess: Any, train: bool = False) -> T.Compose:
+    """The train or eval transform for a model's preprocessing (a ``PreprocessInfo``)."""
+    return train_transform(preprocess) if train else eval_transform(preprocess)
+
+
+def transform_key(transform: Any) -> str:
+    """A stable text description of a transform (its repr), used in feature-cache keys."""
+    return repr(transform)

@@ -1,0 +1,182 @@
+"""One place that turns a dataset name and a data root into :class:`DatasetSplits` for the evaluation commands.
+
+Resolution order:
+
+1. the embedded world's datasets (``shapes``, ``patterns``, ``counts``, ``shapes_sketch``, ``shapes_noise``):
+   ``<root>/<name>/split_zhou_<Name>.json`` with images under ``<root>/<name>/images/``, the layout
+   ``build_world`` writes (its ``world.json`` manifest is read when present);
+2. the CoOp-protocol benchmarks (``build_benchmark``: every name, Dassl name, folder name or alias);
+3. any folder holding one ``split_zhou_<Name>.json`` (``name`` may be the folder itself or a folder under the
+   root), the split layout shared by the benchmarks and the world, with paths relative to ``images/`` when that
+   folder holds them and to the dataset folder otherwise.
+
+Missing data raises a :class:`~promptkd.data.items.DataError` that names the folder or file expected.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Any
+
+from promptkd.data.benchmarks import (
+    BENCHMARKS,
+    BenchmarkSpec,
+    UnknownDatasetError,
+    build_benchmark,
+    resolve_name,
+)
+from promptkd.data.benchmarks import _read_split_json as read_split_json  # the one split-JSON reader
+from promptkd.data.items import DataError, DatasetSplits
+from promptkd.errors import PromptKDError
+
+__all__ = ["DatasetNotFoundError", "ensemble_for", "resolve_dataset", "split_folder", "world_dataset_names"]
+
+_SPLIT_GLOB = "split_zhou_*.json"
+
+
+class DatasetNotFoundError(PromptKDError, ValueError):
+    """A dataset name that is neither a world dataset, a benchmark nor a folder in the split-JSON layout."""
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _world_specs() -> dict[str, Any]:
+    try:
+        from promptkd.data.world import WORLD_DATASETS
+    except ImportError:  # the world is optional for evaluation of real benchmarks
+        return {}
+    return dict(WORLD_DATASETS)
+
+
+def world_dataset_names() -> list[str]:
+    """Names of the embedded world's downstream datasets."""
+    return list(_world_specs())
+
+
+def _world_lookup(name: str) -> Any | None:
+    key = _key(name)
+    for spec in _world_specs().values():
+        if key in (_key(spec.name), _key(spec.split_name)):
+            return spec
+    return None
+
+
+def ensemble_for(name: str) -> list[str] | None:
+    """The template ensemble of a world dataset (its own caption-style templates); None for other datasets."""
+    spec = _world_lookup(name)
+    return list(spec.templates) if spec is not None else None
+
+
+def _read_with_spec(
+    name: str, split_name: str, folder: str, image_dir: str, root: str, check: bool, source: str
+) -> DatasetSplits:
+    """Read a split JSON through the benchmarks' reader (same validation, same DataErrors)."""
+    spec = BenchmarkSpec(
+        name=name,
+        dassl_name=split_name,
+        folder=folder,
+        builder=read_split_json,
+        image_dir=image_dir,
+        split_file=f"split_zhou_{split_name}.json",
+        source=source,
+    )
+    return read_split_json(spec, root, check=check)
+
+
+def _world_dataset(spec: Any, root: str, check: bool) -> DatasetSplits:
+    root = os.path.abspath(root)
+    folder, image_dir, split_file = spec.name, "images", f"split_zhou_{spec.split_name}.json"
+    manifest_path = os.path.join(root, "world.json")
+    if os.path.isfile(manifest_path):
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                entry = json.load(f).get("datasets", {}).get(spec.name, {})
+            folder = entry.get("folder", folder)
+            image_dir = entry.get("image_dir", image_dir)
+            split_file = entry.get("split_file", split_file)
+        except (OSError, ValueError, AttributeError):
+            pass
+    if os.path.basename(root.rstrip(os.sep)) == folder and os.path.isfile(os.path.join(root, split_file)):
+        dataset_dir, parent = root, os.path.dirname(root)
+    else:
+        dataset_dir, parent = os.path.join(root, folder), root
+    split_path = os.path.join(dataset_dir, split_file)
+    if not os.path.isfile(split_path):
+        raise DataError(
+            f"world dataset {spec.name!r} not found",
+            path=split_path,
+            expected=f"the embedded world's layout: {dataset_dir}/{split_file} and {dataset_dir}/{image_dir}/",
+            fix=f'build the world first: python -c "from promptkd.data.world import build_world; '
+            f"build_world('{root}')\" (or pass the --data-root that holds it)",
+        )
+    split_name = split_file[len("split_zhou_") : -len(".json")]
+    splits = _read_with_spec(
+        spec.name, split_name, folder, image_dir, parent, check, "the embedded world (promptkd.data.world)"
+    )
+    splits.template = spec.template
+    splits.notes = [*splits.notes, f"embedded world dataset ({spec.family}, style {spec.style})"]
+    return splits
+
+
+def split_folder(folder: str | os.PathLike[str], *, check: bool = True, name: str | None = None) -> DatasetSplits:
+    """Read any folder holding exactly one ``split_zhou_<Name>.json`` (paths relative to ``images/`` or the folder)."""
+    folder = os.path.abspath(os.fspath(folder))
+    found = sorted(glob.glob(os.path.join(glob.escape(folder), _SPLIT_GLOB)))
+    if len(found) != 1:
+        raise DataError(
+            "no split file found" if not found else f"{len(found)} split files found; expected one",
+            path=folder,
+            expected="exactly one split_zhou_<Name>.json in the folder (the benchmarks' and the world's layout)",
+            fix="pass the dataset folder itself, or a registered dataset name with --data-root",
+        )
+    split_path = found[0]
+    split_name = os.path.basename(split_path)[len("split_zhou_") : -len(".json")]
+    image_dir = ""
+    images = os.path.join(folder, "images")
+    if os.path.isdir(images):
+        try:
+            with open(split_path, encoding="utf-8") as f:
+                raw = json.load(f)
+            first = next((entry[0] for which in ("train", "test", "val") for entry in raw.get(which, [])[:1]), None)
+        except (OSError, ValueError, TypeError, AttributeError, IndexError, KeyError):
+            first = None  # the reader reports a malformed file properly
+        if first is None or os.path.isfile(os.path.join(images, str(first))):
+            image_dir = "images"
+    dataset_name = name or os.path.basename(folder)
+    return _read_with_spec(
+        dataset_name,
+        split_name,
+        os.path.basename(folder),
+        image_dir,
+        os.path.dirname(folder),
+        check,
+        f"a dataset folder in the split-JSON layout ({split_path})",
+    )
+
+
+def resolve_dataset(name: str, data_root: str | os.PathLike[str] | None, *, check: bool = True) -> DatasetSplits:
+    """Read the dataset ``name`` under ``data_root`` (world, benchmark, or split-JSON folder; see module docs)."""
+    root = os.fspath(data_root) if data_root is not None else os.getcwd()
+    world = _world_lookup(name)
+    if world is not None:
+        return _world_dataset(world, root, check)
+    try:
+        canonical = resolve_name(name)
+    except UnknownDatasetError:
+        canonical = None
+    if canonical is not None:
+        return build_benchmark(canonical, root, check=check)
+    for folder in (name, os.path.join(root, name), root):
+        if os.path.isdir(folder) and glob.glob(os.path.join(glob.escape(folder), _SPLIT_GLOB)):
+            label = name if folder != name else os.path.basename(os.path.abspath(folder))
+            return split_folder(folder, check=check, name=label)
+    known = [*world_dataset_names(), *BENCHMARKS]
+    raise DatasetNotFoundError(
+        f"unknown dataset {name!r}: not an embedded-world dataset, not a benchmark, and no folder "
+        f"{os.path.join(root, name)} holding a split_zhou_<Name>.json. Known datasets: {', '.join(known)}"
+    )

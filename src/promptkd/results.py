@@ -1,0 +1,633 @@
+"""Result files, the per-folder run table, and the report that aggregates seeds and datasets as the papers do.
+
+Every evaluation writes one JSON file that CLIP_benchmark's ``build`` step can read (``dataset``, ``model``,
+``pretrained``, ``task``, ``metrics``, ``language``), extended with what prompt-learning results need to be
+grouped and traced: ``method``, ``protocol``, ``split``, ``subsample`` (all/base/new), ``seed``, ``num_shots``,
+``config`` + ``config_hash``, ``skipped_images`` and ``selection`` (how any hyper-parameter was chosen). Metric
+values are fractions in [0, 1], as in CLIP_benchmark; reports show percentages. Writes are atomic, and each run
+also appends one line to ``runs.jsonl`` in its output folder, a history that survives reruns.
+
+Aggregation (:func:`aggregate`) follows protocols.md §3: results are grouped by (protocol, method, model,
+dataset); seeds are summarised as mean ± population std; base-to-novel HM is computed from the seed-**averaged**
+base and novel accuracies (never as the mean of per-seed HMs); the "Average" row over datasets takes arithmetic
+means of B and N and the HM of those means (other protocols: the arithmetic mean of the headline metric).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from promptkd.checkpoints import atomic_write_text
+from promptkd.errors import PromptKDError
+from promptkd.evaluation.metrics import harmonic_mean
+
+__all__ = [
+    "HEADLINE_METRICS",
+    "RESULT_FORMAT",
+    "RESULT_VERSION",
+    "RUN_TABLE",
+    "AverageRow",
+    "Report",
+    "ReportRow",
+    "ResultError",
+    "Stat",
+    "aggregate",
+    "config_hash",
+    "find_results",
+    "format_markdown",
+    "is_result",
+    "make_result",
+    "plot_report",
+    "protocol_label",
+    "read_result",
+    "result_filename",
+    "write_report",
+    "write_result",
+]
+
+logger = logging.getLogger(__name__)
+
+RESULT_FORMAT = "promptkd-result"
+RESULT_VERSION = 1
+RUN_TABLE = "runs.jsonl"
+REPORT_FORMAT = "promptkd-report"
+
+#: The metric shown for each task in reports (first one) and the others shown beside it.
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "zeroshot_classification": ("acc1",),
+    "classification": ("acc1",),
+    "linear_probe": ("lp_acc1",),
+    "zeroshot_retrieval": ("image_retrieval_recall@1", "text_retrieval_recall@1"),
+}
+
+_FRACTION_KEY = re.compile(r"(^|_)(acc\d*|mean_per_class_recall|recall@\d+)$")
+
+
+class ResultError(PromptKDError, ValueError):
+    """A result file or report request that cannot be used (missing folder, no results, malformed file)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing results
+
+
+def config_hash(config: Mapping[str, Any] | None) -> str:
+    """Order-independent hash of a run configuration (16 hex digits)."""
+    text = json.dumps(config or {}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _check_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            out[key] = value
+            continue
+        value = float(value)
+        if _FRACTION_KEY.search(key) and not math.isnan(value) and not -1e-9 <= value <= 1 + 1e-9:
+            raise ValueError(f"metric {key}={value} is not a fraction in [0, 1] (results store fractions, not %)")
+        out[key] = None if math.isnan(value) else value
+    return out
+
+
+def make_result(
+    *,
+    dataset: str,
+    task: str,
+    metrics: Mapping[str, Any],
+    method: str,
+    backbone: Any = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    protocol: str | None = None,
+    split: str = "test",
+    subsample: str = "all",
+    seed: int | None = None,
+    num_shots: int | None = None,
+    num_classes: int | None = None,
+    num_samples: int | None = None,
+    config: Mapping[str, Any] | None = None,
+    skipped_images: Sequence[str] = (),
+    selection: Mapping[str, Any] | None = None,
+    classnames: Sequence[str] | None = None,
+    templates: Any = None,
+    language: str = "en",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A result dict in CLIP_benchmark's schema plus promptkd's fields; metrics are fractions in [0, 1].
+
+    ``backbone`` (a :class:`~promptkd.backbones.Backbone`) fills ``model``/``pretrained`` and the full spec.
+    ``subsample`` is ``all``, ``base`` or ``new`` (one result per half, headline metric = ``acc1``), or
+    ``base2new`` for one run that measured both halves and stores ``base_acc1`` and ``new_acc1``.
+    ``protocol`` defaults to ``base2new`` for base/new subsamples, ``few_shot`` when ``num_shots`` is set, and
+    the task otherwise. ``selection`` records how hyper-parameters were chosen (e.g. the linear probe's C search);
+    it must never involve the test split.
+    """
+    spec = backbone.spec.to_dict() if backbone is not None else None
+    if spec is not None:
+        model = model or spec.get("model_name")
+        pretrained = pretrained if pretrained is not None else spec.get("pretrained")
+    if subsample not in ("all", "base", "new", "base2new"):
+        raise ValueError(f"subsample must be 'all', 'base' or 'new', not {subsample!r}")
+    if protocol is None:
+        protocol = "base2new" if subsample != "all" else ("few_shot" if num_shots else task)
+    from promptkd import __version__
+
+    skipped = list(skipped_images)
+    result: dict[str, Any] = {
+        "dataset": dataset,
+        "model": model,
+        "pretrained": pretrained,
+        "task": task,
+        "metrics": _check_metrics(metrics),
+        "language": language,
+        "method": method,
+        "protocol": protocol,
+        "split": split,
+        "subsample": subsample,
+        "seed": seed,
+        "num_shots": num_shots,
+        "num_classes": num_classes,
+        "num_samples": num_samples,
+        "skipped_images": len(skipped),
+        "skipped_image_paths": skipped[:100],
+        "selection": dict(selection) if selection is not None else None,
+        "config": dict(config or {}),
+        "config_hash": config_hash(config),
+        "backbone": spec,
+        "format": RESULT_FORMAT,
+        "format_version": RESULT_VERSION,
+        "promptkd_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if classnames is not None:
+        result["classnames"] = list(classnames)
+    if templates is not None:
+        result["templates"] = templates
+    if extra:
+        result.update(extra)
+    return result
+
+
+def _slug(text: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(text)).strip("_") or "x"
+
+
+def result_filename(result: Mapping[str, Any]) -> str:
+    """``<method>-<dataset>[-<subsample>][-<K>shot][-seed<S>]-<task>.json``: reruns of one setting replace it."""
+    parts = [_slug(result.get("method") or "run"), _slug(result["dataset"])]
+    if result.get("subsample") not in (None, "all"):
+        parts.append(_slug(result["subsample"]))
+    if result.get("num_shots"):
+        parts.append(f"{int(result['num_shots'])}shot")
+    if result.get("seed") is not None:
+        parts.append(f"seed{result['seed']}")
+    parts.append(_slug(result.get("task") or "eval"))
+    return "-".join(parts) + ".json"
+
+
+def _table_row(result: Mapping[str, Any], filename: str) -> dict[str, Any]:
+    keys = ("dataset", "method", "protocol", "task", "split", "subsample", "seed", "num_shots", "model", "pretrained")
+    row: dict[str, Any] = {"time": result.get("created"), "file": filename}
+    row.update({k: result.get(k) for k in keys})
+    row["config_hash"] = result.get("config_hash")
+    row["metrics"] = {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, (int, float))}
+    row["skipped_images"] = result.get("skipped_images", 0)
+    return row
+
+
+def write_result(result: Mapping[str, Any], out_dir: str | os.PathLike[str], filename: str | None = None) -> Path:
+    """Write the result JSON atomically into ``out_dir`` and append a line to ``out_dir/runs.jsonl``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = filename or result_filename(result)
+    path = out / name
+    atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
+    line = json.dumps(_table_row(result, name), default=str) + "\n"
+    with open(out / RUN_TABLE, "a", encoding="utf-8") as f:  # one short append per run
+        f.write(line)
+    logger.info("wrote %s", path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading results
+
+
+def is_result(data: Any) -> bool:
+    """True for a promptkd or CLIP_benchmark result dict (``dataset``, ``task`` and a ``metrics`` mapping)."""
+    return isinstance(data, dict) and "dataset" in data and "task" in data and isinstance(data.get("metrics"), dict)
+
+
+def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """One result file; raises ResultError if it is not a result."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ResultError(f"{path}: cannot read result JSON ({error})") from error
+    if not is_result(data):
+        raise ResultError(f"{path}: not a result file (needs 'dataset', 'task' and a 'metrics' object)")
+    data.setdefault("_path", str(path))
+    return data
+
+
+def find_results(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """Every result JSON in the given files and folders (folders searched recursively, hidden files skipped)."""
+    found: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for entry in paths:
+        entry = Path(entry)
+        if not entry.exists():
+            raise ResultError(f"{entry}: no such file or folder")
+        files = [entry] if entry.is_file() else sorted(entry.rglob("*.json"))
+        for file in files:
+            if any(part.startswith(".") for part in file.relative_to(entry).parts) and file != entry:
+                continue
+            real = str(file.resolve())
+            if real in seen:
+                continue
+            seen.add(real)
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                if file == entry:
+                    raise ResultError(f"{file}: cannot read result JSON ({error})") from error
+                logger.warning("skipping unreadable JSON %s (%s)", file, error)
+                continue
+            if is_result(data):
+                data.setdefault("_path", str(file))
+                found.append(data)
+            elif file == entry:
+                raise ResultError(f"{file}: not a result file (needs 'dataset', 'task' and a 'metrics' object)")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+@dataclass
+class Stat:
+    """Mean and population std over seeds, in percent for fraction metrics."""
+
+    mean: float
+    std: float
+    n: int
+    values: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        vals = [float(v) for v in values]
+        if not vals:
+            return cls(float("nan"), float("nan"), 0, [])
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))  # population std, as parse_test_res.py
+        return cls(mean, std, len(vals), vals)
+
+    def text(self, digits: int = 2) -> str:
+        if self.n == 0 or math.isnan(self.mean):
+            return "–"
+        if self.n == 1:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+@dataclass
+class ReportRow:
+    """One (protocol, method, model, dataset) group."""
+
+    protocol: str
+    method: str
+    model: str
+    dataset: str
+    seeds: list[Any]
+    metrics: dict[str, Stat]
+    base: Stat | None = None
+    novel: Stat | None = None
+    hm: float | None = None
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AverageRow:
+    """Over datasets, for one (protocol, method, model)."""
+
+    protocol: str
+    method: str
+    model: str
+    datasets: list[str]
+    metrics: dict[str, float]
+    base: float | None = None
+    novel: float | None = None
+    hm: float | None = None
+
+
+@dataclass
+class Report:
+    """Aggregated results: per-dataset rows and per-method averages, grouped by protocol."""
+
+    rows: list[ReportRow]
+    averages: list[AverageRow]
+    headline: dict[str, list[str]]  # protocol -> metrics shown
+    num_results: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def protocols(self) -> list[str]:
+        return list(dict.fromkeys(r.protocol for r in self.rows))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": REPORT_FORMAT,
+            "units": "percent",
+            "num_results": self.num_results,
+            "headline": self.headline,
+            "rows": [asdict(r) for r in self.rows],
+            "averages": [asdict(a) for a in self.averages],
+            "warnings": list(self.warnings),
+        }
+
+
+def protocol_label(result: Mapping[str, Any]) -> str:
+    """``zeroshot_classification``, ``base2new``, ``few_shot (4-shot)``, ...: what results are compared by."""
+    protocol = result.get("protocol")
+    if not protocol:
+        subsample = result.get("subsample") or "all"
+        shots = result.get("num_shots")
+        protocol = "base2new" if subsample != "all" else ("few_shot" if shots else result.get("task", "eval"))
+    shots = result.get("num_shots")
+    # K-shot few-shot results are different experiments per K; base-to-novel is one protocol (CLIP's zero-shot row
+    # sits in the same table as the 16-shot prompt learners).
+    return f"{protocol} ({int(shots)}-shot)" if shots and protocol == "few_shot" else str(protocol)
+
+
+def _model_label(result: Mapping[str, Any]) -> str:
+    model = str(result.get("model") or "?")
+    pretrained = result.get("pretrained")
+    if not pretrained:
+        return model
+    pretrained = str(pretrained)
+    if os.sep in pretrained or "/" in pretrained:
+        pretrained = os.path.basename(pretrained.rstrip("/"))
+    return f"{model}/{pretrained}"
+
+
+def _headline(task: str, metrics: Mapping[str, Any]) -> tuple[str, ...]:
+    if task in HEADLINE_METRICS:
+        return HEADLINE_METRICS[task]
+    if "acc1" in metrics:
+        return ("acc1",)
+    numeric = [k for k, v in metrics.items() if isinstance(v, (int, float))]
+    return tuple(numeric[:1])
+
+
+def _percent(key: str, value: float) -> float:
+    return 100.0 * value if _FRACTION_KEY.search(key) or key.endswith("ece") else value
+
+
+def _dedupe(results: list[dict[str, Any]], warnings: list[str]) -> list[dict[str, Any]]:
+    """One result per (group, subsample, seed): the newest wins (reruns replace earlier runs)."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for r in results:
+        key = (
+            protocol_label(r),
+            r.get("method") or r.get("task"),
+            _model_label(r),
+            r["dataset"],
+            r.get("subsample") or "all",
+            r.get("split") or "test",
+            r.get("task"),
+            r.get("seed"),
+        )
+        if key in latest:
+            older, newer = sorted([latest[key], r], key=lambda x: str(x.get("created") or ""))
+            warnings.append(
+                f"two results for {key[1]} on {key[3]} ({key[4]}, seed {key[7]}): using {newer.get('_path', '?')}, "
+                f"ignoring {older.get('_path', '?')}"
+            )
+            latest[key] = newer
+        else:
+            latest[key] = r
+    return list(latest.values())
+
+
+def aggregate(results: Iterable[Mapping[str, Any]]) -> Report:
+    """Group results and summarise seeds and datasets (see the module docstring for the rules)."""
+    warnings: list[str] = []
+    items = _dedupe([dict(r) for r in results], warnings)
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for r in items:
+        key = (protocol_label(r), str(r.get("method") or r.get("task")), _model_label(r), str(r["dataset"]))
+        groups.setdefault(key, []).append(r)
+
+    headline: dict[str, list[str]] = {}
+    rows: list[ReportRow] = []
+    for (protocol, method, model, dataset), members in groups.items():
+        members.sort(key=lambda r: (str(r.get("subsample")), str(r.get("seed"))))
+        shown = headline.setdefault(protocol, [])
+        for r in members:
+            for key in _headline(str(r.get("task")), r["metrics"]):
+                if key not in shown:
+                    shown.append(key)
+        values: dict[str, list[float]] = {}
+        base_vals: list[float] = []
+        novel_vals: list[float] = []
+        for r in members:
+            heads = _headline(str(r.get("task")), r["metrics"])
+            main = r["metrics"].get(heads[0]) if heads else None
+            subsample = r.get("subsample") or "all"
+            if subsample == "base" and main is not None:
+                base_vals.append(_percent(heads[0], float(main)))
+            elif subsample == "new" and main is not None:
+                novel_vals.append(_percent(heads[0], float(main)))
+            elif subsample == "base2new":
+                for name, bucket in (("base_acc1", base_vals), ("new_acc1", novel_vals)):
+                    if r["metrics"].get(name) is not None:
+                        bucket.append(_percent("acc1", float(r["metrics"][name])))
+            if subsample in ("all",):
+                for k, v in r["metrics"].items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        values.setdefault(k, []).append(_percent(k, float(v)))
+        row = ReportRow(
+            protocol=protocol,
+            method=method,
+            model=model,
+            dataset=dataset,
+            seeds=sorted({r.get("seed") for r in members}, key=str),
+            metrics={k: Stat.of(v) for k, v in values.items()},
+            files=[str(r.get("_path", "")) for r in members],
+        )
+        if base_vals or novel_vals:
+            row.base, row.novel = Stat.of(base_vals), Stat.of(novel_vals)
+            if base_vals and novel_vals:
+                row.hm = harmonic_mean(row.base.mean, row.novel.mean)  # from seed-averaged B and N
+            if len(base_vals) != len(novel_vals):
+                warnings.append(
+                    f"{method} on {dataset} ({protocol}): {len(base_vals)} base but {len(novel_vals)} novel results"
+                )
+        rows.append(row)
+    rows.sort(key=lambda r: (r.protocol, r.dataset, r.method, r.model))
+    return Report(rows, _averages(rows, headline), headline, num_results=len(items), warnings=warnings)
+
+
+def _averages(rows: list[ReportRow], headline: dict[str, list[str]]) -> list[AverageRow]:
+    by_method: dict[tuple[str, str, str], list[ReportRow]] = {}
+    for row in rows:
+        by_method.setdefault((row.protocol, row.method, row.model), []).append(row)
+    out: list[AverageRow] = []
+    for (protocol, method, model), members in by_method.items():
+        avg = AverageRow(protocol, method, model, [r.dataset for r in members], {})
+        for key in headline.get(protocol, []):
+            means = [r.metrics[key].mean for r in members if key in r.metrics and r.metrics[key].n]
+            if means:
+                avg.metrics[key] = sum(means) / len(means)
+        b = [r.base.mean for r in members if r.base is not None and r.base.n]
+        n = [r.novel.mean for r in members if r.novel is not None and r.novel.n]
+        if b:
+            avg.base = sum(b) / len(b)
+        if n:
+            avg.novel = sum(n) / len(n)
+        if b and n:
+            avg.hm = harmonic_mean(avg.base, avg.novel)  # HM of the averaged B and N (the papers' Average row)
+        out.append(avg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output: Markdown, chart, files
+
+
+def _is_b2n(report: Report, protocol: str) -> bool:
+    return any(r.base is not None for r in report.rows if r.protocol == protocol)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    return lines
+
+
+def _stat_text(stat: Stat | None) -> str:
+    return "–" if stat is None else stat.text()
+
+
+def _row_head(row: ReportRow) -> list[str]:
+    return [row.dataset, row.method, row.model, str(len(row.seeds))]
+
+
+def _avg_head(avg: AverageRow) -> list[str]:
+    return [f"**Average** ({len(avg.datasets)})", avg.method, avg.model, ""]
+
+
+def format_markdown(report: Report, images: Mapping[str, str] | None = None) -> str:
+    """Markdown tables, one per protocol (percentages; mean ± population std over seeds)."""
+    lines = ["# Results", "", f"{report.num_results} result files; values in %, mean ± std over seeds.", ""]
+    for protocol in report.protocols:
+        rows = [r for r in report.rows if r.protocol == protocol]
+        averages = [a for a in report.averages if a.protocol == protocol]
+        lines += [f"## {protocol}", ""]
+        if _is_b2n(report, protocol):
+            headers = ["Dataset", "Method", "Model", "Seeds", "Base", "Novel", "HM"]
+            body = [[*_row_head(r), _stat_text(r.base), _stat_text(r.novel), _fmt(r.hm)] for r in rows]
+            body += [[*_avg_head(a), _fmt(a.base), _fmt(a.novel), _fmt(a.hm)] for a in averages if len(a.datasets) > 1]
+        else:
+            keys = report.headline.get(protocol, [])
+            headers = ["Dataset", "Method", "Model", "Seeds", *keys]
+            body = [[*_row_head(r), *(_stat_text(r.metrics.get(k)) for k in keys)] for r in rows]
+            body += [[*_avg_head(a), *(_fmt(a.metrics.get(k)) for k in keys)] for a in averages if len(a.datasets) > 1]
+        lines += _markdown_table(headers, body)
+        if images and protocol in images:
+            lines += ["", f"![{protocol}]({images[protocol]})"]
+        lines.append("")
+    if report.warnings:
+        lines += ["## Warnings", "", *(f"- {w}" for w in report.warnings), ""]
+    return "\n".join(lines)
+
+
+def _bars(ax: Any, datasets: list[str], series: list[tuple[str, list[float | None]]], title: str) -> None:
+    width = 0.8 / max(1, len(series))
+    for i, (label, vals) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(datasets))]
+        ys = [float("nan") if v is None else v for v in vals]
+        ax.bar(xs, ys, width=width, label=label)
+    finite = [v for _, vals in series for v in vals if v is not None and not math.isnan(v)]
+    ax.set_ylim(0, 1.25 * max(finite) if finite and max(finite) > 0 else 1)  # headroom for the legend
+    ax.set_xticks(range(len(datasets)))
+    ax.set_xticklabels(datasets, rotation=30, ha="right", fontsize=8)
+    ax.set_title(title)
+    ax.set_ylabel("%")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_report(report: Report, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """One bar chart PNG per protocol (accuracy per dataset per method; base/novel/HM panels for base-to-novel)."""
+    from matplotlib.figure import Figure  # object API: no pyplot, no global backend switch (renders with Agg)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for protocol in report.protocols:
+        rows = [r for r in report.rows if r.protocol == protocol]
+        averages = {(a.method, a.model): a for a in report.averages if a.protocol == protocol}
+        datasets = list(dict.fromkeys(r.dataset for r in rows))
+        methods = list(dict.fromkeys((r.method, r.model) for r in rows))
+        with_avg = len(datasets) > 1
+        columns = [*datasets, "Average"] if with_avg else datasets
+        b2n = _is_b2n(report, protocol)
+        keys = report.headline.get(protocol, [])
+        panels = [("Base", "base"), ("Novel", "novel"), ("HM", "hm")] if b2n else [(k, k) for k in keys]
+        fig = Figure(figsize=(max(5.0, 1.2 * len(columns) * max(1, len(methods)) ** 0.5), 3.4 * len(panels)))
+        axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+        for ax, (title, key) in zip(axes, panels):
+            series = []
+            for method, model in methods:
+                vals: list[float | None] = []
+                for d in datasets:
+                    row = next((r for r in rows if r.dataset == d and (r.method, r.model) == (method, model)), None)
+                    if row is None:
+                        vals.append(None)
+                    elif b2n:
+                        value = getattr(row, key)
+                        vals.append(value.mean if isinstance(value, Stat) else value)
+                    else:
+                        vals.append(row.metrics[key].mean if key in row.metrics else None)
+                if with_avg:
+                    avg = averages.get((method, model))
+                    vals.append(None if avg is None else (getattr(avg, key) if b2n else avg.metrics.get(key)))
+                label = method if len({m for _, m in methods}) == 1 else f"{method} ({model})"
+                series.append((label, vals))
+            _bars(ax, columns, series, f"{protocol}: {title}")
+        axes[0].legend(fontsize=8, ncol=min(4, len(methods)), loc="upper center")
+        fig.tight_layout()
+        path = out / f"report_{_slug(protocol)}.png"
+        fig.savefig(path, dpi=100)
+        written[protocol] = path
+    return written
+
+
+def write_report(report: Report, out_dir: str | os.PathLike[str], *, plot: bool = True) -> dict[str, Path]:
+    """Write ``report.md``, ``report.json`` and the charts into ``out_dir``; returns the written paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = plot_report(report, out) if plot else {}
+    markdown = format_markdown(report, {p: path.name for p, path in images.items()})
+    atomic_write_text(out / "report.md", markdown + "\n")
+    atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    return {"markdown": out / "report.md", "json": out / "report.json", **{f"plot:{k}": v for k, v in images.items()}}
