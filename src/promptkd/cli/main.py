@@ -13,6 +13,7 @@ from promptkd._version import __version__
 # subcommand -> module under promptkd.cli; each has HELP, add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, str] = {
     "demo": "demo",
+    "train": "train",
     "zeroshot": "zeroshot",
     "linear-probe": "linear_probe",
     "retrieval": "retrieval",

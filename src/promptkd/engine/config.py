@@ -1,0 +1,40 @@
+"""Training settings shared by every method (the Dassl defaults the papers use, made explicit)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run settings; method presets override the paper-specific ones."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    schedule_per: Literal["epoch", "step"] = "epoch"  # Dassl steps the scheduler once per epoch
+    warmup_epochs: int = 1
+    warmup_type: Literal["constant", "linear", "none"] = "constant"
+    warmup_lr: float = 1e-5
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: float | None = None
+    seed: int = 1
+    num_workers: int = 0
+    log_every: int = 20
+    select: Literal["last", "val"] = "last"  # checkpoint selection: last epoch, or best on the validation split
+    eval_every: int = 0  # evaluate on validation every N epochs (0: only when select == "val", every epoch)
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")

@@ -1,0 +1,193 @@
+"""One training run from a resolved config: data -> backbone -> method -> engine -> evaluation -> result files.
+
+The run folder holds ``config.yaml`` (the resolved config), ``train.log``, ``metrics.jsonl`` / ``epochs.jsonl``,
+the checkpoint ``prompts.safetensors`` + ``prompts.json``, ``resume.pt`` while training, and one result JSON per
+evaluation (with ``results.jsonl`` as the run table). The test split is evaluated once, at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from promptkd.checkpoints import atomic_write_text
+from promptkd.config import ConfigError, apply_overrides, config_hash, from_dict, load_preset, to_dict
+from promptkd.engine.config import TrainConfig
+from promptkd.engine.distributed import DistInfo, init_distributed
+from promptkd.engine.trainer import Trainer, TrainResult, predict_logits
+from promptkd.errors import PromptKDError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run (what `promptkd train` resolves and writes to config.yaml)."""
+
+    method: str = "coop"
+    dataset: str = "shapes"
+    data_root: str | None = None
+    shots: int = 16
+    subsample: Literal["all", "base"] = "base"  # classes trained on; base runs are also scored on the new half
+    seed: int = 1
+    model: str = "pkd-world-student"
+    pretrained: str | None = None
+    quick_gelu: bool | None = None
+    device: str = "auto"
+    out: str = "runs/train"
+    strict_shots: bool = True  # K larger than the smallest class is an error (the reference silently takes all)
+    skip_bad: bool = False
+    evaluate: bool = True
+    method_config: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def resolve_run_config(method: str, preset: str | None, overrides: list[str], base: dict[str, Any]) -> RunConfig:
+    """Preset (method + train sections) < command-line values < ``--set key=value`` overrides; all strict."""
+    from promptkd.methods import get_method
+
+    method_cls = get_method(method)
+    data: dict[str, Any] = {"method": method_cls.name, "method_config": {}, "train": {}}
+    if preset:
+        preset_data = load_preset(method_cls.name, preset)
+        unknown = set(preset_data) - {"method", "train"}
+        if unknown:
+            raise ConfigError(f"preset {preset!r}: unknown sections {sorted(unknown)} (expected 'method', 'train')")
+        data["method_config"] = dict(preset_data.get("method") or {})
+        data["train"] = dict(preset_data.get("train") or {})
+    for key, value in base.items():
+        if value is not None:
+            data[key] = value
+    renamed = [o.replace("method.", "method_config.", 1) if o.startswith("method.") else o for o in overrides]
+    data = apply_overrides(data, renamed)
+    config = from_dict(RunConfig, data, where="run config")
+    from promptkd.methods.base import config_from
+
+    config_from(method_cls, config.method_config)  # validate method keys now, before any data or model is loaded
+    return config
+
+
+def _log_to_file(out: Path) -> logging.Handler:
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("promptkd").addHandler(handler)
+    return handler
+
+
+@dataclass
+class RunOutcome:
+    out: Path
+    train: TrainResult
+    results: list[dict[str, Any]]
+
+
+def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutcome:
+    """Train and evaluate one (method, dataset, shots, seed) run."""
+    from promptkd.backbones import load_backbone
+    from promptkd.data.items import ImageDataset
+    from promptkd.data.sampling import few_shot_splits, subsample_classes
+    from promptkd.data.transforms import build_transform
+    from promptkd.evaluation.datasets import resolve_dataset
+    from promptkd.evaluation.metrics import classification_metrics, harmonic_mean
+    from promptkd.methods import get_method
+    from promptkd.methods.base import config_from
+    from promptkd.results import make_result, write_result
+
+    if info is None:
+        info, device = init_distributed(config.device)
+    else:
+        device = torch.device("cpu")
+    method_cls = get_method(config.method)
+    method_config = config_from(method_cls, config.method_config)
+    out = Path(config.out)
+    resolved = to_dict(config)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        handler = _log_to_file(out)
+    try:
+        splits = resolve_dataset(config.dataset, config.data_root)
+        if config.shots > 0:
+            splits = few_shot_splits(
+                splits, config.shots, config.seed, cache_dir=out / "split_fewshot", strict=config.strict_shots
+            )
+        train_splits = subsample_classes(splits, config.subsample)
+        backbone = load_backbone(
+            config.model,
+            config.pretrained,
+            quick_gelu=config.quick_gelu,
+            device=device,
+            precision=config.train.precision,
+        )
+        torch.manual_seed(config.seed)
+        method = method_cls(backbone, train_splits.classnames, method_config)
+        train_tf = build_transform(backbone.preprocess, train=True)
+        eval_tf = build_transform(backbone.preprocess, train=False)
+        train_set = ImageDataset(train_splits.train, train_tf, skip_bad=config.skip_bad)
+        val_set = ImageDataset(train_splits.val, eval_tf, skip_bad=config.skip_bad) if train_splits.val else None
+        trainer = Trainer(method, config.train, out, device=device, info=info, run_config=resolved)
+        outcome = trainer.fit(train_set, val_set)
+        results: list[dict[str, Any]] = []
+        if config.evaluate:
+            halves = ["base", "new"] if config.subsample == "base" else ["all"]
+            accs = {}
+            for half in halves:
+                part = subsample_classes(splits, half) if half != "all" else splits
+                method.set_classnames(part.classnames)
+                test_set = ImageDataset(part.test, eval_tf, skip_bad=config.skip_bad)
+                logits, labels = predict_logits(
+                    method,
+                    test_set,
+                    precision=config.train.precision,
+                    device=device,
+                    info=info,
+                    progress=config.train.progress,
+                )
+                metrics = classification_metrics(logits, labels)
+                accs[half] = metrics["acc1"]
+                results.append(
+                    make_result(
+                        dataset=config.dataset,
+                        task="classification",
+                        metrics=metrics,
+                        method=method.name,
+                        backbone=backbone,
+                        subsample=half,
+                        seed=config.seed,
+                        num_shots=config.shots or None,
+                        num_classes=len(part.classnames),
+                        num_samples=len(labels),
+                        config=resolved,
+                        skipped_images=getattr(test_set, "skipped", []),
+                        selection=outcome.selection,
+                        extra={"train_seconds": outcome.seconds, "train_images_per_second": outcome.images_per_second},
+                    )
+                )
+            if {"base", "new"} <= set(accs):
+                logger.info(
+                    "base %.2f novel %.2f HM %.2f",
+                    100 * accs["base"],
+                    100 * accs["new"],
+                    100 * harmonic_mean(accs["base"], accs["new"]),
+                )
+            if info.is_main:
+                for result in results:
+                    write_result(result, out)
+        return RunOutcome(out, outcome, results)
+    finally:
+        if info.is_main:
+            logging.getLogger("promptkd").removeHandler(handler)
+            handler.close()
+
+
+def run_hash(config: RunConfig) -> str:
+    return config_hash(to_dict(config))
+
+
+class RunError(PromptKDError, RuntimeError):
+    pass

@@ -1,0 +1,393 @@
+"""The training engine: one loop for every method.
+
+- Optimiser over the method's learner only (SGD or AdamW); the learning rate is a pure function of the position
+  in training (constant warm-up, then cosine, per epoch as Dassl or per step), so resuming needs no scheduler state.
+- Precision: fp32, bf16 autocast (no scaler), fp16 autocast with a GradScaler (GPU).
+- Checkpoints every epoch, atomically: a resume file (learner, optimiser, scaler, method resume state, history) and
+  the trainable tensors. A run killed at any moment and resumed replays the unfinished epoch exactly (data order and
+  augmentation are functions of seed, epoch and index) and ends with the same prompts as an uninterrupted run.
+- A NaN/inf loss stops the run with a message; the last epoch's checkpoint is kept untouched.
+- Distributed: under torchrun the method is wrapped in DistributedDataParallel; rank 0 logs and writes.
+- Model selection: the last epoch, or (``select: val``) the best epoch on the validation split — never the test
+  split; whatever was selected on is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from promptkd.backbones import autocast_for
+from promptkd.checkpoints import atomic_path, atomic_write_text
+from promptkd.config import to_dict
+from promptkd.engine.config import TrainConfig
+from promptkd.engine.data import make_loader, sample_seed, set_epoch
+from promptkd.engine.distributed import DistInfo, all_reduce_mean, barrier, gather_concat
+from promptkd.errors import PromptKDError
+from promptkd.methods.base import Batch, Method
+
+logger = logging.getLogger(__name__)
+
+RESUME_FILE = "resume.pt"
+FINAL_NAME = "prompts"
+
+
+class TrainingDivergedError(PromptKDError, RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ResumeError(PromptKDError, RuntimeError):
+    """A resume folder that belongs to another run (method, config or classes)."""
+
+
+def learning_rate(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """LR at 0-based ``epoch`` and ``step`` within it: constant (or linear) warm-up, then cosine to 0.
+
+    Per epoch (Dassl): epochs < warmup use ``warmup_lr``; epoch e >= warmup uses lr·(1 + cos(π·e/E))/2.
+    Per step: the same shape over global steps.
+    """
+    if cfg.schedule_per == "epoch":
+        position, warmup, total = epoch, cfg.warmup_epochs, cfg.epochs
+    else:
+        position = epoch * steps_per_epoch + step
+        warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
+    if cfg.warmup_type != "none" and position < warmup:
+        if cfg.warmup_type == "constant":
+            return cfg.warmup_lr
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * position / max(1, warmup)
+    if cfg.scheduler == "constant":
+        return cfg.lr
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * position / max(1, total)))
+
+
+def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if not params:
+        raise PromptKDError("the method has no trainable parameters")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+@torch.no_grad()
+def predict_logits(
+    method: Method,
+    dataset,
+    *,
+    batch_size: int = 100,
+    precision: str = "fp32",
+    device: torch.device | None = None,
+    info: DistInfo | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, C], labels [N]) over a dataset of (image, label, ...) with the eval transform applied."""
+    info = info or DistInfo()
+    device = device or next(method.clip.parameters()).device
+    loader, _, _ = make_loader(
+        dataset,
+        batch_size=batch_size * info.world_size,
+        seed=0,
+        shuffle=False,
+        rank=info.rank,
+        world_size=info.world_size,
+    )
+    was_training = method.training
+    method.eval()
+    logits, labels, order = [], [], []
+    for batch in tqdm(loader, desc="evaluating", leave=False, disable=not (progress and info.is_main)):
+        batch = batch.to(device)
+        with autocast_for(precision, device):
+            out = method.logits(batch.images)
+        logits.append(out.float().cpu())
+        labels.append(batch.labels.cpu())
+        order.append(batch.index.cpu())
+    method.train(was_training)
+    cat = (lambda xs: torch.cat(xs)) if logits else (lambda xs: torch.empty(0))
+    all_logits, all_labels, all_index = cat(logits), cat(labels), cat(order)
+    if info.enabled:
+        all_logits = gather_concat(all_logits.to(device), info).cpu()
+        all_labels = gather_concat(all_labels.to(device), info).cpu()
+        all_index = gather_concat(all_index.to(device), info).cpu()
+    sort = all_index.argsort()
+    return all_logits[sort], all_labels[sort]
+
+
+class Trainer:
+    """Runs a method's training on a dataset of (image, label) pairs with the engine's guarantees."""
+
+    def __init__(
+        self,
+        method: Method,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        *,
+        device: torch.device | None = None,
+        info: DistInfo | None = None,
+        run_config: dict[str, Any] | None = None,
+    ):
+        self.method = method
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.info = info or DistInfo()
+        self.device = device or torch.device("cpu")
+        self.run_config = run_config or {}
+        self.method.to(self.device)
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    # --- resume ------------------------------------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "method": self.method.name,
+            "method_config": to_dict(self.method.config),
+            "train": to_dict(self.cfg),
+            "classnames": self.method.classnames,
+            "backbone": {k: self.method.backbone.spec.to_dict()[k] for k in ("model_name", "pretrained", "quick_gelu")},
+        }
+
+    def _load_resume(self, optimizer: torch.optim.Optimizer, scaler) -> tuple[int, list[dict], dict]:
+        path = self.out / RESUME_FILE
+        if not path.is_file():
+            return 0, [], {}
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ResumeError(f"{path}: cannot read the resume file ({error}); delete it to start over.") from error
+        ours = self._identity()
+        theirs = state.get("identity", {})
+        diffs = [
+            key
+            for key in ours
+            if json.dumps(ours[key], sort_keys=True, default=str)
+            != json.dumps(theirs.get(key), sort_keys=True, default=str)
+        ]
+        if diffs:
+            detail = "; ".join(
+                f"{k}: folder has {json.dumps(theirs.get(k), default=str)[:120]}, "
+                f"this run {json.dumps(ours[k], default=str)[:120]}"
+                for k in diffs
+            )
+            raise ResumeError(
+                f"{self.out} holds a run with a different {', '.join(diffs)} ({detail}). Use another --out folder, "
+                "or delete it to start over."
+            )
+        self.method.load_trainable(state["learner"], path)
+        self.method.load_resume_state(state.get("method_state", {}))
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        logger.info("resuming %s after epoch %d", self.out, state["epoch"])
+        return int(state["epoch"]), list(state.get("history", [])), dict(state.get("best", {}))
+
+    def _save_resume(self, epoch: int, optimizer, scaler, history: list[dict], best: dict) -> None:
+        if not self.info.is_main:
+            return
+        state = {
+            "identity": self._identity(),
+            "epoch": epoch,
+            "learner": {k: v.detach().cpu().clone() for k, v in self.method.trainable_state().items()},
+            "method_state": {k: v.detach().cpu().clone() for k, v in self.method.resume_state().items()},
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "history": history,
+            "best": best,
+        }
+        with atomic_path(self.out / RESUME_FILE) as tmp:
+            torch.save(state, tmp)
+
+    # --- the loop ----------------------------------------------------------------------------------------------------
+    def fit(self, train_set, val_set=None) -> TrainResult:
+        cfg, info, method = self.cfg, self.info, self.method
+        torch.manual_seed(cfg.seed)
+        start_time = time.perf_counter()
+        if not method.trains or cfg.epochs == 0:
+            method.prepare(lambda: iter(()), None)
+            path = (
+                method.save(self.out / FINAL_NAME, {"train": to_dict(cfg), "selection": {"on": "none"}})
+                if info.is_main
+                else None
+            )
+            return TrainResult(0, [], {"on": "none"}, path)
+        loader, seeded, sampler = make_loader(
+            train_set,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            shuffle=True,
+            rank=info.rank,
+            world_size=info.world_size,
+            num_workers=cfg.num_workers,
+            drop_last=len(train_set) >= cfg.batch_size,
+        )
+        if len(loader) == 0:
+            raise PromptKDError(f"the training set has {len(train_set)} images: fewer than one batch per process")
+        steps = len(loader)
+        val_batches = None
+        if val_set is not None:
+            val_loader, _, _ = make_loader(val_set, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False)
+            val_batches = lambda: iter(val_loader)  # noqa: E731
+        method.prepare(lambda: iter(loader), val_batches)
+        params = method.trainable_parameters()
+        optimizer = build_optimizer(cfg, params)
+        use_scaler = cfg.precision == "fp16" and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        start_epoch, history, best = self._load_resume(optimizer, scaler)
+        model: nn.Module = method
+        if info.enabled:
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.learner.modules()):
+                method.learner = nn.SyncBatchNorm.convert_sync_batchnorm(method.learner)
+            model = nn.parallel.DistributedDataParallel(
+                method,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+                find_unused_parameters=False,
+            )
+        metrics_path = self.out / "metrics.jsonl"
+        writer = self._tensorboard()
+        images_seen, compute_seconds = 0, 0.0
+        epoch_bar = tqdm(
+            range(start_epoch, cfg.epochs),
+            desc=f"{method.name} epochs",
+            initial=start_epoch,
+            total=cfg.epochs,
+            disable=not (cfg.progress and info.is_main),
+        )
+        for epoch in epoch_bar:
+            method.train()
+            set_epoch(seeded, sampler, epoch)
+            torch.manual_seed(sample_seed(cfg.seed, epoch, -2))  # any in-method randomness replays on resume
+            running, count = 0.0, 0
+            step_bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not (cfg.progress and info.is_main))
+            for step, batch in enumerate(step_bar):
+                lr = learning_rate(cfg, epoch, step, steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = batch.to(self.device)
+                tic = time.perf_counter()
+                with autocast_for(cfg.precision, self.device):
+                    output = model(batch)
+                loss = output.loss
+                if not torch.isfinite(loss.detach()).all():
+                    raise TrainingDivergedError(
+                        f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: training stopped. The last "
+                        f"good checkpoint ({self.out / RESUME_FILE}, after epoch {epoch}) is unchanged. Lower the "
+                        "learning rate, use fp32/bf16, or enable train.grad_clip."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    if cfg.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    optimizer.step()
+                compute_seconds += time.perf_counter() - tic
+                images_seen += batch.images.shape[0] * info.world_size
+                value = float(all_reduce_mean(loss.detach().float(), info))
+                running += value
+                count += 1
+                global_step = epoch * steps + step + 1
+                if info.is_main and (global_step % max(1, cfg.log_every) == 0 or step == steps - 1):
+                    record = {
+                        "epoch": epoch + 1,
+                        "step": step + 1,
+                        "global_step": global_step,
+                        "lr": lr,
+                        "loss": value,
+                        **{k: float(v) for k, v in output.logs.items()},
+                    }
+                    self._append(metrics_path, record)
+                    step_bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+                    if writer is not None:
+                        for key, val in record.items():
+                            if key not in ("epoch", "step", "global_step"):
+                                writer.add_scalar(f"train/{key}", val, global_step)
+            method.on_epoch_end(epoch + 1, cfg.epochs)
+            entry: dict[str, Any] = {"epoch": epoch + 1, "loss": running / max(1, count), "lr": lr}
+            if val_set is not None and (cfg.select == "val" or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                logits, labels = predict_logits(method, val_set, precision=cfg.precision, device=self.device, info=info)
+                entry["val_acc1"] = float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
+                if cfg.select == "val" and (not best or entry["val_acc1"] > best["val_acc1"]):
+                    best = {
+                        "epoch": epoch + 1,
+                        "val_acc1": entry["val_acc1"],
+                        "learner": {k: v.detach().cpu().clone() for k, v in method.trainable_state().items()},
+                    }
+            history.append(entry)
+            if info.is_main:
+                logger.info(
+                    "epoch %d/%d loss %.4f%s",
+                    epoch + 1,
+                    cfg.epochs,
+                    entry["loss"],
+                    f" val_acc1 {entry['val_acc1']:.4f}" if "val_acc1" in entry else "",
+                )
+                self._append(self.out / "epochs.jsonl", entry)
+            self._save_resume(epoch + 1, optimizer, scaler, history, best)
+            barrier(info)
+        method.on_train_end()
+        selection: dict[str, Any] = {"on": "last_epoch", "epoch": cfg.epochs}
+        if cfg.select == "val" and best:
+            method.load_trainable(best["learner"], "best validation epoch")
+            selection = {"on": "val", "epoch": best["epoch"], "val_acc1": best["val_acc1"]}
+        elif cfg.select == "val":
+            selection = {"on": "last_epoch (no validation split)", "epoch": cfg.epochs}
+        path = None
+        if info.is_main:
+            path = method.save(
+                self.out / FINAL_NAME, {"train": to_dict(cfg), "selection": selection, "run": self.run_config}
+            )
+        if writer is not None:
+            writer.close()
+        barrier(info)
+        seconds = time.perf_counter() - start_time
+        return TrainResult(
+            cfg.epochs - start_epoch,
+            history,
+            selection,
+            path,
+            seconds,
+            images_seen / compute_seconds if compute_seconds else 0.0,
+        )
+
+    def _append(self, path: Path, record: dict[str, Any]) -> None:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _tensorboard(self):
+        if not (self.cfg.tensorboard and self.info.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise PromptKDError("train.tensorboard needs the tensorboard package: pip install tensorboard") from error
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+__all__ = ["Batch", "TrainResult", "Trainer", "TrainingDivergedError", "learning_rate", "predict_logits"]
