@@ -54,7 +54,7 @@ from promptkd.data.world.spec import (
 
 logger = logging.getLogger(__name__)
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 MANIFEST_NAME = "world.json"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _RETRIEVAL_CHUNK = 64  # images per retrieval task (fixed, so the output does not depend on the number of workers)
@@ -176,7 +176,8 @@ def _render_task(task: _Task, build_root: str) -> list[tuple[str, str, list[str]
             attrs = pretrain_attributes(classname, rng)
         else:
             attrs = parse_classname(classname).complete(rng)
-        img = render_attributes(attrs, task.style, rng, image_size=task.image_size, supersample=task.supersample)
+        style = task.style if task.style != "mixed" else ("clean" if rng.random() < 0.5 else "web")
+        img = render_attributes(attrs, style, rng, image_size=task.image_size, supersample=task.supersample)
         _save_png(img, os.path.join(images, rel))
         captions = sample_captions(classname, attrs, rng, task.captions) if task.captions else []
         out.append((rel, classname, captions))
@@ -226,7 +227,7 @@ def _plan(config: WorldConfig) -> dict[str, list[_Task]]:
             _Task("dataset", ds.name, ds.style, k, cls, n, **common) for k, cls in enumerate(ds.classnames)
         ]
     plan["pretrain"] = [
-        _Task("pretrain", "pretrain", "clean", k, cls, c["n_pretrain"], captions=1, **common)
+        _Task("pretrain", "pretrain", "mixed", k, cls, c["n_pretrain"], captions=1, **common)
         for k, cls in enumerate(pretrain_classnames())
     ]
     everything = tuple(cls for family in FAMILIES.values() for cls in family.classnames)
@@ -276,7 +277,7 @@ def _manifest(config: WorldConfig) -> dict:
             "folder": "pretrain",
             "image_dir": "images",
             "captions_file": "captions.jsonl",
-            "style": "clean",
+            "style": "clean + web (half each)",
             "classnames": list(pre),
             "num_images": c["n_pretrain"] * len(pre),
             "templates": list(PRETRAIN_TEMPLATES),

@@ -3,6 +3,9 @@
 Styles (the domain gap is deliberate):
 
 - ``clean``  — pre-training: one centred object (or a tidy row/grid), large, on a plain dark background, no noise.
+- ``web``    — pre-training too (half of its images): plain or two-tone gradient backgrounds from dark to mid grey,
+  objects of medium size anywhere in the frame, random stripe angles, sometimes an outline. It covers some of the
+  variation a web corpus would, so zero-shot transfer to ``scene`` images is possible but far from perfect.
 - ``scene``  — downstream datasets: gradient + blotchy textured background, smaller objects anywhere in the frame,
   random stripe angles, an optional dark outline, optional mild blur and light pixel noise.
 - ``sketch`` — domain shift: thin outlines in the object colour on light grey paper, no fill.
@@ -20,16 +23,17 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from promptkd.data.world.spec import COLOUR_RGB, Attributes, parse_classname
 
-STYLES: tuple[str, ...] = ("clean", "scene", "sketch", "noisy")
+STYLES: tuple[str, ...] = ("clean", "web", "scene", "sketch", "noisy")
 
 # Object radius as a fraction of the canvas side, per style and size word (None = size not specified).
 _RADIUS = {
     "clean": {"small": (0.25, 0.32), "large": (0.36, 0.44), None: (0.25, 0.44)},
+    "web": {"small": (0.20, 0.28), "large": (0.32, 0.42), None: (0.20, 0.42)},
     "scene": {"small": (0.16, 0.23), "large": (0.28, 0.38), None: (0.16, 0.38)},
 }
-_MULTI_RADIUS = {"clean": (0.15, 0.18), "scene": (0.12, 0.16)}
+_MULTI_RADIUS = {"clean": (0.15, 0.18), "web": (0.13, 0.17), "scene": (0.12, 0.16)}
 # Pixel-noise standard deviation (0-255 scale) per style.
-_NOISE_SIGMA = {"clean": 0.0, "scene": 4.0, "sketch": 3.0, "noisy": 24.0}
+_NOISE_SIGMA = {"clean": 0.0, "web": 2.0, "scene": 4.0, "sketch": 3.0, "noisy": 24.0}
 # Maximum rotation jitter in degrees: squares stay axis-aligned and diamonds at 45 degrees.
 _MAX_ROTATION = {
     "square": 6,
@@ -122,7 +126,7 @@ def _draw_shape(
 
 def _layout(attrs: Attributes, style: str, side: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
     """Centres and radii (in canvas pixels) of the objects."""
-    family = "clean" if style == "clean" else "scene"
+    family = style if style in ("clean", "web") else "scene"
     n = attrs.count or 1
     if n == 1:
         lo, hi = _RADIUS[family][attrs.size]
@@ -200,6 +204,18 @@ def _scene_background(size: int, rng: np.random.Generator) -> Image.Image:
     return small.resize((size, size), Image.Resampling.BICUBIC)
 
 
+def _web_background(size: int, rng: np.random.Generator) -> Image.Image:
+    """Plain (half the time) or a two-tone linear gradient, dark to mid grey, slightly tinted."""
+    first = rng.uniform(10, 130) + rng.uniform(-15, 15, 3)
+    if rng.random() < 0.5:
+        return Image.new("RGB", (size, size), _rgb(first))
+    second = rng.uniform(10, 130) + rng.uniform(-15, 15, 3)
+    t = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
+    ramp = first[None, None, :] * (1 - t) + second[None, None, :] * t
+    img = Image.fromarray(np.clip(np.broadcast_to(ramp, (size, size, 3)), 0, 255).astype(np.uint8), "RGB")
+    return img.transpose(Image.Transpose.ROTATE_90) if rng.random() < 0.5 else img
+
+
 def _add_clutter(img: Image.Image, side: int, scale: int, rng: np.random.Generator) -> None:
     """Grey strokes and small blobs behind the object (low saturation, so they never look like a class colour)."""
     draw = ImageDraw.Draw(img)
@@ -251,6 +267,8 @@ def render_attributes(
     # Background, at output size.
     if style == "clean":
         img = Image.new("RGB", (image_size, image_size), _rgb(rng.uniform(8, 45) + rng.uniform(-6, 6, 3)))
+    elif style == "web":
+        img = _web_background(image_size, rng)
     elif style == "sketch":
         img = Image.new("RGB", (image_size, image_size), _rgb(rng.uniform(195, 245) + rng.uniform(-5, 5, 3)))
     elif style == "scene":
