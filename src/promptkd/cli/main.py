@@ -14,6 +14,7 @@ from promptkd._version import __version__
 COMMANDS: dict[str, str] = {
     "demo": "demo",
     "train": "train",
+    "protocol": "protocol",
     "zeroshot": "zeroshot",
     "linear-probe": "linear_probe",
     "retrieval": "retrieval",

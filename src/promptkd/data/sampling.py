@@ -140,8 +140,8 @@ def _check_strict(splits: DatasetSplits, which: str, shots: int) -> None:
             f"{shots} shots requested ({short} classes are short)",
             path=splits.root or splits.name,
             expected=f"at least {shots} {which} items in every class",
-            fix="lower the number of shots, or pass strict=False to take all items of the short classes "
-            "(the reference behaviour)",
+            fix="lower the number of shots, or pass strict=False (CLI: --set strict_shots=false) to take all items "
+            "of the short classes (the reference behaviour)",
         )
 
 

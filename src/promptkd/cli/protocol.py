@@ -1,0 +1,41 @@
+"""`promptkd protocol`: run a whole protocol (few-shot, base-to-novel, cross-dataset, domain generalisation)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run a protocol over datasets x seeds (resumable; finished runs are skipped) and write its report"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptkd.protocols import PROTOCOLS
+
+    parser.add_argument("protocol", choices=PROTOCOLS)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--preset", default=None, help="the method's YAML preset (e.g. world)")
+    parser.add_argument("--datasets", nargs="+", required=True, help="training datasets (the source for transfer)")
+    parser.add_argument("--targets", nargs="*", default=None, help="cross-dataset / DG evaluation datasets")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--shots", nargs="+", type=int, default=None,
+                        help="few-shot K values (default 1 2 4 8 16); other protocols use 16")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", default="runs/protocols")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+
+
+def run(args: argparse.Namespace) -> int:
+    from promptkd.protocols import ProtocolSpec, run_protocol
+
+    spec = ProtocolSpec(protocol=args.protocol, method=args.method, preset=args.preset, datasets=args.datasets,
+                        seeds=args.seeds, out=args.out, data_root=args.data_root, shots=args.shots,
+                        targets=args.targets, model=args.model, pretrained=args.pretrained, device=args.device,
+                        overrides=args.overrides)
+    summary = run_protocol(spec)
+    print(f"{summary['ran']} runs trained, {summary['skipped']} already done; report: {summary['report']}")
+    md = summary["report"].get("markdown") or next((v for k, v in summary["report"].items() if v.endswith(".md")), None)
+    if md:
+        print(open(md).read())
+    return 0

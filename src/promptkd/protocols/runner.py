@@ -1,0 +1,155 @@
+"""The papers' evaluation protocols, each one command over datasets x seeds (x shots), resumable.
+
+- ``few_shot`` (CoOp): K in {1, 2, 4, 8, 16} labelled images per class, all classes, full test split.
+- ``base2new`` (CoCoOp/MaPLe/PromptSRC): 16 shots of the base half; scored on base and new test halves, HM.
+- ``cross_dataset``: train on a source with all classes (16 shots), evaluate zero-shot transfer on targets (the
+  class-token buffers are rebuilt from each target's class names).
+- ``domain_generalization``: the source-trained model evaluated on shifted variants of the source (same classes;
+  ImageNet-A/-R style 200-class subsets are just their own class lists).
+
+Every run lives in ``<out>/<protocol>/<dataset>/<method>/<shots|seed>/`` and is skipped when its result files
+exist; an interrupted run resumes from its last epoch. The protocol's report (Markdown table in the papers' layout
+and bar/curve plots) is rebuilt from all result files at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from promptkd.config import to_dict
+from promptkd.engine.run import RunConfig, resolve_run_config, run_training
+from promptkd.errors import PromptKDError
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("few_shot", "base2new", "cross_dataset", "domain_generalization")
+
+
+class ProtocolError(PromptKDError, ValueError):
+    pass
+
+
+@dataclass
+class ProtocolSpec:
+    protocol: str
+    method: str
+    preset: str | None
+    datasets: list[str]
+    seeds: list[int]
+    out: str
+    data_root: str | None = None
+    shots: list[int] | None = None
+    targets: list[str] | None = None
+    model: str | None = None
+    pretrained: str | None = None
+    device: str | None = None
+    overrides: list[str] | None = None
+
+
+def _results_exist(folder: Path) -> bool:
+    """A run is finished when its folder holds at least one result JSON (written after the test evaluation)."""
+    import json
+
+    from promptkd.results import is_result
+
+    if not folder.is_dir():
+        return False
+    for path in folder.glob("*.json"):
+        try:
+            if is_result(json.loads(path.read_text())):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _base_config(spec: ProtocolSpec, dataset: str, seed: int, shots: int, subsample: str, out: Path) -> RunConfig:
+    base = {"dataset": dataset, "data_root": spec.data_root, "shots": shots, "subsample": subsample, "seed": seed,
+            "model": spec.model, "pretrained": spec.pretrained, "device": spec.device, "out": str(out)}
+    return resolve_run_config(spec.method, spec.preset, list(spec.overrides or []), base)
+
+
+def run_protocol(spec: ProtocolSpec) -> dict[str, Any]:
+    """Run every (dataset, seed[, shots]) of a protocol that has no results yet; then write the report."""
+    from promptkd.results import aggregate, find_results, write_report
+
+    if spec.protocol not in PROTOCOLS:
+        raise ProtocolError(f"unknown protocol {spec.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    if spec.protocol in ("cross_dataset", "domain_generalization") and not spec.targets:
+        raise ProtocolError(f"{spec.protocol} needs --targets (datasets to evaluate the source-trained model on)")
+    root = Path(spec.out) / spec.protocol
+    done, skipped = 0, 0
+    jobs = _jobs(spec, root)
+    for config, targets in jobs:
+        folder = Path(config.out)
+        if _results_exist(folder) and (not targets or all(_results_exist(folder / "targets" / t) for t in targets)):
+            skipped += 1
+            continue
+        logger.info("%s: %s on %s seed %d -> %s", spec.protocol, spec.method, config.dataset, config.seed, folder)
+        outcome = run_training(config)
+        if targets:
+            _evaluate_targets(config, outcome, targets, spec.protocol)
+        done += 1
+    results = [r for r in find_results([root]) if r.get("method")]
+    report = aggregate(results)
+    paths = write_report(report, root) if results else {}
+    return {"runs": len(jobs), "ran": done, "skipped": skipped, "report": {k: str(v) for k, v in paths.items()}}
+
+
+def _jobs(spec: ProtocolSpec, root: Path) -> list[tuple[RunConfig, list[str]]]:
+    jobs: list[tuple[RunConfig, list[str]]] = []
+    for dataset in spec.datasets:
+        for seed in spec.seeds:
+            if spec.protocol == "few_shot":
+                for shots in spec.shots or [1, 2, 4, 8, 16]:
+                    out = root / dataset / spec.method / f"shots_{shots}" / f"seed_{seed}"
+                    jobs.append((_base_config(spec, dataset, seed, shots, "all", out), []))
+            elif spec.protocol == "base2new":
+                out = root / dataset / spec.method / f"seed_{seed}"
+                jobs.append((_base_config(spec, dataset, seed, (spec.shots or [16])[0], "base", out), []))
+            else:
+                out = root / dataset / spec.method / f"seed_{seed}"
+                jobs.append((_base_config(spec, dataset, seed, (spec.shots or [16])[0], "all", out),
+                             list(spec.targets or [])))
+    return jobs
+
+
+def _evaluate_targets(config: RunConfig, outcome, targets: Sequence[str], protocol: str) -> None:
+    """Score the trained method on each target dataset's test split with the target's class names."""
+    from promptkd.backbones import load_backbone
+    from promptkd.data.items import ImageDataset
+    from promptkd.data.transforms import build_transform
+    from promptkd.engine.trainer import predict_logits
+    from promptkd.evaluation.datasets import resolve_dataset
+    from promptkd.evaluation.metrics import classification_metrics
+    from promptkd.methods import get_method
+    from promptkd.methods.base import config_from
+    from promptkd.results import make_result, write_result
+
+    method_cls = get_method(config.method)
+    backbone = load_backbone(config.model, config.pretrained, quick_gelu=config.quick_gelu)
+    stored = outcome.train.checkpoint
+    for target in targets:
+        splits = resolve_dataset(target, config.data_root)
+        method = method_cls(backbone, _source_classes(stored), config_from(method_cls, config.method_config))
+        method.load(stored)
+        method.set_classnames(splits.classnames)  # class-bound methods (CoOp CSC, Tip-Adapter) refuse here
+        test_set = ImageDataset(splits.test, build_transform(backbone.preprocess, train=False))
+        logits, labels = predict_logits(method, test_set, precision=config.train.precision)
+        metrics = classification_metrics(logits, labels)
+        result = make_result(dataset=target, task="classification", metrics=metrics, method=method.name,
+                             backbone=backbone, protocol=protocol, seed=config.seed, num_shots=config.shots,
+                             num_classes=len(splits.classnames), num_samples=len(labels),
+                             config={**to_dict(config), "source": config.dataset},
+                             selection=outcome.train.selection, extra={"source": config.dataset})
+        write_result(result, Path(config.out) / "targets" / target)
+
+
+def _source_classes(checkpoint) -> list[str]:
+    from promptkd.checkpoints import load_checkpoint
+
+    return list(load_checkpoint(checkpoint)[1].get("classnames") or [])
