@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "run a protocol over datasets x seeds (resumable; finished runs are skipped) and write its report"
 
@@ -37,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"{summary['ran']} runs trained, {summary['skipped']} already done; report: {summary['report']}")
     md = summary["report"].get("markdown") or next((v for k, v in summary["report"].items() if v.endswith(".md")), None)
     if md:
-        print(open(md).read())
+        print(Path(md).read_text())
     return 0

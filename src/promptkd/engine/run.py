@@ -138,7 +138,11 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
             accs = {}
             for half in halves:
                 part = subsample_classes(splits, half) if half != "all" else splits
-                method.set_classnames(part.classnames)
+                try:
+                    method.set_classnames(part.classnames)
+                except (PromptKDError, ValueError) as error:  # class-bound parts (CSC context, Tip-Adapter cache)
+                    logger.warning("%s half not evaluated: %s", half, error)
+                    continue
                 test_set = ImageDataset(part.test, eval_tf, skip_bad=config.skip_bad)
                 logits, labels = predict_logits(
                     method,

@@ -218,8 +218,9 @@ class Trainer:
         cfg, info, method = self.cfg, self.info, self.method
         torch.manual_seed(cfg.seed)
         start_time = time.perf_counter()
+        train_batches, val_batches = self._prepare_data(train_set, val_set)
         if not method.trains or cfg.epochs == 0:
-            method.prepare(lambda: iter(()), None)
+            method.prepare(train_batches, val_batches)
             path = (
                 method.save(self.out / FINAL_NAME, {"train": to_dict(cfg), "selection": {"on": "none"}})
                 if info.is_main
@@ -239,11 +240,7 @@ class Trainer:
         if len(loader) == 0:
             raise PromptKDError(f"the training set has {len(train_set)} images: fewer than one batch per process")
         steps = len(loader)
-        val_batches = None
-        if val_set is not None:
-            val_loader, _, _ = make_loader(val_set, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False)
-            val_batches = lambda: iter(val_loader)  # noqa: E731
-        method.prepare(lambda: iter(loader), val_batches)
+        method.prepare(train_batches, val_batches)
         params = method.trainable_parameters()
         optimizer = build_optimizer(cfg, params)
         use_scaler = cfg.precision == "fp16" and self.device.type == "cuda"
@@ -347,13 +344,13 @@ class Trainer:
                 self._append(self.out / "epochs.jsonl", entry)
             self._save_resume(epoch + 1, optimizer, scaler, history, best)
             barrier(info)
-        method.on_train_end()
         selection: dict[str, Any] = {"on": "last_epoch", "epoch": cfg.epochs}
         if cfg.select == "val" and best:
             method.load_trainable(best["learner"], "best validation epoch")
             selection = {"on": "val", "epoch": best["epoch"], "val_acc1": best["val_acc1"]}
         elif cfg.select == "val":
             selection = {"on": "last_epoch (no validation split)", "epoch": cfg.epochs}
+        method.on_train_end()  # after the selection, so end-of-training steps (GPA, Tip-Adapter-F search) see it
         path = None
         if info.is_main:
             path = method.save(
@@ -371,6 +368,28 @@ class Trainer:
             seconds,
             images_seen / compute_seconds if compute_seconds else 0.0,
         )
+
+    def _prepare_data(self, train_set, val_set):
+        """Re-iterable data for ``Method.prepare``: every call of ``train_batches()`` is a new augmentation pass over
+        the whole training set (not split across processes, no sample dropped); validation is never augmented."""
+        cfg = self.cfg
+        loader, seeded, sampler = make_loader(train_set, batch_size=cfg.batch_size, seed=cfg.seed + 1,
+                                              shuffle=False, num_workers=cfg.num_workers)
+        passes = iter(range(1 << 30))
+
+        def train_batches():
+            set_epoch(seeded, sampler, next(passes))
+            return iter(loader)
+
+        val_batches = None
+        if val_set is not None:
+            val_loader, _, _ = make_loader(val_set, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False,
+                                           num_workers=cfg.num_workers)
+
+            def val_batches():
+                return iter(val_loader)
+
+        return train_batches, val_batches
 
     def _append(self, path: Path, record: dict[str, Any]) -> None:
         with open(path, "a") as handle:

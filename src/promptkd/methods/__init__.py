@@ -24,6 +24,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "vp": "promptkd.methods.visual_prompting",
     "clip_adapter": "promptkd.methods.clip_adapter",
     "tip_adapter": "promptkd.methods.tip_adapter",
+    "tip_adapter_f": "promptkd.methods.tip_adapter",
     "promptkd": "promptkd.methods.promptkd",
 }
 
