@@ -51,8 +51,15 @@ def end_to_end(backbone, split, batch_size: int, workers: int) -> float:
     from promptkd.evaluation.zeroshot import evaluate_zeroshot
 
     start = time.perf_counter()
-    result = evaluate_zeroshot(backbone, split.test, split.classnames, [split.template], batch_size=batch_size,
-                               num_workers=workers, progress=False)
+    result = evaluate_zeroshot(
+        backbone,
+        split.test,
+        split.classnames,
+        [split.template],
+        batch_size=batch_size,
+        num_workers=workers,
+        progress=False,
+    )
     return _rate(result.num_samples, time.perf_counter() - start)
 
 
@@ -74,8 +81,10 @@ def main() -> None:
     root = args.world_root or str(default_cache() / "world")
     build_world(root)
     split = resolve_dataset("shapes", root)
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {args.device}, precision {args.precision}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {args.device}, precision {args.precision}"
+    )
     print(f"dataset: world 'shapes' test split, {len(split.test)} images of 32 px\n")
     rows = []
     models = ["pkd-world-student", "pkd-world-teacher"] + (["ViT-B-16"] if args.vit_b16 else [])
@@ -90,7 +99,9 @@ def main() -> None:
         else:
             loader = total = float("nan")
         rows.append((name, loader, model, total))
-    print("| model | loader alone (img/s) | image tower alone (img/s) | end-to-end zero-shot (img/s) | end-to-end / tower |")
+    print(
+        "| model | loader alone (img/s) | image tower alone (img/s) | end-to-end zero-shot (img/s) | end-to-end / tower |"
+    )
     print("|---|---|---|---|---|")
     for name, loader, model, total in rows:
         print(f"| {name} | {loader:,.0f} | {model:,.0f} | {total:,.0f} | {total / model:.2f} |")

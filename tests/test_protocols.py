@@ -21,8 +21,17 @@ def world(tmp_path_factory):
 
 
 def _spec(world, tmp_path, protocol, **kwargs):
-    return ProtocolSpec(protocol=protocol, method="coop", preset="world", seeds=[1], out=str(tmp_path),
-                        data_root=str(world), model="pkd-tiny", overrides=FAST, **kwargs)
+    return ProtocolSpec(
+        protocol=protocol,
+        method="coop",
+        preset="world",
+        seeds=[1],
+        out=str(tmp_path),
+        data_root=str(world),
+        model="pkd-tiny",
+        overrides=FAST,
+        **kwargs,
+    )
 
 
 @pytest.mark.slow
@@ -46,8 +55,16 @@ def test_few_shot_cross_dataset_and_domain_generalisation(world, tmp_path):
     assert cross["ran"] == 1 and target_results
     result = json.loads(target_results[0].read_text())
     assert result["dataset"] == "patterns" and result["source"] == "counts" and result["num_classes"] == 32
-    dg = run_protocol(_spec(world, tmp_path, "domain_generalization", datasets=["shapes"],
-                            targets=["shapes_sketch", "shapes_noise"], shots=[1]))
+    dg = run_protocol(
+        _spec(
+            world,
+            tmp_path,
+            "domain_generalization",
+            datasets=["shapes"],
+            targets=["shapes_sketch", "shapes_noise"],
+            shots=[1],
+        )
+    )
     assert dg["ran"] == 1
     assert len(list((tmp_path / "domain_generalization").rglob("targets/shapes_*/*.json"))) >= 2
 

@@ -17,8 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datasets", nargs="+", required=True, help="training datasets (the source for transfer)")
     parser.add_argument("--targets", nargs="*", default=None, help="cross-dataset / DG evaluation datasets")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--shots", nargs="+", type=int, default=None,
-                        help="few-shot K values (default 1 2 4 8 16); other protocols use 16")
+    parser.add_argument(
+        "--shots",
+        nargs="+",
+        type=int,
+        default=None,
+        help="few-shot K values (default 1 2 4 8 16); other protocols use 16",
+    )
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--pretrained", default=None)
@@ -30,10 +35,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from promptkd.protocols import ProtocolSpec, run_protocol
 
-    spec = ProtocolSpec(protocol=args.protocol, method=args.method, preset=args.preset, datasets=args.datasets,
-                        seeds=args.seeds, out=args.out, data_root=args.data_root, shots=args.shots,
-                        targets=args.targets, model=args.model, pretrained=args.pretrained, device=args.device,
-                        overrides=args.overrides)
+    spec = ProtocolSpec(
+        protocol=args.protocol,
+        method=args.method,
+        preset=args.preset,
+        datasets=args.datasets,
+        seeds=args.seeds,
+        out=args.out,
+        data_root=args.data_root,
+        shots=args.shots,
+        targets=args.targets,
+        model=args.model,
+        pretrained=args.pretrained,
+        device=args.device,
+        overrides=args.overrides,
+    )
     summary = run_protocol(spec)
     print(f"{summary['ran']} runs trained, {summary['skipped']} already done; report: {summary['report']}")
     md = summary["report"].get("markdown") or next((v for k, v in summary["report"].items() if v.endswith(".md")), None)

@@ -373,8 +373,9 @@ class Trainer:
         """Re-iterable data for ``Method.prepare``: every call of ``train_batches()`` is a new augmentation pass over
         the whole training set (not split across processes, no sample dropped); validation is never augmented."""
         cfg = self.cfg
-        loader, seeded, sampler = make_loader(train_set, batch_size=cfg.batch_size, seed=cfg.seed + 1,
-                                              shuffle=False, num_workers=cfg.num_workers)
+        loader, seeded, sampler = make_loader(
+            train_set, batch_size=cfg.batch_size, seed=cfg.seed + 1, shuffle=False, num_workers=cfg.num_workers
+        )
         passes = iter(range(1 << 30))
 
         def train_batches():
@@ -383,8 +384,9 @@ class Trainer:
 
         val_batches = None
         if val_set is not None:
-            val_loader, _, _ = make_loader(val_set, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False,
-                                           num_workers=cfg.num_workers)
+            val_loader, _, _ = make_loader(
+                val_set, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False, num_workers=cfg.num_workers
+            )
 
             def val_batches():
                 return iter(val_loader)

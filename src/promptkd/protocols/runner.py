@@ -68,8 +68,17 @@ def _results_exist(folder: Path) -> bool:
 
 
 def _base_config(spec: ProtocolSpec, dataset: str, seed: int, shots: int, subsample: str, out: Path) -> RunConfig:
-    base = {"dataset": dataset, "data_root": spec.data_root, "shots": shots, "subsample": subsample, "seed": seed,
-            "model": spec.model, "pretrained": spec.pretrained, "device": spec.device, "out": str(out)}
+    base = {
+        "dataset": dataset,
+        "data_root": spec.data_root,
+        "shots": shots,
+        "subsample": subsample,
+        "seed": seed,
+        "model": spec.model,
+        "pretrained": spec.pretrained,
+        "device": spec.device,
+        "out": str(out),
+    }
     return resolve_run_config(spec.method, spec.preset, list(spec.overrides or []), base)
 
 
@@ -113,8 +122,9 @@ def _jobs(spec: ProtocolSpec, root: Path) -> list[tuple[RunConfig, list[str]]]:
                 jobs.append((_base_config(spec, dataset, seed, (spec.shots or [16])[0], "base", out), []))
             else:
                 out = root / dataset / spec.method / f"seed_{seed}"
-                jobs.append((_base_config(spec, dataset, seed, (spec.shots or [16])[0], "all", out),
-                             list(spec.targets or [])))
+                jobs.append(
+                    (_base_config(spec, dataset, seed, (spec.shots or [16])[0], "all", out), list(spec.targets or []))
+                )
     return jobs
 
 
@@ -141,11 +151,21 @@ def _evaluate_targets(config: RunConfig, outcome, targets: Sequence[str], protoc
         test_set = ImageDataset(splits.test, build_transform(backbone.preprocess, train=False))
         logits, labels = predict_logits(method, test_set, precision=config.train.precision)
         metrics = classification_metrics(logits, labels)
-        result = make_result(dataset=target, task="classification", metrics=metrics, method=method.name,
-                             backbone=backbone, protocol=protocol, seed=config.seed, num_shots=config.shots,
-                             num_classes=len(splits.classnames), num_samples=len(labels),
-                             config={**to_dict(config), "source": config.dataset},
-                             selection=outcome.train.selection, extra={"source": config.dataset})
+        result = make_result(
+            dataset=target,
+            task="classification",
+            metrics=metrics,
+            method=method.name,
+            backbone=backbone,
+            protocol=protocol,
+            seed=config.seed,
+            num_shots=config.shots,
+            num_classes=len(splits.classnames),
+            num_samples=len(labels),
+            config={**to_dict(config), "source": config.dataset},
+            selection=outcome.train.selection,
+            extra={"source": config.dataset},
+        )
         write_result(result, Path(config.out) / "targets" / target)
 
 
