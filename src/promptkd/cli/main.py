@@ -14,6 +14,8 @@ from promptkd._version import __version__
 COMMANDS: dict[str, str] = {
     "demo": "demo",
     "train": "train",
+    "pretrain": "pretrain",
+    "distill": "distill",
     "protocol": "protocol",
     "zeroshot": "zeroshot",
     "linear-probe": "linear_probe",

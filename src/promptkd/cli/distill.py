@@ -1,0 +1,134 @@
+"""`promptkd distill`: PromptKD stage II, distil a teacher checkpoint into a prompted student on unlabelled images."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "distil a prompted teacher into a small student on unlabelled images (PromptKD), then evaluate base/novel"
+
+_EPILOG = """\
+examples:
+  promptkd distill --teacher runs/teacher/prompts --student-model pkd-world-student --preset world \\
+      --dataset shapes --data-root world --out runs/pkd
+  promptkd distill --teacher teacher.safetensors --teacher-pretrained ViT-L-14.pt --student-model ViT-B-16 \\
+      --student-pretrained openai --preset vit_b16_c2_ep20_batch8_4+4ctx --dataset eurosat --data-root DATA
+  promptkd distill --teacher runs/teacher/prompts --student-model pkd-world-student \\
+      --unlabeled-folder my_images --classnames classes.txt --max-images 2000
+
+The student never sees a label: dataset train splits lose theirs (--max-per-class counts per class in benchmark
+splits only; for folders and shards only --max-images applies). The teacher's text features are computed once,
+after its checkpoint is loaded, and written to OUT/teacher_features.{safetensors,json}; the student and its
+inference use only that file. Model selection: last epoch, or --set train.select=val (held-out validation split).
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptkd.cli.common import add_backbone_args
+
+    parser.epilog = _EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    group = parser.add_argument_group("teacher")
+    group.add_argument(
+        "--teacher",
+        default=None,
+        metavar="CKPT",
+        help="promptkd checkpoint of the teacher (any method: coop, ivlp, maple, promptsrc, zeroshot, ..., or one "
+        "made by `promptkd convert`); its backbone is read from the checkpoint's JSON. Omit it with "
+        "--teacher-model for a zero-shot CLIP teacher",
+    )
+    group.add_argument(
+        "--teacher-features",
+        default=None,
+        metavar="FILE",
+        help="reuse stored teacher features (checked against the class list and the teacher) instead of computing",
+    )
+    add_backbone_args(parser, prefix="teacher")
+    add_backbone_args(parser, prefix="student")
+    data = parser.add_argument_group("unlabelled images")
+    data.add_argument("--dataset", default=None, help="world/benchmark dataset or split-JSON folder (labels dropped)")
+    data.add_argument("--data-root", default=None, help="folder holding the datasets")
+    data.add_argument("--unlabeled-folder", default=None, metavar="DIR", help="a folder of images (any depth)")
+    data.add_argument(
+        "--unlabeled-shards", default=None, metavar="PATTERN", help="uncompressed tar shards, e.g. 'sh-{000..009}.tar'"
+    )
+    data.add_argument("--classnames", default=None, metavar="FILE", help="class names (folder/shard sources)")
+    data.add_argument(
+        "--unlabeled-split",
+        choices=["train", "test"],
+        default=None,
+        help="dataset split whose images are distilled on (default train; test only when asked, e.g. DG sets)",
+    )
+    data.add_argument(
+        "--mode",
+        choices=["transductive", "inductive"],
+        default=None,
+        help="transductive: images and logits of all classes (the paper); inductive: base classes only",
+    )
+    data.add_argument("--max-per-class", type=int, default=None, metavar="K", help="at most K images per class")
+    data.add_argument("--max-images", type=int, default=None, metavar="N", help="at most N images in total")
+    run = parser.add_argument_group("run")
+    run.add_argument("--preset", default=None, help="promptkd preset (world, vit_b16_c2_ep20_batch8_4+4ctx, ...)")
+    run.add_argument(
+        "--protocol",
+        choices=["base2new", "all"],
+        default=None,
+        help="evaluation: base and novel halves + HM (default), or all classes (cross-dataset)",
+    )
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    run.add_argument("--out", default=None, help="run folder (an unfinished run there is resumed)")
+    run.add_argument("--no-eval", dest="evaluate", action="store_false", default=None, help="skip the evaluation")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides, e.g. train.epochs=5 train.lr=0.01 method.kd_weight=1000 method.kd_normalization=logits",
+    )
+    run.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from promptkd.cli.common import print_table
+    from promptkd.config import list_presets
+    from promptkd.distill.run import resolve_distill_config, run_distillation
+
+    if args.list_presets:
+        print("\n".join(list_presets("promptkd")))
+        return 0
+    base = {
+        "teacher": args.teacher,
+        "teacher_model": args.teacher_model,
+        "teacher_pretrained": args.teacher_pretrained,
+        "teacher_quick_gelu": args.teacher_quick_gelu,
+        "teacher_features": args.teacher_features,
+        "student_model": args.student_model,
+        "student_pretrained": args.student_pretrained,
+        "student_quick_gelu": args.student_quick_gelu,
+        "dataset": args.dataset,
+        "data_root": args.data_root,
+        "unlabeled_folder": args.unlabeled_folder,
+        "unlabeled_shards": args.unlabeled_shards,
+        "classnames": args.classnames,
+        "unlabeled_split": args.unlabeled_split,
+        "max_per_class": args.max_per_class,
+        "max_images": args.max_images,
+        "protocol": args.protocol,
+        "seed": args.seed,
+        "device": args.device,
+        "out": args.out,
+        "evaluate": args.evaluate,
+        "mode": args.mode,
+    }
+    config = resolve_distill_config(args.preset, args.overrides, base)
+    outcome = run_distillation(config)
+    rows = [
+        (r["dataset"], r["subsample"], f"{100 * r['metrics']['acc1']:.2f}", r["num_samples"]) for r in outcome.results
+    ]
+    if rows:
+        print_table(["dataset", "classes", "acc1 (%)", "images"], rows)
+        if "hm" in outcome.results[0]:
+            print(f"HM: {100 * outcome.results[0]['hm']:.2f}")
+    print(f"run folder: {outcome.out} (selection: {outcome.selection}); teacher features: {outcome.features}")
+    return 0

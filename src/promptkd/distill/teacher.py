@@ -1,0 +1,544 @@
+"""PromptKD stage I artefacts: the teacher and its pre-stored class text features (Li et al., CVPR 2024, Alg. 1).
+
+A teacher is any registered method whose classifier is CLIP's rule ``z_t = s_t · n(f_t(x)) · n(T_t)ᵀ`` with class
+text features ``T_t`` that do not depend on the image: zero-shot CLIP, CoOp, IVLP, MaPLe, PromptSRC, VPT-deep, VP and
+CLIP-Adapter. CoCoOp (image-conditioned prompts) and Tip-Adapter (cache logits) do not fit and are refused.
+
+:func:`load_teacher` rebuilds the teacher from a promptkd checkpoint of any of those methods (native or made by
+``promptkd convert`` from the reference code) with the backbone its JSON names, loads the prompts **strictly**
+(pitfall 3: the reference used ``strict=False`` and a hard-coded depth 9), freezes it and keeps it in eval mode.
+
+:class:`TeacherFeatures` holds ``T_t`` [C, E_t] (L2-normalised, float32) and ``s_t``, bound to the class list
+(hash), the teacher's identity (method, method config, backbone spec) and the sha256 of the teacher's prompt file.
+They are computed **once, after** the teacher's prompts are loaded; computing them from untrained prompts cost the
+reference ImageNet 79.1/73.6 → 75.2/70.8 (PromptKD issue #33), so :meth:`Teacher.compute_features` refuses a
+teacher whose prompts were not loaded. The reference recomputes ``T_t`` with the ViT-L text encoder at every training
+step and every test batch (pitfall 1, issue #28); here training and inference only read the stored file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptkd.backbones import Backbone, PreprocessInfo
+from promptkd.checkpoints import CheckpointError, atomic_path, atomic_write_text, checkpoint_paths, classnames_hash
+from promptkd.config import to_dict
+from promptkd.errors import PromptKDError
+
+__all__ = [
+    "FEATURES_FORMAT",
+    "TEACHER_METHODS",
+    "Teacher",
+    "TeacherError",
+    "TeacherFeatures",
+    "TeacherInput",
+    "converted_method_config",
+    "file_sha256",
+    "load_teacher",
+    "same_teacher",
+    "teacher_description",
+    "zero_shot_teacher",
+]
+
+logger = logging.getLogger(__name__)
+
+FEATURES_FORMAT = "promptkd-teacher-features"
+FEATURES_VERSION = 1
+
+#: Methods that can teach: their logits are s · n(f(x)) · n(T)ᵀ with image-independent class features T.
+TEACHER_METHODS = ("zeroshot", "coop", "ivlp", "maple", "promptsrc", "vpt", "vp", "clip_adapter")
+_REFUSED = {
+    "cocoop": "its class prompts depend on each image (meta-net), so no class features can be pre-stored",
+    "tip_adapter": "its logits add a cache-model term to the CLIP classifier",
+    "tip_adapter_f": "its logits add a cache-model term to the CLIP classifier",
+    "promptkd": "a PromptKD student has no text features of its own (it reuses its teacher's)",
+}
+_BACKBONE_KEYS = ("model_name", "pretrained", "quick_gelu", "file_sha256")
+
+
+class TeacherError(PromptKDError, ValueError):
+    """A teacher or a stored-features file that cannot be used for this run; the message names both sides."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- identity -------------------------------------------------------------------------------------------------------
+def _backbone_identity(backbone: Backbone) -> dict[str, Any]:
+    spec = backbone.spec.to_dict()
+    return {k: spec.get(k) for k in _BACKBONE_KEYS}
+
+
+def teacher_description(identity: dict[str, Any] | None) -> str:
+    """One line naming a teacher: method, backbone, weights and prompt-file hash."""
+    if not identity:
+        return "an unknown teacher"
+    bb = identity.get("backbone") or {}
+    sha = identity.get("checkpoint_sha256")
+    weights = bb.get("file_sha256") or bb.get("pretrained") or "random weights"
+    if isinstance(weights, str) and len(weights) == 64:
+        weights = f"weights sha256 {weights[:12]}"
+    return f"{identity.get('method')} on {bb.get('model_name')} ({weights}), " + (
+        f"prompts sha256 {sha[:12]}" if sha else "no prompt checkpoint"
+    )
+
+
+def same_teacher(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """True when two identities name the same teacher: method, method config, prompt file and backbone weights.
+
+    Backbone weights compare by file sha256 when both sides have it (paths differ between machines), else by the
+    ``pretrained`` tag or path.
+    """
+    if not a or not b:
+        return False
+    for key in ("method", "checkpoint_sha256"):
+        if a.get(key) != b.get(key):
+            return False
+    if json.dumps(a.get("method_config"), sort_keys=True) != json.dumps(b.get("method_config"), sort_keys=True):
+        return False
+    ba, bb = a.get("backbone") or {}, b.get("backbone") or {}
+    if ba.get("model_name") != bb.get("model_name") or bool(ba.get("quick_gelu")) != bool(bb.get("quick_gelu")):
+        return False
+    if ba.get("file_sha256") and bb.get("file_sha256"):
+        return ba["file_sha256"] == bb["file_sha256"]
+    return ba.get("pretrained") == bb.get("pretrained")
+
+
+# --- stored features ------------------------------------------------------------------------------------------------
+@dataclass
+class TeacherFeatures:
+    """The teacher's class text features n(T_t) [C, E_t] (float32) and logit scale s_t, bound to classes and teacher."""
+
+    features: torch.Tensor
+    logit_scale: float
+    classnames: list[str]
+    teacher: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        if self.features.dim() != 2 or self.features.shape[0] != len(self.classnames):
+            raise TeacherError(
+                f"{self.source}: teacher features of shape {tuple(self.features.shape)} for "
+                f"{len(self.classnames)} classes; expected [C, E] with one row per class."
+            )
+        if len(set(self.classnames)) != len(self.classnames):
+            raise TeacherError(f"{self.source}: the class list has duplicate names.")
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def classnames_sha256(self) -> str:
+        return classnames_hash(self.classnames)
+
+    def rows(self, classnames: Sequence[str]) -> torch.Tensor:
+        """The rows of ``classnames`` (a subset of the stored classes, any order), e.g. base or novel classes."""
+        index = {name: i for i, name in enumerate(self.classnames)}
+        missing = [c for c in classnames if c not in index]
+        if missing:
+            raise TeacherError(
+                f"{self.source}: no stored teacher features for {len(missing)} classes "
+                f"({', '.join(map(repr, missing[:5]))}{', ...' if len(missing) > 5 else ''}); the file holds "
+                f"{len(self.classnames)} classes ({', '.join(map(repr, self.classnames[:5]))}, ...). Compute features "
+                "for these classes with the teacher (promptkd distill writes them for every class of the dataset)."
+            )
+        return self.features[[index[c] for c in classnames]]
+
+    def check(self, *, classnames: Sequence[str] | None = None, teacher: dict[str, Any] | None = None) -> None:
+        """Refuse another class list (order-sensitive hash) or another teacher; the message names both."""
+        if classnames is not None and classnames_hash(list(classnames)) != self.classnames_sha256:
+            raise TeacherError(
+                f"{self.source}: stored teacher features are for {len(self.classnames)} classes "
+                f"({', '.join(map(repr, self.classnames[:4]))}, ...; hash {self.classnames_sha256}), but this run "
+                f"has {len(classnames)} classes ({', '.join(map(repr, list(classnames)[:4]))}, ...; hash "
+                f"{classnames_hash(list(classnames))}). Use the features computed for this dataset's class list, "
+                "or drop --teacher-features to compute them."
+            )
+        if teacher is not None and not same_teacher(self.teacher, teacher):
+            raise TeacherError(
+                f"{self.source}: stored teacher features come from {teacher_description(self.teacher)}, but this "
+                f"run's teacher is {teacher_description(teacher)}. Features of another teacher give the student "
+                "wrong targets; recompute them with this teacher (drop --teacher-features)."
+            )
+
+    # --- files -------------------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write ``<stem>.safetensors`` (tensor ``features``) and ``<stem>.json`` atomically; returns the first."""
+        from safetensors.torch import save_file
+
+        tensor_path, config_path = checkpoint_paths(path)
+        meta = {
+            "format": FEATURES_FORMAT,
+            "format_version": FEATURES_VERSION,
+            "num_classes": len(self.classnames),
+            "embed_dim": self.embed_dim,
+            "logit_scale": float(self.logit_scale),
+            "classnames": list(self.classnames),
+            "classnames_sha256": self.classnames_sha256,
+            "teacher": self.teacher,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        with atomic_path(tensor_path) as tmp:
+            save_file({"features": self.features.detach().float().cpu().contiguous()}, str(tmp))
+        meta["features_sha256"] = file_sha256(tensor_path)
+        atomic_write_text(config_path, json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        return tensor_path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TeacherFeatures:
+        """Read a features file; refuses other formats and a tensor file that does not match its JSON."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        tensor_path, config_path = checkpoint_paths(path)
+        for needed in (tensor_path, config_path):
+            if not needed.is_file():
+                raise TeacherError(
+                    f"{needed}: no such file; stored teacher features are a .safetensors file plus its .json "
+                    "(written by promptkd distill as teacher_features.*)."
+                )
+        try:
+            meta = json.loads(config_path.read_text())
+            tensors = load_file(str(tensor_path), device="cpu")
+        except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as error:
+            raise TeacherError(f"{tensor_path}: cannot be read ({error}).") from error
+        if meta.get("format") != FEATURES_FORMAT:
+            raise TeacherError(
+                f"{config_path}: not a teacher-features file (format={meta.get('format')!r}); a prompt checkpoint "
+                "goes to --teacher, its features to --teacher-features."
+            )
+        if set(tensors) != {"features"}:
+            raise TeacherError(f"{tensor_path}: expected one tensor 'features', found {sorted(tensors)}.")
+        recorded = meta.get("features_sha256")
+        if recorded and recorded != file_sha256(tensor_path):
+            raise TeacherError(f"{tensor_path}: does not match {config_path.name} (sha256 differs); re-create both.")
+        classnames = list(meta.get("classnames") or [])
+        if meta.get("classnames_sha256") and classnames_hash(classnames) != meta["classnames_sha256"]:
+            raise TeacherError(f"{config_path}: the class list does not match its recorded hash.")
+        return cls(
+            tensors["features"].float(),
+            float(meta["logit_scale"]),
+            classnames,
+            dict(meta.get("teacher") or {}),
+            source=str(tensor_path),
+        )
+
+
+# --- preprocessing bridge -------------------------------------------------------------------------------------------
+_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
+
+
+class TeacherInput:
+    """Turns the student's normalised batch into the teacher's input (same augmented view, paper §3.2).
+
+    Identity when both models share size, mean and std (the paper's ViT-L/14 → ViT-B/16 pair: 224 px, CLIP stats).
+    Otherwise: x·std_s + mean_s (back to [0, 1]), resize to the teacher's size (its interpolation, antialiased,
+    clamped to [0, 1]), then (x − mean_t) / std_t.
+    """
+
+    def __init__(self, student: PreprocessInfo, teacher: PreprocessInfo):
+        if len(student.mean) != len(student.std) or len(teacher.mean) != len(teacher.std):
+            raise TeacherError("preprocessing mean and std must have one value per channel")
+        if len(student.mean) != len(teacher.mean):
+            raise TeacherError(
+                f"the student's images have {len(student.mean)} channels and the teacher's {len(teacher.mean)}: "
+                "the student's batch cannot be turned into the teacher's input."
+            )
+        self.student, self.teacher = student, teacher
+        self.same_stats = tuple(student.mean) == tuple(teacher.mean) and tuple(student.std) == tuple(teacher.std)
+        self.same_size = int(student.size) == int(teacher.size)
+        self.mode = _MODES.get(str(teacher.interpolation).lower(), "bilinear")
+
+    @property
+    def identity(self) -> bool:
+        return self.same_stats and self.same_size
+
+    def describe(self) -> str:
+        s, t = self.student, self.teacher
+        if self.identity:
+            return f"teacher and student share the input ({s.size} px, mean {tuple(s.mean)}, std {tuple(s.std)})"
+        return (
+            f"student batch {s.size} px, mean {tuple(s.mean)}, std {tuple(s.std)} -> teacher input: un-normalised, "
+            + (f"resized to {t.size} px ({self.mode}), " if not self.same_size else "")
+            + f"re-normalised with mean {tuple(t.mean)}, std {tuple(t.std)}"
+        )
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return images
+        if images.dim() != 4 or images.shape[1] != len(self.student.mean):
+            raise TeacherError(
+                f"student batch of shape {tuple(images.shape)} cannot be converted for the teacher "
+                f"(expected [B, {len(self.student.mean)}, H, W])."
+            )
+
+        def stats(values: Sequence[float]) -> torch.Tensor:
+            return torch.tensor(values, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            x = images.float() * stats(self.student.std) + stats(self.student.mean)
+            if not self.same_size:
+                size = (int(self.teacher.size), int(self.teacher.size))
+                antialias = self.mode in ("bilinear", "bicubic")
+                x = F.interpolate(x, size=size, mode=self.mode, antialias=antialias, align_corners=None)
+                x = x.clamp(0.0, 1.0)
+            return (x - stats(self.teacher.mean)) / stats(self.teacher.std)
+
+
+# --- the teacher ----------------------------------------------------------------------------------------------------
+def _image_features_fn(method: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The (unnormalised) image feature f_t(x) that the method's classifier scores, per method family."""
+    from promptkd.methods.prompted import PromptedMethod
+
+    name = method.name
+    if isinstance(method, PromptedMethod):
+        return lambda images: method.image_encoder(images, method.visual_prompts())
+    if name == "zeroshot":
+        return lambda images: method.clip.encode_image(images)
+    if name == "vpt":
+        return lambda images: method.image_encoder(images, method.learner.visual())
+    if name == "vp":
+        return lambda images: method.clip.encode_image(method.prompt_images(images))
+    if name == "clip_adapter":
+        return lambda images: method.adapt(method.clip.encode_image(images))
+    raise TeacherError(f"method {name!r} cannot be a PromptKD teacher")
+
+
+class Teacher(nn.Module):
+    """A frozen, eval-mode teacher method with its identity; use :func:`load_teacher` or :func:`zero_shot_teacher`.
+
+    ``loaded`` says the method's trained parts were loaded from its checkpoint (or it has none, zero-shot CLIP);
+    :meth:`compute_features` refuses otherwise (issue #33).
+    """
+
+    def __init__(self, method: nn.Module, identity: dict[str, Any], *, loaded: bool):
+        super().__init__()
+        name = getattr(method, "name", type(method).__name__)
+        if name in _REFUSED:
+            raise TeacherError(f"method {name!r} cannot be a PromptKD teacher: {_REFUSED[name]}.")
+        if name not in TEACHER_METHODS:
+            raise TeacherError(f"method {name!r} cannot be a PromptKD teacher; teachers: {', '.join(TEACHER_METHODS)}.")
+        self.method = method
+        self.identity = identity
+        self.loaded = loaded
+        self._image_features = _image_features_fn(method)
+        method.requires_grad_(False)
+        self.eval()
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.method.backbone
+
+    @property
+    def preprocess(self) -> PreprocessInfo:
+        return self.method.backbone.preprocess
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.method.backbone.embed_dim)
+
+    def train(self, mode: bool = True) -> Teacher:
+        """A teacher never trains: it stays in eval mode whatever the enclosing module does."""
+        return super().train(False)
+
+    def logit_scale(self) -> float:
+        """s_t = exp(logit_scale) of the teacher's CLIP (frozen)."""
+        return float(self.method.clip.logit_scale.detach().float().exp())
+
+    @torch.no_grad()
+    def text_features(self, classnames: Sequence[str]) -> torch.Tensor:
+        """n(T_t) [C, E_t] for ``classnames`` in float32 (autocast off): runs the teacher's text encoder."""
+        if not self.loaded:
+            raise TeacherError(
+                "the teacher's prompts are not loaded: text features computed before loading the checkpoint come "
+                "from untrained prompts (PromptKD issue #33). Build the teacher with load_teacher()."
+            )
+        from promptkd.methods.prompted import PromptedMethod
+
+        method = self.method
+        device = method.backbone.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            if list(method.classnames) != list(classnames):
+                method.set_classnames(list(classnames))
+            # FixedTextMethod: W was computed for the class list by set_classnames / the constructor
+            features = method.text_features() if isinstance(method, PromptedMethod) else method.text_features
+            return F.normalize(features.detach().float(), dim=-1)
+
+    def compute_features(self, classnames: Sequence[str]) -> TeacherFeatures:
+        """The pre-stored features of ``classnames`` (once per run, after the prompts were loaded)."""
+        features = self.text_features(classnames).cpu()
+        return TeacherFeatures(features, self.logit_scale(), list(classnames), dict(self.identity), "<computed>")
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """n(f_t(x)) [B, E_t], float32, no grad; ``images`` already in the teacher's input format."""
+        return F.normalize(self._image_features(images).float(), dim=-1)
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
+        """z_t = s_t · n(f_t(x)) · n(T_t)ᵀ with the *stored* T_t (float32; no text encoder runs here)."""
+        image = self.image_features(images)
+        with torch.autocast(device_type=image.device.type, enabled=False):
+            return logit_scale * image @ text_features.to(image.device).float().t()
+
+
+def converted_method_config(method: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Method config of a checkpoint converted from the reference code (``promptkd convert`` records the prompt
+    shapes it found, not a method config). The reference's ``CTX_INIT "a photo of a"`` is assumed for IVLP,
+    PromptSRC and MaPLe (it fixes the token layout when fewer than 4 tokens are learnt)."""
+    s = dict(settings)
+    if method in ("ivlp", "promptsrc"):
+        out = {
+            "n_ctx_text": int(s.get("n_ctx", 4)),
+            "text_depth": int(s.get("text_depth", 1)),
+            "n_ctx_vision": int(s.get("n_vision_tokens", 0)),
+            "vision_depth": int(s.get("vision_depth", 0)),
+            "ctx_init": "a photo of a",
+        }
+        if method == "promptsrc":
+            out["gpa"] = False  # nothing is trained further; GPA only matters while training
+        return out
+    if method == "maple":
+        return {"n_ctx": int(s.get("n_ctx", 2)), "depth": int(s.get("depth", 1)), "ctx_init": "a photo of a"}
+    if method == "coop":
+        return {"n_ctx": int(s.get("n_ctx", 16)), "class_specific": bool(s.get("class_specific", False))}
+    if method == "vpt":
+        return {"n_tokens": int(s.get("n_vision_tokens", 8)), "depth": int(s.get("vision_depth", 1))}
+    raise TeacherError(f"converted checkpoints of method {method!r} cannot be PromptKD teachers.")
+
+
+def _resolve_weights(spec: dict[str, Any]) -> str | None:
+    """The recorded weights, or the package's shipped file for a world model when the recorded path is elsewhere."""
+    pretrained = spec.get("pretrained")
+    source = spec.get("source")
+    if pretrained and source in ("file", "local-dir") and not Path(pretrained).exists():
+        from promptkd.backbones.weights import shipped_weights
+
+        shipped = shipped_weights(str(spec.get("model_name")))
+        if shipped and (not spec.get("file_sha256") or file_sha256(shipped) == spec["file_sha256"]):
+            logger.info("teacher weights %s not found; using the shipped %s", pretrained, shipped)
+            return shipped
+    return pretrained
+
+
+def load_teacher(
+    checkpoint: str | Path,
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    quick_gelu: bool | None = None,
+    classnames: Sequence[str] | None = None,
+    backbone: Backbone | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> Teacher:
+    """Build the teacher from a promptkd checkpoint of any teacher method and load it strictly.
+
+    The method, its config and the backbone come from the checkpoint's JSON; ``model``/``pretrained`` override the
+    backbone (e.g. a local weight file), or ``backbone`` gives one already loaded. Converted reference checkpoints
+    without a recorded backbone need one of these.
+    """
+    from promptkd.backbones import load_backbone
+    from promptkd.checkpoints import checkpoint_paths as _paths
+    from promptkd.checkpoints import load_checkpoint
+    from promptkd.methods import get_method
+    from promptkd.methods.base import config_from
+
+    tensors, config = load_checkpoint(checkpoint)
+    tensor_path = _paths(checkpoint)[0]
+    name = str(config.get("method"))
+    if name in _REFUSED:
+        raise TeacherError(f"{tensor_path}: a {name} checkpoint cannot be a PromptKD teacher: {_REFUSED[name]}.")
+    if name not in TEACHER_METHODS:
+        raise TeacherError(
+            f"{tensor_path}: checkpoint of method {name!r}; PromptKD teachers are {', '.join(TEACHER_METHODS)}."
+        )
+    method_cls = get_method(name)
+    raw_config = config.get("method_config") or {}
+    if "converted_from" in config:
+        raw_config = converted_method_config(name, raw_config)
+    method_config = config_from(method_cls, raw_config)
+    spec = dict(config.get("backbone") or {})
+    model_name = model or spec.get("model_name")
+    weights = pretrained
+    if weights is None and (not model or model == spec.get("model_name")):
+        weights = _resolve_weights(spec)
+    if backbone is None:
+        if not model_name and not weights:
+            raise TeacherError(
+                f"{tensor_path}: the checkpoint records no backbone (converted without --model); give the teacher's "
+                "backbone with --teacher-model/--teacher-pretrained."
+            )
+        backbone = load_backbone(
+            model_name,
+            weights,
+            quick_gelu=quick_gelu if quick_gelu is not None else spec.get("quick_gelu"),
+            device=device,
+            precision=precision,
+        )
+    if spec and not backbone.spec.same_identity(spec):
+        logger.warning(
+            "teacher backbone %s (%s) differs from the one recorded in %s (%s, %s)",
+            backbone.spec.model_name,
+            backbone.spec.pretrained,
+            tensor_path,
+            spec.get("model_name"),
+            spec.get("pretrained"),
+        )
+    stored = config.get("classnames")
+    classes = list(stored or classnames or ["object"])
+    try:
+        method = method_cls(backbone, classes, method_config)
+        method.load_trainable(tensors, tensor_path)
+    except CheckpointError as error:
+        raise TeacherError(
+            f"teacher checkpoint {tensor_path} ({name}) does not fit the teacher backbone "
+            f"{backbone.spec.model_name} ({backbone.spec.pretrained or 'random weights'}):\n{error}"
+        ) from error
+    identity = {
+        "method": name,
+        "method_config": to_dict(method.config),
+        "backbone": _backbone_identity(backbone),
+        "checkpoint_sha256": file_sha256(tensor_path),
+        "checkpoint": str(tensor_path),
+    }
+    teacher = Teacher(method, identity, loaded=True)
+    if classnames is not None and list(classnames) != classes:
+        method.set_classnames(list(classnames))
+    logger.info("teacher: %s", teacher_description(identity))
+    return teacher
+
+
+def zero_shot_teacher(backbone: Backbone, templates: Sequence[str] | None = None) -> Teacher:
+    """Zero-shot CLIP as the teacher (paper Table 6, "CLIP" row): no checkpoint, hand-crafted text features."""
+    from promptkd.methods import get_method
+    from promptkd.methods.base import config_from
+
+    cls = get_method("zeroshot")
+    cfg = config_from(cls, {"templates": list(templates)} if templates else {})
+    method = cls(backbone, ["object"], cfg)
+    identity = {
+        "method": "zeroshot",
+        "method_config": to_dict(method.config),
+        "backbone": _backbone_identity(backbone),
+        "checkpoint_sha256": None,
+        "checkpoint": None,
+    }
+    return Teacher(method, identity, loaded=True)
