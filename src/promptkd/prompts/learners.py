@@ -121,15 +121,17 @@ class TextPromptLearner(nn.Module):
             )
         self.classnames = classnames
         texts = [f"{self.prefix_text} {name}." for name in classnames]
-        device = self.ctx.device
-        token_ids = self.tokenizer(texts).to(device)
+        device = self.ctx.device  # buffers live with the parameters; the frozen tower may sit elsewhere (GPU)
+        token_ids = self.tokenizer(texts)
         name_lens = [int(self.encoder.pool_positions(self.tokenizer([name]))[0]) - 1 for name in classnames]
         eot = self.encoder.pool_positions(token_ids)
         if int(eot.max()) >= token_ids.shape[1] - 1:
             longest = classnames[int(eot.argmax())]
             raise ValueError(f"the prompt for class {longest!r} fills the whole context length and may be cut off")
         with torch.no_grad():
-            embedding = self.encoder.embed_tokens(token_ids).float()
+            tower_device = self.encoder.positional_embedding.device
+            embedding = self.encoder.embed_tokens(token_ids.to(tower_device)).float().to(device)
+        token_ids = token_ids.to(device)
         self.register_buffer("token_ids", token_ids, persistent=False)
         self.register_buffer("token_embedding", embedding, persistent=False)
         self.register_buffer(
