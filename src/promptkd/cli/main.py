@@ -16,6 +16,8 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "pretrain": "pretrain",
     "distill": "distill",
+    "predict": "predict",
+    "export": "export",
     "protocol": "protocol",
     "zeroshot": "zeroshot",
     "linear-probe": "linear_probe",

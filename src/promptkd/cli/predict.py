@@ -1,0 +1,42 @@
+"""`promptkd predict`: top-k classes for image files from a checkpoint (a PromptKD student needs no teacher)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "predict top-k classes for images (folder, list file or files) and write a CSV"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="promptkd checkpoint (e.g. a distilled student's prompts.safetensors)")
+    parser.add_argument("images", nargs="+", help="image files, folders (any nesting) or .txt lists of paths")
+    parser.add_argument("--features", default=None, help="stored teacher features (default: next to the student)")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", default="predictions.csv", help="CSV to write")
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed at the end)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from promptkd.cli.common import print_table
+    from promptkd.deploy import image_paths, load_for_inference, predict, write_predictions_csv
+
+    method = load_for_inference(args.checkpoint, args.features, device=args.device)
+    predictions, skipped = predict(
+        method,
+        image_paths(args.images),
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        skip_bad=args.skip_bad,
+        progress=not args.no_progress,
+    )
+    path = write_predictions_csv(predictions, args.out)
+    rows = [(p.path[-48:], p.classes[0], f"{p.scores[0]:.3f}") for p in predictions[:10]]
+    print_table(["image", "top-1 class", "score"], rows)
+    print(
+        f"{len(predictions)} images -> {path}"
+        + (f"; skipped {len(skipped)} unreadable: {skipped[:5]}" if skipped else "")
+    )
+    return 0
