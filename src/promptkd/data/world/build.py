@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from promptkd.errors import PromptKDError
+
 from promptkd.data.world.render import render_attributes
 from promptkd.data.world.spec import (
     FAMILIES,
@@ -60,7 +62,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _RETRIEVAL_CHUNK = 64  # images per retrieval task (fixed, so the output does not depend on the number of workers)
 
 
-class WorldMismatchError(ValueError):
+class WorldMismatchError(PromptKDError, ValueError):
     """The folder holds a world built with other parameters (or something that is not a world)."""
 
 
