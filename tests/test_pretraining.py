@@ -284,8 +284,22 @@ def test_cli_defaults_match_the_config_and_a_run_writes_a_model(corpus, tmp_path
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     out = tmp_path / "cli-model"
-    argv = ["--model", "pkd-tiny", "--data", str(corpus), "--steps", "3", "--batch-size", "8", "--out", str(out),
-            "--objective", "clip", "--no-progress", "--json"]
+    argv = [
+        "--model",
+        "pkd-tiny",
+        "--data",
+        str(corpus),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        "--objective",
+        "clip",
+        "--no-progress",
+        "--json",
+    ]
     assert command.run(parser.parse_args(argv)) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3 and (out / "open_clip_config.json").is_file()

@@ -8,30 +8,53 @@ HELP = "pre-train a small CLIP contrastively on captioned images (e.g. the embed
 
 # Shown in --help; the values themselves come from PretrainConfig (options left unset are not passed), so that
 # building the parser does not import torch. tests/test_pretraining.py checks the two agree.
-HELP_DEFAULTS = {"objective": "itl", "steps": 600, "batch_size": 128, "lr": 0.001, "weight_decay": 0.1,
-                 "schedule": "onecycle", "warmup": 0.1, "grad_clip": 1.0, "translate": 0.0, "noise": 0.0, "seed": 0,
-                 "eval_every": 100, "log_every": 25}
+HELP_DEFAULTS = {
+    "objective": "itl",
+    "steps": 600,
+    "batch_size": 128,
+    "lr": 0.001,
+    "weight_decay": 0.1,
+    "schedule": "onecycle",
+    "warmup": 0.1,
+    "grad_clip": 1.0,
+    "translate": 0.0,
+    "noise": 0.0,
+    "seed": 0,
+    "eval_every": 100,
+    "log_every": 25,
+}
 _CONFIG_OPTIONS = (*HELP_DEFAULTS, "hflip", "zoom", "precision")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = HELP_DEFAULTS
-    parser.add_argument("--model", default="pkd-world-student",
-                        help="open_clip model name to build with random weights (pkd-world-student, pkd-world-teacher, "
-                        "pkd-tiny, ...) or local-dir:<folder> to continue from (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default="pkd-world-student",
+        help="open_clip model name to build with random weights (pkd-world-student, pkd-world-teacher, "
+        "pkd-tiny, ...) or local-dir:<folder> to continue from (default: %(default)s)",
+    )
     parser.add_argument("--pretrained", default=None, help="start from this weight file or tag instead of random")
-    parser.add_argument("--data", required=True,
-                        help="an embedded-world root, a captions.jsonl (one {image, caption, label?, classname?} "
-                        "a line) or a COCO captions .json")
-    parser.add_argument("--build-world", action="store_true",
-                        help="if --data is a folder without a world, build the embedded world there first")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="an embedded-world root, a captions.jsonl (one {image, caption, label?, classname?} "
+        "a line) or a COCO captions .json",
+    )
+    parser.add_argument(
+        "--build-world",
+        action="store_true",
+        help="if --data is a folder without a world, build the embedded world there first",
+    )
     parser.add_argument("--out", required=True, help="output folder: open_clip local-dir model + history + curve")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--objective", choices=("clip", "itl"),
-                       help=f"clip: image-text InfoNCE; itl: image-text-label (same class = positive); "
-                       f"default {d['objective']}")
+    train.add_argument(
+        "--objective",
+        choices=("clip", "itl"),
+        help=f"clip: image-text InfoNCE; itl: image-text-label (same class = positive); default {d['objective']}",
+    )
     train.add_argument("--steps", type=int, help=f"optimiser steps (default {d['steps']})")
     train.add_argument("--batch-size", type=int, help=f"image-caption pairs per step (default {d['batch_size']})")
     train.add_argument("--lr", type=float, help=f"peak learning rate (default {d['lr']})")
@@ -40,23 +63,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--warmup", type=float, help=f"fraction of the steps spent warming up (default {d['warmup']})")
     train.add_argument("--grad-clip", type=float, help=f"max gradient norm, 0 = off (default {d['grad_clip']})")
     train.add_argument("--hflip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default on)")
-    train.add_argument("--translate", type=float,
-                       help=f"random shifts up to this fraction of the image side (default {d['translate']})")
-    train.add_argument("--zoom", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                       help="random content scale range, e.g. 0.6 1.0 to also show smaller objects (default 1 1)")
-    train.add_argument("--noise", type=float,
-                       help=f"std of Gaussian pixel noise in 0-255 units (default {d['noise']})")
+    train.add_argument(
+        "--translate",
+        type=float,
+        help=f"random shifts up to this fraction of the image side (default {d['translate']})",
+    )
+    train.add_argument(
+        "--zoom",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="random content scale range, e.g. 0.6 1.0 to also show smaller objects (default 1 1)",
+    )
+    train.add_argument("--noise", type=float, help=f"std of Gaussian pixel noise in 0-255 units (default {d['noise']})")
     train.add_argument("--seed", type=int, help=f"initialisation, batch order and augmentation (default {d['seed']})")
-    train.add_argument("--precision", choices=("fp32", "bf16"),
-                       help="default fp32; bf16 autocast pays off only on GPUs and CPUs with AVX512-BF16/AMX")
+    train.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        help="default fp32; bf16 autocast pays off only on GPUs and CPUs with AVX512-BF16/AMX",
+    )
     train.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
 
     report = parser.add_argument_group("evaluation and logging")
-    report.add_argument("--eval", choices=("auto", "world", "none"), default="auto",
-                        help="zero-shot accuracy on the world's compositions (seen / held out), rendered in memory; "
-                        "auto = when --data is an embedded world")
-    report.add_argument("--eval-every", type=int,
-                        help=f"steps between evaluations, 0 = only at the end (default {d['eval_every']})")
+    report.add_argument(
+        "--eval",
+        choices=("auto", "world", "none"),
+        default="auto",
+        help="zero-shot accuracy on the world's compositions (seen / held out), rendered in memory; "
+        "auto = when --data is an embedded world",
+    )
+    report.add_argument(
+        "--eval-every", type=int, help=f"steps between evaluations, 0 = only at the end (default {d['eval_every']})"
+    )
     report.add_argument("--eval-per-class", type=int, default=10, help="images per class and style (default 10)")
     report.add_argument("--log-every", type=int, help=f"steps per loss record (default {d['log_every']})")
     report.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
@@ -133,8 +171,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
         return 0
-    print(f"pre-trained {summary['model']} for {config.steps} steps in {summary['train_seconds']} s "
-          f"({summary['seconds_per_step']} s/step); final {config.objective} loss {summary['final_loss']}")
+    print(
+        f"pre-trained {summary['model']} for {config.steps} steps in {summary['train_seconds']} s "
+        f"({summary['seconds_per_step']} s/step); final {config.objective} loss {summary['final_loss']}"
+    )
     headline = {k: v for k, v in summary["zero_shot"].items() if k.split("/")[0] in ("clean", "scene")}
     for key, value in headline.items():
         print(f"  zero-shot {key}: {value:.1f}%")

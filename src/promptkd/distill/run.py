@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from promptkd.checkpoints import atomic_write_text
-from promptkd.config import ConfigError, apply_overrides, from_dict, load_preset, to_dict
+from promptkd.config import ConfigError, resolve_layered, to_dict
 from promptkd.distill.teacher import TeacherError, TeacherFeatures, load_teacher, zero_shot_teacher
 from promptkd.engine.config import TrainConfig
 
@@ -63,29 +63,10 @@ class DistillRunConfig:
 
 def resolve_distill_config(preset: str | None, overrides: list[str], base: dict[str, Any]) -> DistillRunConfig:
     """Preset (``method`` + ``train`` sections) < command-line values < ``--set key=value``; strict."""
-    from promptkd.methods import get_method
-    from promptkd.methods.base import config_from
-
-    method_cls = get_method("promptkd")
-    data: dict[str, Any] = {"method_config": {}, "train": {}}
-    if preset:
-        preset_data = load_preset(method_cls.name, preset)
-        unknown = set(preset_data) - {"method", "train"}
-        if unknown:
-            raise ConfigError(f"preset {preset!r}: unknown sections {sorted(unknown)} (expected 'method', 'train')")
-        data["method_config"] = dict(preset_data.get("method") or {})
-        data["train"] = dict(preset_data.get("train") or {})
+    base = dict(base)
     mode = base.pop("mode", None)
-    if mode is not None:
-        data["method_config"]["mode"] = mode
-    for key, value in base.items():
-        if value is not None:
-            data[key] = value
-    renamed = [o.replace("method.", "method_config.", 1) if o.startswith("method.") else o for o in overrides]
-    data = apply_overrides(data, renamed)
-    config = from_dict(DistillRunConfig, data, where="distill config")
-    config_from(method_cls, config.method_config)  # validate now, before any model or data is loaded
-    return config
+    overrides = ([f"method.mode={mode}"] if mode is not None else []) + list(overrides)
+    return resolve_layered(DistillRunConfig, "promptkd", preset, overrides, base, "distill config")
 
 
 @dataclass

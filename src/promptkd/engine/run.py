@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from promptkd.checkpoints import atomic_write_text
-from promptkd.config import ConfigError, apply_overrides, config_hash, from_dict, load_preset, to_dict
+from promptkd.config import config_hash, resolve_layered, to_dict
 from promptkd.engine.config import TrainConfig
 from promptkd.engine.distributed import DistInfo, init_distributed
 from promptkd.engine.trainer import Trainer, TrainResult, predict_logits
@@ -51,25 +51,8 @@ def resolve_run_config(method: str, preset: str | None, overrides: list[str], ba
     """Preset (method + train sections) < command-line values < ``--set key=value`` overrides; all strict."""
     from promptkd.methods import get_method
 
-    method_cls = get_method(method)
-    data: dict[str, Any] = {"method": method_cls.name, "method_config": {}, "train": {}}
-    if preset:
-        preset_data = load_preset(method_cls.name, preset)
-        unknown = set(preset_data) - {"method", "train"}
-        if unknown:
-            raise ConfigError(f"preset {preset!r}: unknown sections {sorted(unknown)} (expected 'method', 'train')")
-        data["method_config"] = dict(preset_data.get("method") or {})
-        data["train"] = dict(preset_data.get("train") or {})
-    for key, value in base.items():
-        if value is not None:
-            data[key] = value
-    renamed = [o.replace("method.", "method_config.", 1) if o.startswith("method.") else o for o in overrides]
-    data = apply_overrides(data, renamed)
-    config = from_dict(RunConfig, data, where="run config")
-    from promptkd.methods.base import config_from
-
-    config_from(method_cls, config.method_config)  # validate method keys now, before any data or model is loaded
-    return config
+    name = get_method(method).name
+    return resolve_layered(RunConfig, name, preset, overrides, {**base, "method": name}, "run config")
 
 
 def _log_to_file(out: Path) -> logging.Handler:

@@ -39,8 +39,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from promptkd.errors import PromptKDError
-
 from promptkd.data.world.render import render_attributes
 from promptkd.data.world.spec import (
     FAMILIES,
@@ -53,6 +51,7 @@ from promptkd.data.world.spec import (
     pretrain_classnames,
     sample_captions,
 )
+from promptkd.errors import PromptKDError
 
 logger = logging.getLogger(__name__)
 
