@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from promptkd.backbones import load_backbone
@@ -35,3 +36,15 @@ def test_world_model_keeps_its_vocabulary_through_local_dir(tmp_path):
     loaded = load_backbone(f"local-dir:{folder}")
     text = ["three striped hexagons on a dark background."]
     assert torch.equal(loaded.tokenize(text), backbone.tokenize(text))
+
+
+def test_shipped_world_weights_load_portably():
+    from promptkd.backbones import BackboneError
+
+    backbone = load_backbone("pkd-world-student", "shipped")
+    assert backbone.spec.pretrained == "shipped" and backbone.spec.source == "file"
+    assert backbone.model.visual.conv1.weight.dtype == torch.float32  # stored fp16, loaded fp32
+    again = load_backbone("pkd-world-student", backbone.spec.pretrained)
+    assert torch.equal(again.model.visual.conv1.weight, backbone.model.visual.conv1.weight)
+    with pytest.raises(BackboneError, match="ships no weights for 'pkd-tiny'"):
+        load_backbone("pkd-tiny", "shipped")

@@ -284,6 +284,13 @@ def load_backbone(
         precision: compute precision (``fp32``, ``bf16`` autocast, ``fp16`` autocast on GPU).
     """
     register_builtin_configs()
+    shipped = pretrained == SHIPPED
+    if shipped:
+        from promptkd.backbones.weights import shipped_weights
+
+        pretrained = shipped_weights(model_name or "")
+        if pretrained is None:
+            raise BackboneError(f"promptkd ships no weights for {model_name!r}; only the embedded world's models.")
     if precision not in PRECISIONS:
         raise BackboneError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}.")
     if model_name is None and not pretrained:
@@ -300,6 +307,8 @@ def load_backbone(
         model = _create(name, qg[0])
         spec = BackboneSpec(model_name=name, source="random", quick_gelu=qg[0], quick_gelu_reason=qg[1])
         backbone = Backbone(model, make_tokenizer(name, _context_length(model)), spec, PreprocessInfo.from_model(model))
+    if shipped or (pretrained and _is_shipped_file(pretrained)):
+        backbone.spec.pretrained = SHIPPED  # portable: resolves to this installation's copy wherever it lives
     backbone.model.to(device)
     backbone.model.eval()
     backbone.precision = precision
@@ -313,6 +322,18 @@ class _DropRandomInitNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "No pretrained weights loaded" not in record.getMessage()
+
+
+SHIPPED = "shipped"  # `pretrained` value naming the weights promptkd ships for the embedded world's models
+
+
+def _is_shipped_file(path: str) -> bool:
+    from promptkd.backbones.weights import WEIGHTS_DIR
+
+    try:
+        return Path(path).resolve().parent == WEIGHTS_DIR.resolve()
+    except OSError:
+        return False
 
 
 def _create(name: str, quick_gelu: bool, **kwargs: Any) -> nn.Module:

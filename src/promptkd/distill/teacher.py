@@ -428,6 +428,8 @@ def _resolve_weights(spec: dict[str, Any]) -> str | None:
     """The recorded weights, or the package's shipped file for a world model when the recorded path is elsewhere."""
     pretrained = spec.get("pretrained")
     source = spec.get("source")
+    if pretrained == "shipped":  # load_backbone resolves it to this installation's copy
+        return pretrained
     if pretrained and source in ("file", "local-dir") and not Path(pretrained).exists():
         from promptkd.backbones.weights import shipped_weights
 
