@@ -348,32 +348,21 @@ def _read_fgvc_aircraft(spec: BenchmarkSpec, root: str, *, check: bool = True) -
     for which in ("train", "val", "test"):
         path = _require(os.path.join(dataset_dir, f"images_variant_{which}.txt"), spec, f"{which} list", is_dir=False)
         items: list[Datum] = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                parts = line.strip().split(" ")
-                if len(parts) < 2:
-                    raise DataError(
-                        f"line has no variant name: {line.strip()!r}",
-                        path=path,
-                        line=lineno,
-                        expected="'<image id> <variant name>'",
-                        fix="use the unmodified file from fgvc-aircraft-2013b/data",
-                    )
-                variant = " ".join(parts[1:])
-                if variant not in cname2lab:
-                    hint = difflib.get_close_matches(variant, classnames, n=1)
-                    raise DataError(
-                        f"variant {variant!r} is not listed in variants.txt"
-                        + (f" (did you mean {hint[0]!r}?)" if hint else ""),
-                        path=path,
-                        line=lineno,
-                        expected=f"one of the {len(classnames)} names in {variants_path}",
-                        fix="use the unmodified files from fgvc-aircraft-2013b/data",
-                    )
-                label = cname2lab[variant]
-                items.append(Datum(os.path.join(image_dir, parts[0] + ".jpg"), label, variant))
+        rows = _read_key_name_lines(
+            path, "variant name", "'<image id> <variant name>'", "use the unmodified file from fgvc-aircraft-2013b/data"
+        )
+        for lineno, image_id, variant in rows:
+            if variant not in cname2lab:
+                hint = difflib.get_close_matches(variant, classnames, n=1)
+                raise DataError(
+                    f"variant {variant!r} is not listed in variants.txt"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else ""),
+                    path=path,
+                    line=lineno,
+                    expected=f"one of the {len(classnames)} names in {variants_path}",
+                    fix="use the unmodified files from fgvc-aircraft-2013b/data",
+                )
+            items.append(Datum(os.path.join(image_dir, image_id + ".jpg"), cname2lab[variant], variant))
         out[which] = items
     if check:
         check_files(
@@ -387,7 +376,19 @@ def _read_fgvc_aircraft(spec: BenchmarkSpec, root: str, *, check: bool = True) -
 
 def _read_imagenet_classnames(path: str) -> dict[str, str]:
     """``classnames.txt``: one ``"<wnid> <class name with spaces>"`` per line, in file order."""
-    names: dict[str, str] = {}
+    rows = _read_key_name_lines(
+        path,
+        "class name",
+        "'<wnid> <class name>' on every line",
+        "use the classnames.txt distributed with CoOp (DATASETS.md, ImageNet section)",
+    )
+    return {wnid: name for _, wnid, name in rows}
+
+
+def _read_key_name_lines(path: str, what: str, expected: str, fix: str) -> list[tuple[int, str, str]]:
+    """(line number, key, name) of each non-empty ``"<key> <name with spaces>"`` line; a line without a name is
+    a DataError naming the file and line."""
+    rows: list[tuple[int, str, str]] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -395,14 +396,10 @@ def _read_imagenet_classnames(path: str) -> dict[str, str]:
             parts = line.strip().split(" ")
             if len(parts) < 2:
                 raise DataError(
-                    f"line has no class name: {line.strip()!r}",
-                    path=path,
-                    line=lineno,
-                    expected="'<wnid> <class name>' on every line",
-                    fix="use the classnames.txt distributed with CoOp (DATASETS.md, ImageNet section)",
+                    f"line has no {what}: {line.strip()!r}", path=path, line=lineno, expected=expected, fix=fix
                 )
-            names[parts[0]] = " ".join(parts[1:])
-    return names
+            rows.append((lineno, parts[0], " ".join(parts[1:])))
+    return rows
 
 
 def _classnames_file(spec: BenchmarkSpec, dataset_dir: str) -> dict[str, str]:
