@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "predict": "predict",
     "export": "export",
     "protocol": "protocol",
+    "tta": "tta",
+    "tta-stats": "tta_stats",
     "zeroshot": "zeroshot",
     "linear-probe": "linear_probe",
     "retrieval": "retrieval",

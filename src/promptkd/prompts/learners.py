@@ -156,21 +156,48 @@ class TextPromptLearner(nn.Module):
             rows.append(row)
         return torch.tensor(rows, dtype=torch.long)
 
-    def build(self, ctx: torch.Tensor | None = None, *, batched: bool = False) -> torch.Tensor:
-        """Prompt embeddings [C, L, W]; with ``batched`` and ctx [B, M, W] (per-sample context): [B, C, L, W]."""
+    @property
+    def eot_length(self) -> int:
+        """Positions up to and including the last EOT over the class list (what a causal text tower needs)."""
+        return int(self.encoder.pool_positions(self.token_ids).max()) + 1
+
+    def build(
+        self,
+        ctx: torch.Tensor | None = None,
+        *,
+        batched: bool = False,
+        classes: slice | torch.Tensor | None = None,
+        length: int | None = None,
+    ) -> torch.Tensor:
+        """Prompt embeddings [C, L, W]; with ``batched`` and ctx [B, M, W] (per-sample context): [B, C, L, W].
+
+        ``classes`` selects rows of the class list and ``length`` keeps the first positions only (e.g.
+        :attr:`eot_length`), so per-sample prompts for many classes never materialise the full context length.
+        """
         ctx = self.ctx if ctx is None else ctx
         emb = self.token_embedding
-        n_cls, length, width = emb.shape
+        index = self.gather_index
+        if classes is not None:
+            emb, index = emb[classes], index[classes]
+        if length is not None and length < emb.shape[1]:
+            # an output position p reads an embedding position <= p + n_ctx; ctx indices shift with the cut
+            kept = min(emb.shape[1], length + self.n_ctx)
+            index = index[:, :length]
+            index = torch.where(index >= emb.shape[1], index - (emb.shape[1] - kept), index)
+            emb = emb[:, :kept]
+        n_cls, _, width = emb.shape
+        length = index.shape[1]
         if batched:
             batch = ctx.shape[0]
             ctx_full = ctx.unsqueeze(1).expand(batch, n_cls, -1, -1).to(emb.dtype)
             source = torch.cat([emb.unsqueeze(0).expand(batch, -1, -1, -1), ctx_full], dim=2)
-            index = self.gather_index.view(1, n_cls, length, 1).expand(batch, -1, -1, width)
-            return torch.gather(source, 2, index)
+            return torch.gather(source, 2, index.view(1, n_cls, length, 1).expand(batch, -1, -1, width))
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
+        elif classes is not None:  # class-specific context: the selected classes' rows
+            ctx = ctx[classes]
         source = torch.cat([emb, ctx.to(emb.dtype)], dim=1)
-        return torch.gather(source, 1, self.gather_index.unsqueeze(-1).expand(-1, -1, width))
+        return torch.gather(source, 1, index.unsqueeze(-1).expand(-1, -1, width))
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt embeddings [C, L, W], token ids [C, L]) for the current classes."""

@@ -1,0 +1,63 @@
+"""`promptkd tta`: test-time prompt tuning (TPT, C-TPT, PromptAlign, PromptSync) over datasets, batched."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "test-time prompt tuning of each test image (tpt, ctpt, promptalign, promptsync), with accuracy and ECE"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptkd.cli.common import add_backbone_args, add_runtime_args
+
+    parser.add_argument("--method", default="tpt", help="tpt, ctpt, promptalign or promptsync")
+    parser.add_argument("--preset", default=None, help="settings preset of the method (e.g. default, world)")
+    parser.add_argument("--datasets", nargs="+", default=None, help="datasets to adapt on (their test split)")
+    parser.add_argument("--data-root", default=None, help="datasets folder (world datasets: the world's folder)")
+    parser.add_argument("--split", default=None, help="split to adapt on (test)")
+    parser.add_argument("--base", default=None, help="CoOp or MaPLe checkpoint to start from (default: --init text)")
+    parser.add_argument("--init", default=None, help="hand-written context without --base ('a photo of a')")
+    parser.add_argument("--stats", default=None, help="token statistics file (promptalign; `promptkd tta-stats`)")
+    parser.add_argument("--prototypes", default=None, help="class prototype file (promptsync; `promptkd tta-stats`)")
+    parser.add_argument("--batch-size", type=int, default=None, help="test images adapted together (8)")
+    parser.add_argument("--max-images", type=int, default=None, help="adapt at most N images per dataset (0 = all)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the views (per image path)")
+    parser.add_argument(
+        "--allow-small-images", action="store_true", default=None, help="upsample images too small for the crops"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes (0)")
+    parser.add_argument("--out", default=None, help="output folder (runs/tta)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override settings (method.lr=...)")
+    add_backbone_args(parser)
+    add_runtime_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from promptkd.tta.run import resolve_tta_config, run_tta
+
+    base = {
+        "method": args.method,
+        "datasets": args.datasets,
+        "data_root": args.data_root,
+        "split": args.split,
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "quick_gelu": args.quick_gelu,
+        "base": args.base,
+        "init": args.init,
+        "stats": args.stats,
+        "prototypes": args.prototypes,
+        "batch_size": args.batch_size,
+        "max_images": args.max_images,
+        "seed": args.seed,
+        "allow_small_images": args.allow_small_images,
+        "workers": args.workers,
+        "out": args.out,
+        "device": args.device,
+        "precision": args.precision,
+        "progress": False if args.no_progress else None,
+    }
+    config = resolve_tta_config(args.preset, list(args.set), base)
+    run_tta(config)
+    return 0
