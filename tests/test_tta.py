@@ -322,3 +322,28 @@ def test_run_is_order_independent_and_writes_results(toy, tiny_backbone, tmp_pat
         return sorted(tuple(row) for row in csv.reader(path.open()))
 
     assert rows("a") == rows("b") and len(rows("a")) == 1 + 3 * len(CLASSES)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_sharding_equals_one_process(toy, tmp_path):
+    import csv
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tta_helpers import tta_config, tta_ddp_worker
+
+    from promptkd.tta.run import run_tta
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(tta_ddp_worker, args=(2, port, str(toy), str(tmp_path / "ddp")), nprocs=2, join=True)
+    torch.manual_seed(0)
+    run_tta(tta_config(str(toy), str(tmp_path / "single")))
+
+    def rows(folder):
+        (path,) = (tmp_path / folder).glob("tpt-*-predictions.csv")
+        return list(csv.reader(path.open()))
+
+    assert rows("ddp") == rows("single")

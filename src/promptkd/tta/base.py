@@ -89,7 +89,7 @@ class AdaptContext:
         self.views = views
         self.batch, self.n_views = views.shape[:2]
         with torch.no_grad():
-            self.view_features = model.encode_images(views.flatten(0, 1)).view(self.batch, self.n_views, -1)
+            self.view_features = model.encode_many(views.flatten(0, 1)).view(self.batch, self.n_views, -1)
             self.initial_text = model.initial_text_features()
             self.initial_logits = model.logits(self.view_features, self.initial_text)
         self.selected = confident_views(self.initial_logits, selection)

@@ -81,6 +81,8 @@ class PromptedCLIP(torch.nn.Module):
         self.text_memory_mb = float(text_memory_mb)
         self.logit_scale = float(backbone.logit_scale)
         self._initial_text: torch.Tensor | None = None
+        self._initial_key: tuple[Any, int] = (None, -1)
+        self.image_chunk = 256  # views per no-grad image forward (bounds activation memory for large batches)
 
     # --- facts --------------------------------------------------------------------------------------------------
     @property
@@ -159,6 +161,11 @@ class PromptedCLIP(torch.nn.Module):
         return None
 
     # --- image side ---------------------------------------------------------------------------------------------
+    def encode_many(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised features of many images with the base prompts, no gradients, ``image_chunk`` at a time."""
+        with torch.no_grad():
+            return torch.cat([self.encode_images(chunk) for chunk in images.split(self.image_chunk)])
+
     def encode_images(
         self,
         images: torch.Tensor,
@@ -179,7 +186,7 @@ class PromptedCLIP(torch.nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     # --- text side ----------------------------------------------------------------------------------------------
-    def _plan(self, n_samples: int) -> _TextPlan:
+    def _plan(self) -> _TextPlan:
         length = self.learner.eot_length
         per_sequence = length * self.text_encoder.n_blocks * self.text_encoder.width * _ACTIVATION_FLOATS_PER_WIDTH * 4
         budget = self.text_memory_mb * 2**20
@@ -219,7 +226,7 @@ class PromptedCLIP(torch.nn.Module):
         else:
             deep_layers = list(deep.unbind(1)) if deep_ps else list(deep.unbind(0))
         n_cls = self.learner.n_classes
-        plan = self._plan(batch)
+        plan = self._plan()
         grad = torch.is_grad_enabled() if grad is None else grad
         # chunk over samples first (whole class lists), then over classes when one sample's classes do not fit
         classes_per_chunk = min(n_cls, plan.sequences_per_chunk)
@@ -229,10 +236,11 @@ class PromptedCLIP(torch.nn.Module):
             for b in range(0, batch, samples_per_chunk)
             for c in range(0, n_cls, classes_per_chunk)
         ]
-        use_checkpoint = grad and len(chunks) > 1
         rows: list[torch.Tensor] = []
         with torch.set_grad_enabled(grad):
-            for samples, classes in chunks:
+            for number, (samples, classes) in enumerate(chunks):
+                # the last chunk's activations stay for backward; earlier ones are recomputed there
+                use_checkpoint = grad and number < len(chunks) - 1
                 c_ctx = ctx[samples] if per_sample else ctx
                 c_deep = [d[samples] if d.dim() == 3 else d for d in deep_layers]
                 args = (c_ctx, c_deep, classes, per_sample, plan.length)
@@ -253,9 +261,11 @@ class PromptedCLIP(torch.nn.Module):
 
     def initial_text_features(self) -> torch.Tensor:
         """[C, E] with the initial prompts, computed once per class list (shared by every test sample at step 0)."""
-        if self._initial_text is None:
+        key = (self.learner.token_ids, self.base["ctx"]._version)
+        if self._initial_text is None or self._initial_key[0] is not key[0] or self._initial_key[1] != key[1]:
             with torch.no_grad():
                 self._initial_text = self.text_features(None, grad=False)
+            self._initial_key = key
         return self._initial_text
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
