@@ -331,9 +331,8 @@ def test_two_process_gloo_sharding_equals_one_process(toy, tmp_path):
 
     import torch.multiprocessing as mp
 
-    from tta_helpers import tta_config, tta_ddp_worker
-
     from promptkd.tta.run import run_tta
+    from tta_helpers import tta_config, tta_ddp_worker
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
