@@ -346,3 +346,40 @@ def test_two_process_gloo_sharding_equals_one_process(toy, tmp_path):
         return list(csv.reader(path.open()))
 
     assert rows("ddp") == rows("single")
+
+
+def test_coop_checkpoint_is_a_tpt_base(tiny_backbone, tmp_path):
+    from promptkd.methods import get_method
+    from promptkd.methods.base import config_from
+
+    cls = get_method("coop")
+    coop = cls(tiny_backbone, CLASSES[:3], config_from(cls, {"n_ctx": 4, "ctx_init": ""}))
+    with torch.no_grad():
+        coop.learner.text.ctx.normal_(0, 0.1)
+    path = coop.save(tmp_path / "coop")
+    model, description = build_model(CLASSES, checkpoint=str(path))  # another class list: context transfers
+    assert "coop" in description and model.classnames == CLASSES
+    torch.testing.assert_close(model.base["ctx"], coop.learner.text.ctx.detach())
+    result = get_tta_method("tpt")(model, TTAConfig(n_views=4)).adapt(_views(tiny_backbone, batch=1, n_views=4))
+    assert result.logits.shape == (1, len(CLASSES))
+
+
+def test_cli_tta_stats_and_tta_with_clear_errors(toy, maple_ckpt, tmp_path, capsys):
+    from promptkd.cli.main import main
+
+    stats, protos = tmp_path / "stats", tmp_path / "protos"
+    argv = ["tta-stats", "--dataset", str(toy), "--base", str(maple_ckpt), "--layers", "0", "1"]
+    assert main([*argv, "--stats", str(stats), "--prototypes", str(protos), "--augmented", "1"]) == 0
+    out = tmp_path / "run"
+    common = ["--datasets", str(toy), "--base", str(maple_ckpt), "--no-progress", "--set", "method.n_views=4"]
+    assert main(["tta", "--method", "promptsync", *common, "--prototypes", str(protos), "--out", str(out)]) == 0
+    assert "promptsync toyset: acc" in capsys.readouterr().out
+    # PromptAlign without its statistics, and prototypes from other prompts: refused before any adaptation
+    assert main(["tta", "--method", "promptalign", *common, "--out", str(out)]) == 2
+    assert "tta-stats" in capsys.readouterr().err
+    plain = ["tta-stats", "--dataset", str(toy), "--model", "pkd-tiny", "--prototypes", str(tmp_path / "other")]
+    assert main([*plain, "--augmented", "1"]) == 0
+    bad = ["tta", "--method", "promptsync", *common, "--prototypes", str(tmp_path / "other"), "--out", str(out)]
+    assert main(bad) == 2
+    assert "other base prompts" in capsys.readouterr().err
+    assert main(["tta", "--method", "nope", "--datasets", str(toy), "--model", "pkd-tiny"]) == 2

@@ -149,10 +149,11 @@ def run_tta(config: TTARunConfig) -> TTAOutcome:
     model.eval()
     logger.info("%s: base model %s (%s)", config.method, model.backbone.spec.model_name, description)
     results = []
-    for name, data in splits.items():
+    for key, data in splits.items():
+        name = data.name or Path(key).name
         items = subset_items(data.split(config.split), config.max_images)
         if not items:
-            raise ConfigError(f"{name} has no {config.split} images")
+            raise ConfigError(f"{key} has no {config.split} images")
         model.set_classnames(data.classnames)
         method = method_cls(model, method_config, sources)  # checks sources against backbone, prompts, classes
         views = ViewConfig(
@@ -225,7 +226,7 @@ def run_tta(config: TTARunConfig) -> TTAOutcome:
             path = write_result(record, out)
             results.append(record)
             _write_predictions(
-                out / f"{config.method}-{Path(name).name}-predictions.csv",
+                out / f"{config.method}-{name}-predictions.csv",
                 [items[int(i)] for i in table[:, 0].tolist()],
                 adapted,
                 initial,
