@@ -55,6 +55,9 @@ class TTAConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     momentum: float = 0.0
+    min_crop_scale: float = field(
+        default=0.08, metadata={"help": "smallest area fraction of the random resized crops (TPT: 0.08)"}
+    )
     augmix: Literal["auto", "on", "off"] = field(
         default="auto", metadata={"help": "AugMix views: auto = on for TPT's fine-grained datasets"}
     )
@@ -64,6 +67,8 @@ class TTAConfig:
             raise ValueError("n_views must be at least 2 (the original and one augmented view)")
         if not 0 < self.selection <= 1:
             raise ValueError("selection must be a fraction in (0, 1]")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError("min_crop_scale must be in (0, 1]")
         if self.steps < 0:
             raise ValueError("steps must be >= 0 (0 = no adaptation)")
         if self.lr < 0:

@@ -159,6 +159,7 @@ def run_tta(config: TTARunConfig) -> TTAOutcome:
         views = ViewConfig(
             n_views=method_config.n_views,
             augmix=_augmix(method_config.augmix, name),
+            min_scale=method_config.min_crop_scale,
             seed=config.seed,
             allow_small=config.allow_small_images,
         )
