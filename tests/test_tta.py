@@ -81,9 +81,11 @@ def _assert_same(batched, singles, lr: float) -> None:
         torch.testing.assert_close(single.logits[0], batched.logits[i], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(single.selected[0], batched.selected[i])
         for key in single.params:
-            # AdamW's first step is lr·g/(|g|+eps): elements with |g| near eps may differ by float noise, bounded by lr
+            # AdamW's first step is lr·g/(|g|+eps), a sign step: an element whose gradient is float noise (|g| ~ 1e-9)
+            # can step either way in a batch of another size. Such elements must be rare and bounded by a few steps.
             diff = (single.params[key][0] - batched.params[key][i]).abs()
-            assert float(diff.max()) <= 0.05 * lr + 1e-6, key
+            assert float((diff > 1e-3 * lr).float().mean()) <= 0.01, key
+            assert float(diff.max()) <= 4 * lr, key
             assert float(diff.mean()) <= 1e-3 * lr + 1e-7, key
 
 
