@@ -66,6 +66,7 @@ REPORT_FORMAT = "promptkd-report"
 HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "zeroshot_classification": ("acc1",),
     "classification": ("acc1",),
+    "test_time_classification": ("acc1", "ece", "base_acc1", "base_ece"),
     "linear_probe": ("lp_acc1",),
     "zeroshot_retrieval": ("image_retrieval_recall@1", "text_retrieval_recall@1"),
 }

@@ -211,7 +211,7 @@ def run_tta(config: TTARunConfig) -> TTAOutcome:
         if info.is_main:
             record = make_result(
                 dataset=name,
-                task="classification",
+                task="test_time_classification",
                 metrics=metrics,
                 method=config.method,
                 backbone=model.backbone,
