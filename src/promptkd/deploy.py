@@ -32,7 +32,7 @@ def load_for_inference(
     checkpoint: str | Path, features: str | Path | None = None, *, device: str = "cpu", precision: str = "fp32"
 ):
     """The method a checkpoint describes, ready for ``logits`` (PromptKD students need no teacher)."""
-    from promptkd.backbones import load_backbone
+    from promptkd.backbones import load_recorded_backbone
     from promptkd.methods import get_method
     from promptkd.methods.base import config_from
 
@@ -44,17 +44,10 @@ def load_for_inference(
         return PromptKD.from_checkpoint(checkpoint, features, device=device, precision=precision)
     if features is not None:
         raise DeployError(f"--features applies to promptkd students only; {checkpoint} is a {name!r} checkpoint.")
-    spec = meta.get("backbone") or {}
     classnames = meta.get("classnames")
     if not classnames:
         raise DeployError(f"{checkpoint}: the checkpoint records no class names; it cannot predict classes.")
-    backbone = load_backbone(
-        spec.get("model_name"),
-        spec.get("pretrained"),
-        quick_gelu=spec.get("quick_gelu"),
-        device=device,
-        precision=precision,
-    )
+    backbone = load_recorded_backbone(meta.get("backbone") or {}, device=device, precision=precision)
     method_cls = get_method(name)
     method = method_cls(backbone, list(classnames), config_from(method_cls, meta.get("method_config")))
     method.load(checkpoint)

@@ -10,6 +10,7 @@ from promptkd.backbones.loading import (
     autocast_for,
     check_model_name,
     load_backbone,
+    load_recorded_backbone,
     register_builtin_configs,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "autocast_for",
     "check_model_name",
     "load_backbone",
+    "load_recorded_backbone",
     "read_weight_file",
     "register_builtin_configs",
 ]

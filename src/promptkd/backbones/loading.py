@@ -633,3 +633,16 @@ def _load_local_dir(model_name: str, forced: bool | None) -> Backbone:
     return Backbone(
         model, make_tokenizer(model_name, _context_length(model), folder), spec, PreprocessInfo.from_model(model)
     )
+
+
+def load_recorded_backbone(
+    spec: dict[str, Any], *, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> Backbone:
+    """The backbone a checkpoint's recorded :class:`BackboneSpec` (``to_dict()``) names: model, weights, QuickGELU."""
+    return load_backbone(
+        spec.get("model_name"),
+        spec.get("pretrained"),
+        quick_gelu=spec.get("quick_gelu"),
+        device=device,
+        precision=precision,
+    )

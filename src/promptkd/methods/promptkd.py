@@ -305,7 +305,7 @@ class PromptKD(Method):
         the checkpoint; it must come from the teacher the student was distilled from (checked). ``backbone``
         defaults to the one the checkpoint records; ``classnames`` to the checkpoint's class list.
         """
-        from promptkd.backbones import load_backbone
+        from promptkd.backbones import load_recorded_backbone
         from promptkd.checkpoints import checkpoint_paths
         from promptkd.methods.base import config_from
 
@@ -322,14 +322,7 @@ class PromptKD(Method):
         if recorded:
             stored.check(teacher=recorded)
         if backbone is None:
-            spec = meta.get("backbone") or {}
-            backbone = load_backbone(
-                spec.get("model_name"),
-                spec.get("pretrained"),
-                quick_gelu=spec.get("quick_gelu"),
-                device=device,
-                precision=precision,
-            )
+            backbone = load_recorded_backbone(meta.get("backbone") or {}, device=device, precision=precision)
         config = config_from(cls, method_config)
         names = list(classnames or meta.get("classnames") or stored.classnames)
         method = cls(backbone, names, config, features=stored)

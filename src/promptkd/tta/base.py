@@ -178,16 +178,11 @@ class TTAMethod:
                 f"{self.name} needs source {' and '.join(missing)} computed offline on a proxy source set: run "
                 "`promptkd tta-stats` and pass the file(s) with --stats / --prototypes."
             )
-        absent = [k for k in self.tuned_keys() if k not in model.base]
-        if absent:
-            raise TTAError(
-                f"{self.name} tunes {', '.join(absent)} prompts but the base model has none; "
-                "start it from a MaPLe checkpoint (--base CKPT)."
-            )
         self.check_sources()
 
     def tuned_keys(self) -> tuple[str, ...]:
-        return self.tuned
+        """The tuned prompts the base model has (a MaPLe base has deep prompts and coupling maps, CoOp only ctx)."""
+        return tuple(k for k in self.tuned if k in self.model.base)
 
     def check_sources(self) -> None:
         """Refuse source files that do not fit the model or the class list (before adaptation starts)."""

@@ -21,26 +21,14 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from promptkd.data.benchmarks import BENCHMARKS
 from promptkd.data.items import DataError, Datum, load_rgb
 from promptkd.data.transforms import eval_transform, interpolation_mode
 
 __all__ = ["FINE_GRAINED", "TTAViewDataset", "ViewConfig", "check_image_sizes", "image_seed", "min_image_side"]
 
 #: TPT's "fine-grained" sets get AugMix views; ImageNet and its variants only crop + flip (TPT ``get_dataset``).
-FINE_GRAINED = frozenset(
-    {
-        "caltech101",
-        "oxford_pets",
-        "oxford_flowers",
-        "stanford_cars",
-        "food101",
-        "fgvc_aircraft",
-        "sun397",
-        "dtd",
-        "eurosat",
-        "ucf101",
-    }
-)
+FINE_GRAINED = frozenset(name for name in BENCHMARKS if not name.startswith("imagenet"))
 
 
 @dataclass(frozen=True)

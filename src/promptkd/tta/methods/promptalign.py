@@ -42,9 +42,6 @@ class PromptAlign(TTAMethod):
     needs: ClassVar[tuple[str, ...]] = ("stats",)
     config: PromptAlignConfig
 
-    def tuned_keys(self) -> tuple[str, ...]:
-        return tuple(k for k in self.tuned if k in self.model.base)
-
     def check_sources(self) -> None:
         if not self.model.has_coupling:
             raise TTAError("promptalign tunes MaPLe's multimodal prompts; start it from a MaPLe checkpoint (--base)")

@@ -65,9 +65,6 @@ class PromptSync(TTAMethod):
     needs: ClassVar[tuple[str, ...]] = ("prototypes",)
     config: PromptSyncConfig
 
-    def tuned_keys(self) -> tuple[str, ...]:
-        return tuple(k for k in self.tuned if k in self.model.base)
-
     def check_sources(self) -> None:
         prototypes: Prototypes = self.sources["prototypes"]
         prototypes.check(self.model)
