@@ -66,8 +66,7 @@ def end_to_end(backbone, split, batch_size: int, workers: int) -> float:
 def main() -> None:
     from promptkd.backbones import load_backbone
     from promptkd.backbones.weights import shipped_weights
-    from promptkd.cli.demo import default_cache
-    from promptkd.data.world import build_world
+    from promptkd.data.world import build_world, default_world_root
     from promptkd.evaluation.datasets import resolve_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,7 +77,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--vit-b16", action="store_true", help="also time a random-weight ViT-B/16 at 224 px")
     args = parser.parse_args()
-    root = args.world_root or str(default_cache() / "world")
+    root = args.world_root or str(default_world_root())
     build_world(root)
     split = resolve_dataset("shapes", root)
     print(

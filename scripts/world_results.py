@@ -1,7 +1,9 @@
-"""Reproduce the README's embedded-world tables (zero-shot, linear probe, base-to-novel per method, PromptKD).
+"""Reproduce the README's embedded-world tables (zero-shot, linear probe, base-to-novel per method, PromptKD, TTA).
 
     python scripts/world_results.py --out runs/world_results [--datasets shapes patterns counts] [--seeds 1 2 3]
-        [--parts zeroshot linear_probe methods promptkd]
+        [--parts zeroshot linear_probe methods promptkd tta]
+
+(The pair's own table, zero-shot and full-data probe of both CLIPs, comes from `promptkd world-report`.)
 
 Every part writes result JSONs under --out and prints a Markdown table; finished runs are skipped on a re-run.
 """
@@ -14,9 +16,8 @@ from pathlib import Path
 
 from promptkd.backbones import load_backbone
 from promptkd.backbones.weights import shipped_weights
-from promptkd.cli.demo import default_cache
 from promptkd.data.sampling import few_shot_splits, subsample_classes
-from promptkd.data.world import build_world
+from promptkd.data.world import build_world, default_world_root
 from promptkd.evaluation.datasets import resolve_dataset
 from promptkd.evaluation.metrics import harmonic_mean
 from promptkd.evaluation.zeroshot import evaluate_zeroshot
@@ -136,6 +137,82 @@ def promptkd_runs(root: str, datasets: list[str], seeds: list[int], out: Path) -
     return table
 
 
+def tta_runs(root: str, seeds: list[int], out: Path, max_images: int = 128) -> None:
+    """TPT and C-TPT from "a photo of a"; PromptAlign and PromptSync from a MaPLe base trained on 16 shots of clean
+    `shapes` (all 64 classes) per seed, with statistics and prototypes from 640 clean train images; all on the
+    teacher, over the domain-shifted test sets. Aggregate with `promptkd report <out>/tta`."""
+    from promptkd.cli.main import main as cli
+
+    sets = ["shapes_noise", "shapes_sketch"]
+    teacher = ["--model", TEACHER, "--pretrained", "shipped"]
+    common = ["--preset", "world", "--datasets", *sets, "--data-root", root, "--max-images", str(max_images)]
+    for seed in seeds:
+        folder = out / "tta" / f"seed_{seed}"
+        for method in ("tpt", "ctpt"):
+            cli(["tta", "--method", method, *common, *teacher, "--seed", str(seed), "--out", str(folder / method)])
+        base = folder / "maple"
+        if not (base / "prompts.safetensors").is_file():
+            cli(
+                [
+                    "train",
+                    "--method",
+                    "maple",
+                    "--preset",
+                    "world",
+                    "--dataset",
+                    "shapes",
+                    "--data-root",
+                    root,
+                    *teacher,
+                    "--shots",
+                    "16",
+                    "--seed",
+                    str(seed),
+                    "--out",
+                    str(base),
+                    "--set",
+                    "subsample=all",
+                ]
+            )
+        stats, protos = folder / "stats", folder / "prototypes"
+        if not stats.with_suffix(".safetensors").is_file():
+            cli(
+                [
+                    "tta-stats",
+                    "--base",
+                    str(base / "prompts.safetensors"),
+                    "--dataset",
+                    "shapes",
+                    "--data-root",
+                    root,
+                    "--max-images",
+                    "640",
+                    "--stats",
+                    str(stats),
+                    "--prototypes",
+                    str(protos),
+                    "--seed",
+                    str(seed),
+                ]
+            )
+        for method, extra in (("promptalign", ["--stats", str(stats)]), ("promptsync", ["--prototypes", str(protos)])):
+            cli(
+                [
+                    "tta",
+                    "--method",
+                    method,
+                    *common,
+                    "--base",
+                    str(base / "prompts.safetensors"),
+                    *extra,
+                    "--seed",
+                    str(seed),
+                    "--out",
+                    str(folder / method),
+                ]
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/world_results")
@@ -143,9 +220,9 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["shapes", "patterns", "counts"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--parts", nargs="+", default=["zeroshot", "linear_probe", "methods", "promptkd"])
+    parser.add_argument("--parts", nargs="+", default=["zeroshot", "linear_probe", "methods", "promptkd", "tta"])
     args = parser.parse_args()
-    root = args.world_root or str(default_cache() / "world")
+    root = args.world_root or str(default_world_root())
     build_world(root)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,6 +234,8 @@ def main() -> None:
         methods_report(root, args.datasets, args.seeds, out, args.methods)
     if "promptkd" in args.parts:
         print("\n".join(promptkd_runs(root, args.datasets, args.seeds, out)))
+    if "tta" in args.parts:
+        tta_runs(root, args.seeds, out)
 
 
 if __name__ == "__main__":

@@ -462,7 +462,9 @@ def test_distill_cli_end_to_end(teacher_ckpt, tmp_path, capsys):
         data = json.loads(path.read_text())
         if data.get("format") == "promptkd-result":
             by_half[data["subsample"]] = data
-    assert set(by_half) == {"base", "new"} and by_half["base"]["num_classes"] == 2
+    assert set(by_half) == {"base", "new", "all"} and by_half["base"]["num_classes"] == 2
+    assert by_half["all"]["num_classes"] == len(CLASSES) and by_half["all"]["protocol"] == "base2new"
+    assert "hm" in by_half["base"] and "hm" not in by_half["all"]  # HM belongs to the halves
     assert by_half["base"]["mode"] == "transductive" and by_half["base"]["selection"]["on"] == "last_epoch"
     assert "HM" in capsys.readouterr().out
     _, meta = load_checkpoint(run / "prompts")

@@ -217,11 +217,12 @@ def test_render_styles_differ_as_designed():
     assert clean[corner].max() < 60  # plain dark background
     assert scene[corner].mean() > 60  # muted, brighter textured backgrounds
     assert sketch[corner].min() > 170  # light paper
-    # Red object: the clean centre pixel is red, and clean objects are bigger than scene ones on average.
+    # Red object: the clean centre pixel is red, and clean objects are bigger than scene ones on average (since
+    # world v3 only somewhat: scene shapes must stay legible at 32 px).
     centre = clean[:, 16, 16]
     assert (centre[:, 0] > 150).all() and (centre[:, 1] < 90).all()
     red = lambda x: ((x[..., 0] > 150) & (x[..., 1] < 100) & (x[..., 2] < 100)).mean()  # noqa: E731
-    assert red(clean) > 1.5 * red(scene)
+    assert 1.2 * red(scene) < red(clean) < 1.8 * red(scene)
     # Pixel noise: neighbouring-pixel differences are largest in the noisy style.
     rough = lambda x: np.abs(np.diff(x, axis=2)).mean()  # noqa: E731
     assert rough(noisy) > 3 * rough(scene)

@@ -548,6 +548,14 @@ def format_markdown(report: Report, images: Mapping[str, str] | None = None) -> 
             headers = ["Dataset", "Method", "Model", "Seeds", "Base", "Novel", "HM"]
             body = [[*_row_head(r), _stat_text(r.base), _stat_text(r.novel), _fmt(r.hm)] for r in rows]
             body += [[*_avg_head(a), _fmt(a.base), _fmt(a.novel), _fmt(a.hm)] for a in averages if len(a.datasets) > 1]
+            if any("acc1" in r.metrics for r in rows):  # base runs also scored on all classes at once
+                headers.append("All classes")
+                for line, row in zip(body, [*rows, *(a for a in averages if len(a.datasets) > 1)]):
+                    line.append(
+                        _stat_text(row.metrics.get("acc1"))
+                        if isinstance(row, ReportRow)
+                        else _fmt(row.metrics.get("acc1"))
+                    )
         else:
             keys = report.headline.get(protocol, [])
             headers = ["Dataset", "Method", "Model", "Seeds", *keys]

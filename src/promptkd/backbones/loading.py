@@ -291,6 +291,10 @@ def load_backbone(
         pretrained = shipped_weights(model_name or "")
         if pretrained is None:
             raise BackboneError(f"promptkd ships no weights for {model_name!r}; only the embedded world's models.")
+    if shipped or (pretrained and _is_shipped_file(pretrained)):
+        from promptkd.backbones.weights import verify_shipped
+
+        verify_shipped(pretrained, open_clip.get_model_config(_base_name(model_name)) if model_name else None)
     if precision not in PRECISIONS:
         raise BackboneError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}.")
     if model_name is None and not pretrained:

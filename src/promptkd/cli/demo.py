@@ -3,26 +3,23 @@
 For each dataset (default: the world's ``shapes``): zero-shot teacher and student; stage 1, a PromptSRC teacher
 trained on 16 labelled shots of the base classes; a CoOp student trained the same way (the labelled baseline);
 stage 2, the PromptKD student distilled from the teacher's stored class features on the unlabelled train split
-(all classes, transductive, as in the paper); base and novel accuracy (each half scored among its own classes)
-and HM. It prints the table, saves ``results.json`` and a bar chart, and runs ``predict`` with the distilled
-student on a few test images. Real backbones and data go through the same flags (``--teacher-model``,
-``--data-root``, ``--datasets``).
+(all classes, transductive, as in the paper); base and novel accuracy (each half scored among its own classes),
+HM and all-class accuracy; and the inference speed of every model (images/s, timed in interleaved rounds). It
+prints the table, saves ``results.json``, a bar chart and a chart of HM against speed (the paper's story: the
+distilled student near the teacher's accuracy at the student's speed), and runs ``predict`` with the distilled
+student alone on a few test images, marked right or wrong. Real backbones and data go through the same flags
+(``--teacher-model``, ``--data-root``, ``--datasets``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 HELP = "run the whole pipeline on the embedded world: zero-shot, PromptSRC teacher, CoOp and PromptKD students"
 
 DEFAULT_DATASETS = ("shapes",)
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("PROMPTKD_CACHE", Path.home() / ".cache" / "promptkd"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,43 +48,43 @@ def _weights(model: str, pretrained: str | None) -> str | None:
     return pretrained or shipped_weights(model)
 
 
-def _zeroshot_rows(args, role: str, model: str, pretrained: str | None, dataset: str, root: str) -> dict:
+def _zeroshot_row(args, role: str, model: str, pretrained: str | None, dataset: str, root: str) -> tuple[dict, object]:
+    """Zero-shot base / novel / all accuracy of one CLIP (one pass over the test split), and the backbone."""
     from promptkd.backbones import load_backbone
     from promptkd.cli.common import resolve_device
-    from promptkd.data.sampling import subsample_classes
     from promptkd.evaluation.datasets import resolve_dataset
-    from promptkd.evaluation.zeroshot import evaluate_zeroshot
+    from promptkd.evaluation.world_report import measure_backbone
 
     backbone = load_backbone(model, pretrained, device=resolve_device(args.device), precision=args.precision).freeze()
     if pretrained is None:
         print(f"  note: {model} has no pre-trained weights here; it runs with random weights (chance accuracy)")
-    splits = resolve_dataset(dataset, root)
-    accuracy = {}
-    for half in ("base", "new"):
-        part = subsample_classes(splits, half)
-        result = evaluate_zeroshot(backbone, part.test, part.classnames, [part.template], progress=False)
-        accuracy[half] = result.metrics["acc1"]
-    return _row(f"zero-shot {role}", model, dataset, accuracy["base"], accuracy["new"])
+    measured = measure_backbone(backbone, resolve_dataset(dataset, root), probe=False)["zeroshot"]
+    row = _row(f"zero-shot {role}", model, dataset, measured["base"], measured["novel"], measured["all"])
+    return row, backbone
 
 
-def _row(method: str, model: str, dataset: str, base: float, novel: float, seconds: float | None = None) -> dict:
+def _row(
+    method: str, model: str, dataset: str, base: float, novel: float, all_classes: float, seconds: float | None = None
+) -> dict:
+    """A table row; accuracies in %."""
     from promptkd.evaluation.metrics import harmonic_mean
 
-    b, n = 100.0 * base, 100.0 * novel
     return {
         "method": method,
         "model": model,
         "dataset": dataset,
-        "base": b,
-        "novel": n,
-        "hm": harmonic_mean(b, n),
+        "base": base,
+        "novel": novel,
+        "hm": harmonic_mean(base, novel),
+        "all": all_classes,
         "seconds": seconds,
     }
 
 
-def _accuracies(results: list[dict]) -> tuple[float, float]:
-    by_half = {r["subsample"]: r["metrics"]["acc1"] for r in results}
-    return by_half.get("base", float("nan")), by_half.get("new", float("nan"))
+def _accuracies(results: list[dict]) -> tuple[float, float, float]:
+    """Base, novel and all-class top-1 (%) from a run's result JSONs."""
+    by_half = {r["subsample"]: 100.0 * r["metrics"]["acc1"] for r in results}
+    return by_half.get("base", float("nan")), by_half.get("new", float("nan")), by_half.get("all", float("nan"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,33 +92,67 @@ def run(args: argparse.Namespace) -> int:
 
     from promptkd.checkpoints import atomic_write_text
     from promptkd.cli.common import print_table
-    from promptkd.data.world import build_world, list_datasets, load_manifest
-    from promptkd.distill.run import resolve_distill_config, run_distillation
-    from promptkd.engine.run import resolve_run_config, run_training
+    from promptkd.data.world import default_world_root, ensure_world, list_datasets
 
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    world_names = {d.name if hasattr(d, "name") else str(d) for d in list_datasets()}
-    uses_world = any(name in world_names for name in args.datasets)
-    world_root = Path(args.world_root) if args.world_root else default_cache() / "world"
-    if uses_world:
-        print(f"[1/5] embedded world at {world_root}")
-        try:
-            load_manifest(world_root)  # a finished world (any parameters) is used as it is
-        except FileNotFoundError:
-            build_world(world_root)
-    teacher_w = _weights(args.teacher_model, args.teacher_pretrained)
-    student_w = _weights(args.student_model, args.student_pretrained)
+    world_names = set(list_datasets())
+    world_root = Path(args.world_root).expanduser() if args.world_root else default_world_root()
+    if any(name in world_names for name in args.datasets):
+        print(f"[1/6] embedded world at {world_root}")
+        ensure_world(args.world_root)  # built if absent; another world version is rebuilt (cache) or refused
     rows: list[dict] = []
-    quiet = ["train.progress=false"]
     for dataset in args.datasets:
         root = str(world_root) if dataset in world_names else args.data_root
-        print(f"[2/5] {dataset}: zero-shot teacher and student")
-        rows.append(_zeroshot_rows(args, "teacher", args.teacher_model, teacher_w, dataset, root))
-        rows.append(_zeroshot_rows(args, "student", args.student_model, student_w, dataset, root))
-        if args.zeroshot_only:
-            continue
+        rows += _run_dataset(args, dataset, root, out)
+    print_table(
+        ["method", "dataset", "base", "novel", "HM", "all", "images/s", "train s"],
+        [
+            (
+                r["method"],
+                r["dataset"],
+                f"{r['base']:.1f}",
+                f"{r['novel']:.1f}",
+                f"{r['hm']:.1f}",
+                f"{r['all']:.1f}",
+                f"{r['images_per_second']:.0f}",
+                f"{r['seconds']:.0f}" if r["seconds"] else "",
+            )
+            for r in rows
+        ],
+    )
+    atomic_write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
+    bars = _bar_chart(rows, out / "demo.png")
+    speed = _speed_chart(rows, out / "demo_speed.png")
+    print(f"wrote {out / 'results.json'}, {bars} and {speed}")
+    if not args.zeroshot_only and args.datasets:
+        dataset = args.datasets[-1]
+        _predict_example(out / dataset / "promptkd", dataset, world_root if dataset in world_names else args.data_root)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _run_dataset(args: argparse.Namespace, dataset: str, root: str | None, out: Path) -> list[dict]:
+    """Every row of one dataset, each with the inference speed of the model it describes."""
+    from promptkd.deploy import load_for_inference
+    from promptkd.distill.run import resolve_distill_config, run_distillation
+    from promptkd.engine.run import resolve_run_config, run_training
+    from promptkd.evaluation.world_report import images_per_second
+
+    teacher_w = _weights(args.teacher_model, args.teacher_pretrained)
+    student_w = _weights(args.student_model, args.student_pretrained)
+    quiet = ["train.progress=false"]
+    print(f"[2/6] {dataset}: zero-shot teacher and student")
+    rows, models = [], []
+    for role, model, weights in (
+        ("teacher", args.teacher_model, teacher_w),
+        ("student", args.student_model, student_w),
+    ):
+        row, backbone = _zeroshot_row(args, role, model, weights, dataset, root)
+        rows.append(row)
+        models.append(backbone)
+    if not args.zeroshot_only:
         common = {
             "dataset": dataset,
             "data_root": root,
@@ -130,113 +161,95 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "device": args.device,
         }
-        print(f"[3/5] {dataset}: stage 1, PromptSRC teacher on {args.shots} shots of the base classes")
+        print(f"[3/6] {dataset}: stage 1, PromptSRC teacher on {args.shots} shots of the base classes")
         tic = time.perf_counter()
-        teacher_cfg = resolve_run_config(
-            "promptsrc",
-            args.teacher_preset,
-            quiet,
-            {**common, "model": args.teacher_model, "pretrained": teacher_w, "out": str(out / dataset / "teacher")},
-        )
-        teacher = run_training(teacher_cfg)
-        rows.append(
-            _row(
-                "PromptSRC teacher",
-                args.teacher_model,
-                dataset,
-                *_accuracies(teacher.results),
-                time.perf_counter() - tic,
+        teacher = run_training(
+            resolve_run_config(
+                "promptsrc",
+                args.teacher_preset,
+                quiet,
+                {**common, "model": args.teacher_model, "pretrained": teacher_w, "out": str(out / dataset / "teacher")},
             )
         )
-        print(f"[4/5] {dataset}: CoOp student on the same labelled shots")
+        rows.append(_row("PromptSRC teacher", args.teacher_model, dataset, *_accuracies(teacher.results), _since(tic)))
+        models.append(load_for_inference(teacher.train.checkpoint, device=_device(args)))
+        print(f"[4/6] {dataset}: CoOp student on the same labelled shots")
         tic = time.perf_counter()
-        coop_cfg = resolve_run_config(
-            "coop",
-            args.coop_preset,
-            quiet,
-            {**common, "model": args.student_model, "pretrained": student_w, "out": str(out / dataset / "coop")},
-        )
-        coop = run_training(coop_cfg)
-        rows.append(
-            _row("CoOp student", args.student_model, dataset, *_accuracies(coop.results), time.perf_counter() - tic)
-        )
-        print(f"[5/5] {dataset}: stage 2, PromptKD student distilled on unlabelled images (no labels read)")
-        tic = time.perf_counter()
-        distill_cfg = resolve_distill_config(
-            args.distill_preset,
-            quiet,
-            {
-                "teacher": str(teacher.train.checkpoint),
-                "student_model": args.student_model,
-                "student_pretrained": student_w,
-                "dataset": dataset,
-                "data_root": root,
-                "seed": args.seed,
-                "device": args.device,
-                "out": str(out / dataset / "promptkd"),
-            },
-        )
-        student = run_distillation(distill_cfg)
-        rows.append(
-            _row(
-                "PromptKD student",
-                args.student_model,
-                dataset,
-                *_accuracies(student.results),
-                time.perf_counter() - tic,
+        coop = run_training(
+            resolve_run_config(
+                "coop",
+                args.coop_preset,
+                quiet,
+                {**common, "model": args.student_model, "pretrained": student_w, "out": str(out / dataset / "coop")},
             )
         )
-    print_table(
-        ["method", "dataset", "base", "novel", "HM", "seconds"],
-        [
-            (
-                r["method"],
-                r["dataset"],
-                f"{r['base']:.1f}",
-                f"{r['novel']:.1f}",
-                f"{r['hm']:.1f}",
-                f"{r['seconds']:.0f}" if r["seconds"] else "",
+        rows.append(_row("CoOp student", args.student_model, dataset, *_accuracies(coop.results), _since(tic)))
+        models.append(load_for_inference(coop.train.checkpoint, device=_device(args)))
+        print(f"[5/6] {dataset}: stage 2, PromptKD student distilled on unlabelled images (no labels read)")
+        tic = time.perf_counter()
+        student = run_distillation(
+            resolve_distill_config(
+                args.distill_preset,
+                quiet,
+                {
+                    "teacher": str(teacher.train.checkpoint),
+                    "student_model": args.student_model,
+                    "student_pretrained": student_w,
+                    "dataset": dataset,
+                    "data_root": root,
+                    "seed": args.seed,
+                    "device": args.device,
+                    "out": str(out / dataset / "promptkd"),
+                },
             )
-            for r in rows
-        ],
-    )
-    atomic_write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
-    chart = _bar_chart(rows, out / "demo.png")
-    print(f"wrote {out / 'results.json'} and {chart}")
-    if not args.zeroshot_only and args.datasets:
-        _predict_example(
-            out / args.datasets[-1] / "promptkd", args.datasets[-1], world_root, world_names, args.data_root
         )
-    print(f"demo finished in {time.perf_counter() - start:.0f} s")
-    return 0
+        rows.append(_row("PromptKD student", args.student_model, dataset, *_accuracies(student.results), _since(tic)))
+        models.append(load_for_inference(student.checkpoint, device=_device(args)))
+    print(f"[6/6] {dataset}: inference speed of every model (images/s, batch 256, interleaved rounds)")
+    for row, rate in zip(rows, images_per_second(models, rounds=3, min_seconds=0.4)):
+        row["images_per_second"] = rate
+    return rows
 
 
-def _predict_example(run_dir: Path, dataset: str, world_root: Path, world_names: set[str], data_root) -> None:
+def _since(tic: float) -> float:
+    return time.perf_counter() - tic
+
+
+def _device(args: argparse.Namespace) -> str:
+    from promptkd.cli.common import resolve_device
+
+    return resolve_device(args.device)
+
+
+def _predict_example(run_dir: Path, dataset: str, data_root, count: int = 6) -> None:
+    """``predict`` with the distilled student alone on a few test images, each marked right or wrong."""
     from promptkd.deploy import load_for_inference, predict, write_predictions_csv
     from promptkd.evaluation.datasets import resolve_dataset
 
-    splits = resolve_dataset(dataset, str(world_root) if dataset in world_names else data_root)
-    samples = splits.test[:: max(1, len(splits.test) // 5)][:5]
+    splits = resolve_dataset(dataset, data_root)
+    samples = splits.test[:: max(1, len(splits.test) // count)][:count]
     method = load_for_inference(run_dir / "prompts.safetensors")
     predictions, _ = predict(method, [d.path for d in samples], top_k=3, progress=False)
     path = write_predictions_csv(predictions, run_dir / "predictions.csv")
-    print(f"predict with the distilled student alone (no text encoder, no teacher) -> {path}:")
+    right = sum(p.classes[0] == d.classname for d, p in zip(samples, predictions))
+    print(f"predict with the distilled student alone (no text encoder, no teacher) -> {path}")
+    print(f"  {right} of {len(samples)} right:")
     for datum, p in zip(samples, predictions):
+        verdict = "right" if p.classes[0] == datum.classname else "WRONG"
         guesses = ", ".join(f"{c} {s:.2f}" for c, s in zip(p.classes, p.scores))
-        print(f"  {Path(datum.path).name:>10}  true: {datum.classname:<18} predicted: {guesses}")
+        print(f"  {verdict:>5}  {Path(datum.path).name:>10}  true: {datum.classname:<18} predicted: {guesses}")
 
 
 def _bar_chart(rows: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Base, novel, HM and all-class accuracy per method and dataset."""
+    from matplotlib.figure import Figure
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    fig = Figure(figsize=(15, 3.8))
+    axes = fig.subplots(1, 4, sharey=True)
     width = 0.8 / max(1, len(methods))
-    for ax, key, title in zip(axes, ("base", "novel", "hm"), ("Base", "Novel", "HM")):
+    for ax, key, title in zip(axes, ("base", "novel", "hm", "all"), ("Base", "Novel", "HM", "All classes")):
         for i, method in enumerate(methods):
             values = [
                 next((r[key] for r in rows if r["method"] == method and r["dataset"] == d), 0.0) for d in datasets
@@ -249,5 +262,47 @@ def _bar_chart(rows: list[dict], path: Path) -> Path:
     axes[-1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return path
+
+
+def _speed_chart(rows: list[dict], path: Path) -> Path:
+    """HM against inference speed, one point per model and dataset, values labelled: the paper's story at a glance
+    (the distilled student should sit near the teacher's accuracy at the student's speed)."""
+    from matplotlib.figure import Figure
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    fig = Figure(figsize=(6.5 * len(datasets), 4.6))
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    styles = {"teacher": ("s", "C3"), "student": ("o", "C0")}
+    for ax, dataset in zip(axes, datasets):
+        for r in (r for r in rows if r["dataset"] == dataset):
+            marker, colour = styles["teacher" if "teacher" in r["method"] else "student"]
+            if r["method"].startswith("PromptKD"):
+                colour = "C2"
+            ax.scatter(r["images_per_second"], r["hm"], marker=marker, s=70, color=colour, zorder=3)
+            ax.annotate(
+                f"{r['method']}\nHM {r['hm']:.1f}, {r['images_per_second']:.0f} img/s",
+                (r["images_per_second"], r["hm"]),
+                textcoords="offset points",
+                xytext=(7, -4),
+                fontsize=7.5,
+            )
+        points = {r["method"]: (r["images_per_second"], r["hm"]) for r in rows if r["dataset"] == dataset}
+        if "PromptSRC teacher" in points and "PromptKD student" in points:
+            ax.annotate(
+                "",
+                xy=points["PromptKD student"],
+                xytext=points["PromptSRC teacher"],
+                arrowprops={"arrowstyle": "->", "color": "C2", "linestyle": "--", "shrinkA": 8, "shrinkB": 8},
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("inference speed (images/s, log scale)")
+        ax.set_ylabel("HM of base and novel accuracy (%)")
+        ax.set_title(f"{dataset}: accuracy vs speed")
+        ax.grid(alpha=0.3, which="both")
+        lo = min(r["images_per_second"] for r in rows if r["dataset"] == dataset)
+        hi = max(r["images_per_second"] for r in rows if r["dataset"] == dataset)
+        ax.set_xlim(lo / 1.6, hi * 3.5)  # room for the labels on the right
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     return path

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "convert": "convert",
     "convert-weights": "convert_weights",
     "inspect": "inspect",
+    "world-report": "world_report",
 }
 
 

@@ -275,7 +275,7 @@ def _evaluate(
             logger.info("no labelled test split: nothing evaluated")
         return []
     trained_on = list(method.classnames)
-    halves = ["base", "new"] if config.protocol == "base2new" else ["all"]
+    halves = ["base", "new", "all"] if config.protocol == "base2new" else ["all"]
     results: list[dict[str, Any]] = []
     accs: dict[str, float] = {}
     for half in halves:
@@ -296,7 +296,7 @@ def _evaluate(
                 metrics=metrics,
                 method="promptkd",
                 backbone=student,
-                protocol="base2new" if half != "all" else "cross_dataset",
+                protocol="base2new" if config.protocol == "base2new" else "cross_dataset",
                 subsample=half,
                 seed=config.seed,
                 num_classes=len(part.classnames),
@@ -318,7 +318,8 @@ def _evaluate(
         hm = harmonic_mean(accs["base"], accs["new"])
         logger.info("base %.2f novel %.2f HM %.2f", 100 * accs["base"], 100 * accs["new"], 100 * hm)
         for result in results:
-            result["hm"] = hm
+            if result["subsample"] != "all":
+                result["hm"] = hm
     method.set_classnames(trained_on)
     if info.is_main:
         for result in results:

@@ -117,7 +117,9 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
         outcome = trainer.fit(train_set, val_set)
         results: list[dict[str, Any]] = []
         if config.evaluate:
-            halves = ["base", "new"] if config.subsample == "base" else ["all"]
+            # A base run is scored on each half among its own classes (the papers' base-to-novel) and, beside it,
+            # on all classes at once (what a deployed model faces); "all" runs on all classes only.
+            halves = ["base", "new", "all"] if config.subsample == "base" else ["all"]
             accs = {}
             for half in halves:
                 part = subsample_classes(splits, half) if half != "all" else splits
@@ -145,6 +147,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
                         method=method.name,
                         backbone=backbone,
                         subsample=half,
+                        protocol="base2new" if config.subsample == "base" else None,
                         seed=config.seed,
                         num_shots=config.shots or None,
                         num_classes=len(part.classnames),

@@ -88,6 +88,25 @@ def _read_with_spec(
     return read_split_json(spec, root, check=check)
 
 
+def _check_world_version(manifest: Any, path: str) -> None:
+    """A world written by another world version has other images and splits: never read it silently."""
+    from promptkd.data.world import WORLD_VERSION, default_world_root
+
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    if version is not None and version != WORLD_VERSION:
+        root = os.path.dirname(path)
+        cache = os.path.abspath(default_world_root()) == os.path.abspath(root)
+        raise DataError(
+            f"the embedded world here is version {version}, but this promptkd renders version {WORLD_VERSION} "
+            "(other images, splits and shipped CLIPs)",
+            path=root,
+            expected=f"a world built by this promptkd (world version {WORLD_VERSION})",
+            fix="run `promptkd demo` once to rebuild promptkd's cached world"
+            if cache
+            else "delete the folder (or name another one) and build it again",
+        )
+
+
 def _world_dataset(spec: Any, root: str, check: bool) -> DatasetSplits:
     root = os.path.abspath(root)
     folder, image_dir, split_file = spec.name, "images", f"split_zhou_{spec.split_name}.json"
@@ -95,12 +114,14 @@ def _world_dataset(spec: Any, root: str, check: bool) -> DatasetSplits:
     if os.path.isfile(manifest_path):
         try:
             with open(manifest_path, encoding="utf-8") as f:
-                entry = json.load(f).get("datasets", {}).get(spec.name, {})
+                manifest = json.load(f)
+            entry = manifest.get("datasets", {}).get(spec.name, {})
             folder = entry.get("folder", folder)
             image_dir = entry.get("image_dir", image_dir)
             split_file = entry.get("split_file", split_file)
         except (OSError, ValueError, AttributeError):
-            pass
+            manifest = {}
+        _check_world_version(manifest, manifest_path)
     if os.path.basename(root.rstrip(os.sep)) == folder and os.path.isfile(os.path.join(root, split_file)):
         dataset_dir, parent = root, os.path.dirname(root)
     else:

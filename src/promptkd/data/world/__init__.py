@@ -28,6 +28,8 @@ from promptkd.data.world.build import (
     WorldConfig,
     WorldMismatchError,
     build_world,
+    default_world_root,
+    ensure_world,
     load_manifest,
 )
 from promptkd.data.world.render import STYLES, render, render_attributes
@@ -83,7 +85,9 @@ __all__ = [
     "build_world",
     "caption_choices",
     "caption_words",
+    "default_world_root",
     "depicts_held_out",
+    "ensure_world",
     "family_of",
     "get_dataset",
     "held_out_compositions",

@@ -55,7 +55,7 @@ from promptkd.errors import PromptKDError
 
 logger = logging.getLogger(__name__)
 
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 MANIFEST_NAME = "world.json"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _RETRIEVAL_CHUNK = 64  # images per retrieval task (fixed, so the output does not depend on the number of workers)
@@ -476,6 +476,38 @@ def build_world(
         "" if workers == 1 else "s",
     )
     return manifest
+
+
+def default_world_root() -> Path:
+    """Where promptkd keeps the world it builds itself: ``$PROMPTKD_CACHE/world`` (default ``~/.cache/promptkd``)."""
+    return Path(os.environ.get("PROMPTKD_CACHE", Path.home() / ".cache" / "promptkd")).expanduser() / "world"
+
+
+def ensure_world(root: str | os.PathLike | None = None) -> Path:
+    """A finished world of this code's version at ``root`` (default: :func:`default_world_root`); built if absent.
+
+    A world with other parameters (e.g. a small one for tests) is used as it is. A world written by another world
+    version (other images, other splits, CLIPs pre-trained on something else) is never used silently: in
+    promptkd's own cache it is rebuilt, with a warning; at a folder the user named it is refused with what to do.
+    """
+    explicit = root is not None
+    folder = Path(root).expanduser() if explicit else default_world_root()
+    try:
+        found = load_manifest(folder)
+    except FileNotFoundError:
+        build_world(folder)
+        return folder
+    version = found.get("version")
+    if version != WORLD_VERSION:
+        if explicit:
+            raise WorldMismatchError(
+                f"{folder} holds an embedded world of version {version}, but this promptkd renders version "
+                f"{WORLD_VERSION} (other images, splits and shipped CLIPs). Delete the folder or name another one "
+                "and it is built anew (promptkd's own cache is rebuilt automatically)."
+            )
+        logger.warning("the world at %s is version %s; rebuilding it for version %s", folder, version, WORLD_VERSION)
+        build_world(folder, overwrite=True)
+    return folder
 
 
 def _install(build_root: Path, root: Path, manifest: dict, replace_existing: bool) -> None:

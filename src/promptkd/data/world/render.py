@@ -6,8 +6,11 @@ Styles (the domain gap is deliberate):
 - ``web``    — pre-training too (half of its images): plain or two-tone gradient backgrounds from dark to mid grey,
   objects of medium size anywhere in the frame, random stripe angles, sometimes an outline. It covers some of the
   variation a web corpus would, so zero-shot transfer to ``scene`` images is possible but far from perfect.
-- ``scene``  — downstream datasets: gradient + blotchy textured background, smaller objects anywhere in the frame,
-  random stripe angles, an optional dark outline, optional mild blur and light pixel noise.
+- ``scene``  — downstream datasets: gradient + blotchy textured background, objects anywhere in the frame (single
+  ones of medium to large size, patterned ones large, groups smaller), coarser fill patterns at random angles, an
+  optional dark outline, optional mild blur and light pixel noise. Since world version 3 the objects are large
+  enough for their shapes to be legible at 32 px: the features of both CLIPs then carry the classes (a linear
+  probe reads them) while zero-shot still pays for the gap in style, as real CLIP does downstream.
 - ``sketch`` — domain shift: thin outlines in the object colour on light grey paper, no fill.
 - ``noisy``  — domain shift: the ``scene`` look plus grey clutter strokes, heavy pixel noise and blur.
 
@@ -25,13 +28,20 @@ from promptkd.data.world.spec import COLOUR_RGB, Attributes, parse_classname
 
 STYLES: tuple[str, ...] = ("clean", "web", "scene", "sketch", "noisy")
 
-# Object radius as a fraction of the canvas side, per style and size word (None = size not specified).
+# Object radius as a fraction of the canvas side, per style and size word (None = size not specified). Downstream
+# ("scene") objects are large enough at 32 px for their shape to be legible to a small ViT (world v3): a full-data
+# linear probe then reads shapes well while zero-shot still pays for the domain gap, as with real CLIP.
 _RADIUS = {
     "clean": {"small": (0.25, 0.32), "large": (0.36, 0.44), None: (0.25, 0.44)},
     "web": {"small": (0.20, 0.28), "large": (0.32, 0.42), None: (0.20, 0.42)},
-    "scene": {"small": (0.16, 0.23), "large": (0.28, 0.38), None: (0.16, 0.38)},
+    "scene": {"small": (0.22, 0.28), "large": (0.32, 0.42), None: (0.22, 0.42)},
 }
-_MULTI_RADIUS = {"clean": (0.15, 0.18), "web": (0.13, 0.17), "scene": (0.12, 0.16)}
+_MULTI_RADIUS = {"clean": (0.15, 0.18), "web": (0.13, 0.17), "scene": (0.15, 0.19)}
+# A patterned object needs room for its pattern to be seen: at least this radius range (downstream: larger still).
+_PATTERN_RADIUS = {"clean": (0.26, 0.30), "web": (0.26, 0.30), "scene": (0.32, 0.44)}
+# Fill-pattern period in output pixels: one period in the tidy pre-training look, a range on the web, and a coarser
+# one downstream (legible at 32 px, and unlike the pre-training corpus).
+_PATTERN_PERIOD = {"clean": (4.0, 4.0), "web": (3.4, 4.6), "scene": (4.6, 5.6)}
 # Pixel-noise standard deviation (0-255 scale) per style.
 _NOISE_SIGMA = {"clean": 0.0, "web": 2.0, "scene": 4.0, "sketch": 3.0, "noisy": 24.0}
 # Maximum rotation jitter in degrees: squares stay axis-aligned and diamonds at 45 degrees.
@@ -131,7 +141,8 @@ def _layout(attrs: Attributes, style: str, side: int, rng: np.random.Generator) 
     if n == 1:
         lo, hi = _RADIUS[family][attrs.size]
         if attrs.pattern not in (None, "plain"):  # patterns need room to be seen
-            lo, hi = max(lo, 0.26), max(hi, 0.30)
+            least_lo, least_hi = _PATTERN_RADIUS[family]
+            lo, hi = max(lo, least_lo), max(hi, least_hi)
         r = side * rng.uniform(lo, hi)
         if family == "clean":
             cx, cy = side / 2 + side * rng.uniform(-0.05, 0.05, 2)
@@ -188,9 +199,9 @@ def _pattern_marks(attrs: Attributes, style: str, size: int, scale: int, rng: np
     if attrs.pattern in (None, "plain"):
         return None
     if style == "clean":  # tidy: horizontal stripes, axis-aligned checks and dots, one period
-        period, angle = 4.0 * scale, 0.0
+        period, angle = _PATTERN_PERIOD["clean"][0] * scale, 0.0
     else:
-        period = float(rng.uniform(3.4, 4.6)) * scale
+        period = float(rng.uniform(*_PATTERN_PERIOD["web" if style == "web" else "scene"])) * scale
         angle = float(rng.choice([0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4]) + rng.uniform(-0.15, 0.15))
     phase = rng.uniform(0, period, 2)
     return _pattern_mask(attrs.pattern, size * scale, period, angle, (float(phase[0]), float(phase[1])))

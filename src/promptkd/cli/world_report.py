@@ -1,0 +1,90 @@
+"""`promptkd world-report`: does the embedded world's CLIP pair have the real teacher-student pair's properties?
+
+For every world dataset: zero-shot and full-data linear probe of the teacher and the student (base / novel / HM and
+all-class accuracy), the image towers' inference speed (images/s, same machine, same run) and the checks of
+:func:`promptkd.evaluation.world_report.check_properties`. Prints the table, writes ``world_report.json`` and
+``world_report.md`` under ``--out`` and, with ``--readme``, replaces the README's world-report section.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "measure the embedded world's teacher and student CLIPs: zero-shot, linear probe, speed, pair properties"
+
+DEFAULT_DATASETS = ("shapes", "patterns", "counts")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptkd.cli.common import add_runtime_args
+
+    parser.add_argument(
+        "--world-root", default=None, help="the embedded world (default: promptkd's cache; built if absent)"
+    )
+    parser.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS), help="world datasets to measure")
+    parser.add_argument("--teacher-model", default="pkd-world-teacher")
+    parser.add_argument("--teacher-pretrained", default="shipped", help="teacher weights (default: shipped)")
+    parser.add_argument("--student-model", default="pkd-world-student")
+    parser.add_argument("--student-pretrained", default="shipped", help="student weights (default: shipped)")
+    parser.add_argument("--out", default="runs/world-report", help="folder for world_report.json / .md")
+    parser.add_argument("--readme", default=None, help="README to update between its world-report markers")
+    parser.add_argument("--no-probe", action="store_true", help="zero-shot only (no linear probe, no checks)")
+    parser.add_argument("--no-speed", action="store_true", help="skip the inference-speed measurement")
+    add_runtime_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from promptkd.backbones import load_backbone
+    from promptkd.checkpoints import atomic_write_text
+    from promptkd.cli.common import resolve_device
+    from promptkd.data.world import ensure_world, list_datasets
+    from promptkd.errors import PromptKDError
+    from promptkd.evaluation.world_report import checks_markdown, measure_pair, report_markdown, update_readme
+
+    unknown = [d for d in args.datasets if d not in list_datasets()]
+    if unknown:
+        raise PromptKDError(f"not world datasets: {', '.join(unknown)}; choose from {', '.join(list_datasets())}.")
+    if args.readme and not Path(args.readme).is_file():
+        raise PromptKDError(f"--readme {args.readme}: no such file.")
+    root = ensure_world(args.world_root)
+    device = resolve_device(args.device)
+    teacher = load_backbone(args.teacher_model, args.teacher_pretrained, device=device, precision=args.precision)
+    student = load_backbone(args.student_model, args.student_pretrained, device=device, precision=args.precision)
+    report = measure_pair(
+        teacher.freeze(),
+        student.freeze(),
+        root,
+        args.datasets,
+        probe=not args.no_probe,
+        speed=not args.no_speed,
+        progress=lambda message: print(f"  {message}", flush=True),
+    )
+    lines = report_markdown(report)
+    if report.get("speed_ratio"):
+        lines += [
+            "",
+            f"Student vs teacher inference: {report['speed_ratio']:.2f}x the images/s (image towers, batch 256, "
+            f"fp32, {report['threads']} threads, CPU capability {report['cpu_capability']}).",
+        ]
+    if report["checks"]:
+        lines += ["", "Properties of the real pair, checked:", *checks_markdown(report)]
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "world_report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "world_report.md", "\n".join(lines) + "\n")
+    print(f"wrote {out / 'world_report.json'} and {out / 'world_report.md'}")
+    if args.readme:
+        if not update_readme(args.readme, lines):
+            raise PromptKDError(
+                f"{args.readme} has no world-report section; add the lines '<!-- world-report:start -->' and "
+                "'<!-- world-report:end -->' where the table belongs."
+            )
+        print(f"updated {args.readme}")
+    failed = [name for name, result in report["checks"].items() if not result["ok"]]
+    if failed:
+        print(f"warning: the pair lacks some properties of the real pair on {', '.join(failed)} (see above)")
+    return 0
