@@ -114,3 +114,29 @@ def test_two_process_gloo_ddp_equals_one_process(tmp_path):
     tensors, _ = load_checkpoint(tmp_path / "ddp" / "prompts")
     for key, value in single.trainable_state().items():
         assert torch.allclose(tensors[key], value, atol=1e-5), key
+
+
+def test_seeded_cpu_rng_matches_manual_seed_and_restores_the_stream():
+    from promptkd.data.transforms import seeded_cpu_rng
+
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    with seeded_cpu_rng(5):
+        inside = torch.rand(4)
+    assert torch.equal(inside, expected)  # the same stream as torch.manual_seed on the CPU
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's stream is untouched
+
+
+def test_crop_scale_is_checked_and_world_presets_keep_half_the_image():
+    from promptkd.engine.config import TrainConfig
+    from promptkd.engine.run import resolve_run_config
+
+    with pytest.raises(ValueError, match="crop_scale"):
+        TrainConfig(crop_scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="crop_scale"):
+        TrainConfig(crop_scale=(0.9, 0.5))
+    assert TrainConfig().crop_scale == (0.08, 1.0)  # Dassl's default for the papers' presets
+    assert resolve_run_config("coop", "world", [], {}).train.crop_scale == (0.5, 1.0)
+    assert resolve_run_config("coop", "vit_b16", [], {}).train.crop_scale == (0.08, 1.0)

@@ -35,13 +35,22 @@ def _spec(world, tmp_path, protocol, **kwargs):
 
 
 @pytest.mark.slow
-def test_base2new_runs_then_skips_and_reports(world, tmp_path):
+def test_base2new_runs_then_skips_and_reports(world, tmp_path, monkeypatch):
+    from promptkd.data import transforms
+
+    scales = []
+    real = transforms.train_transform
+    monkeypatch.setattr(transforms, "train_transform", lambda p, scale: scales.append(scale) or real(p, scale=scale))
     spec = _spec(world, tmp_path, "base2new", datasets=["counts"], shots=[2])
     first = run_protocol(spec)
     assert first["ran"] == 1 and first["skipped"] == 0
+    assert scales == [(0.5, 1.0)]  # the world preset's crop range reaches the training views
     report = json.loads(Path(first["report"]["json"]).read_text())
     assert "counts" in json.dumps(report) and "coop" in json.dumps(report)
-    assert "HM" in Path(first["report"]["markdown"]).read_text()
+    markdown = Path(first["report"]["markdown"]).read_text()
+    assert "HM" in markdown and "All classes" in markdown  # base runs are also scored on all classes at once
+    (row,) = [r for r in report["rows"] if r["method"] == "coop"]
+    assert row["base"]["n"] == row["novel"]["n"] == row["metrics"]["acc1"]["n"] == 1
     again = run_protocol(spec)
     assert again["ran"] == 0 and again["skipped"] == 1
 

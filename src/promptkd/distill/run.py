@@ -104,7 +104,7 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
     from promptkd.backbones import load_backbone
     from promptkd.data.items import ImageDataset
     from promptkd.data.sampling import subsample_classes
-    from promptkd.data.transforms import build_transform
+    from promptkd.data.transforms import build_transform, train_transform
     from promptkd.distill.data import TarImages, from_folder, from_splits, unlabeled_dataset
     from promptkd.engine.distributed import init_distributed
     from promptkd.engine.trainer import Trainer
@@ -212,7 +212,7 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
             teacher_features=str(features_path),
         )
         method_config = config_from(method_cls, method_config_data)
-        train_tf = build_transform(student.preprocess, train=True)
+        train_tf = train_transform(student.preprocess, scale=config.train.crop_scale)
         eval_tf = build_transform(student.preprocess, train=False)
         if source is not None:
             train_set = unlabeled_dataset(source, train_tf, skip_bad=config.skip_bad)

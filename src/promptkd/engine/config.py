@@ -23,6 +23,8 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_type: Literal["constant", "linear", "none"] = "constant"
     warmup_lr: float = 1e-5
+    # RandomResizedCrop's area range for training views (Dassl's default (0.08, 1)); tiny images may need more.
+    crop_scale: tuple[float, float] = (0.08, 1.0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float | None = None
     seed: int = 1
@@ -38,3 +40,6 @@ class TrainConfig:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+        self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be an area range 0 < low <= high <= 1, got {list(self.crop_scale)}")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from promptkd.data.transforms import seeded_cpu_rng
 from promptkd.methods.base import Batch
 
 
@@ -33,12 +34,8 @@ class SeededDataset(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int):
-        state = torch.random.get_rng_state()
-        torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-        try:
+        with seeded_cpu_rng(sample_seed(self.seed, self.epoch, index)):
             item = self.base[index]
-        finally:
-            torch.random.set_rng_state(state)
         image, label = item[0], item[1]
         return image, label, index
 

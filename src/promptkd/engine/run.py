@@ -74,7 +74,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
     from promptkd.backbones import load_backbone
     from promptkd.data.items import ImageDataset
     from promptkd.data.sampling import few_shot_splits, subsample_classes
-    from promptkd.data.transforms import build_transform
+    from promptkd.data.transforms import build_transform, train_transform
     from promptkd.evaluation.datasets import resolve_dataset
     from promptkd.evaluation.metrics import classification_metrics, harmonic_mean
     from promptkd.methods import get_method
@@ -109,7 +109,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
         )
         torch.manual_seed(config.seed)
         method = method_cls(backbone, train_splits.classnames, method_config)
-        train_tf = build_transform(backbone.preprocess, train=True)
+        train_tf = train_transform(backbone.preprocess, scale=config.train.crop_scale)
         eval_tf = build_transform(backbone.preprocess, train=False)
         train_set = ImageDataset(train_splits.train, train_tf, skip_bad=config.skip_bad)
         val_set = ImageDataset(train_splits.val, eval_tf, skip_bad=config.skip_bad) if train_splits.val else None

@@ -23,7 +23,7 @@ from torchvision import transforms as T
 
 from promptkd.data.benchmarks import BENCHMARKS
 from promptkd.data.items import DataError, Datum, load_rgb
-from promptkd.data.transforms import eval_transform, interpolation_mode
+from promptkd.data.transforms import eval_transform, interpolation_mode, seeded_cpu_rng
 
 __all__ = ["FINE_GRAINED", "TTAViewDataset", "ViewConfig", "check_image_sizes", "image_seed", "min_image_side"]
 
@@ -107,8 +107,7 @@ class TTAViewDataset(torch.utils.data.Dataset):
     def views(self, image: Image.Image, key: str) -> torch.Tensor:
         config = self.config
         out = [self.base(image)]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(image_seed(config.seed, key))
+        with seeded_cpu_rng(image_seed(config.seed, key)):
             for _ in range(config.n_views - 1):
                 view = self.crop(image)
                 if config.augmix:
