@@ -7,16 +7,15 @@ so a teacher can be rebuilt from its checkpoint's recorded backbone.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
-import tarfile
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -24,8 +23,6 @@ from promptkd.backbones import Backbone, BackboneSpec, PreprocessInfo, load_back
 from promptkd.checkpoints import convert_reference_checkpoint, convert_reference_state_dict, load_checkpoint
 from promptkd.data.items import DataError, DatasetSplits, Datum
 from promptkd.distill import (
-    TarImages,
-    TarShardStream,
     TeacherError,
     TeacherFeatures,
     TeacherInput,
@@ -33,7 +30,6 @@ from promptkd.distill import (
     from_folder,
     from_splits,
     load_teacher,
-    shard_assignment,
     zero_shot_teacher,
 )
 from promptkd.engine import TrainConfig, Trainer
@@ -403,31 +399,25 @@ def test_unlabeled_sources_drop_labels_and_cap(tmp_path):
     assert len(from_folder(tmp_path / "toy", CLASSES, max_images=4).paths) == 4
 
 
-def test_tar_shards_split_across_ranks_and_workers(tmp_path):
-    names = []
-    for s in range(3):
-        with tarfile.open(tmp_path / f"shard-{s:03d}.tar", "w") as tar:
-            for i in range(2):
-                key = f"s{s}_{i}"
-                buffer = io.BytesIO()
-                Image.new("RGB", (8, 8), (s * 80, i * 100, 5)).save(buffer, format="PNG")
-                for suffix, data in ((".png", buffer.getvalue()), (".cls", b"7")):
-                    info = tarfile.TarInfo(key + suffix)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                names.append(key)
-    pattern = str(tmp_path / "shard-{000..002}.tar")
-    indexed = TarImages(pattern)
-    assert len(indexed) == 6 and indexed[0][1] == -1 and indexed[5][0].size == (8, 8)
-    seen = []
-    for rank in range(2):
-        items = list(TarShardStream(pattern, rank=rank, world_size=2))
-        assert all(label == -1 for _, label in items)
-        seen.append(len(items))
-    assert seen == [4, 2]  # shards 0, 2 for rank 0 and shard 1 for rank 1: each image read exactly once
-    assert shard_assignment(["a", "b", "c", "d", "e"], rank=1, world_size=2, worker=1, num_workers=2) == ["d"]
-    with pytest.raises(DataError, match="not found"):
-        TarImages(str(tmp_path / "missing-{0..1}.tar"))
+def test_distill_streams_tar_shards_through_the_engine(teacher_ckpt, tmp_path):
+    from engine_helpers import make_shards
+
+    make_shards(tmp_path / "shards", n_shards=4, per_shard=6, bad={(2, 1)})
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    pattern = str(tmp_path / "shards" / "shard-{000..003}.tar")
+    common = ["--teacher", str(teacher_ckpt), "--student-model", "pkd-tiny", "--unlabeled-shards", pattern]
+    common += ["--classnames", str(tmp_path / "classes.txt"), "--lanes", "2", "--epoch-samples", "16"]
+    sets = ["--set", "train.epochs=2", "train.batch_size=4", "train.progress=false", "method.vision_depth=2"]
+    with pytest.raises(DataError, match=r"shard-002.tar:img_2_1.png: cannot decode image member"):
+        _cli([*common, "--out", str(tmp_path / "strict"), *sets])
+    assert _cli([*common, "--out", str(tmp_path / "run"), "--skip-bad", *sets]) == 0
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["unlabeled"]["lanes"] == 2 and config["unlabeled"]["epoch_samples"] == 16
+    assert config["skipped_members"] == [f"{tmp_path}/shards/shard-002.tar:img_2_1.png"]
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (last["epoch"], last["step"], last["global_step"]) == (2, 4, 8)  # 16 samples per epoch / batch 4
+    tensors, meta = load_checkpoint(tmp_path / "run" / "prompts")
+    assert meta["method"] == "promptkd" and "visual.prompts" in tensors
 
 
 # --- the CLI ---------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ examples:
       --unlabeled-folder my_images --classnames classes.txt --max-images 2000
 
 The student never sees a label: dataset train splits lose theirs (--max-per-class counts per class in benchmark
-splits only; for folders and shards only --max-images applies). The teacher's text features are computed once,
+splits only; folders take --max-images, streamed shards --epoch-samples). The teacher's text features are computed once,
 after its checkpoint is loaded, and written to OUT/teacher_features.{safetensors,json}; the student and its
 inference use only that file. Model selection: last epoch, or --set train.select=val (held-out validation split).
 """
@@ -49,7 +49,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-root", default=None, help="folder holding the datasets")
     data.add_argument("--unlabeled-folder", default=None, metavar="DIR", help="a folder of images (any depth)")
     data.add_argument(
-        "--unlabeled-shards", default=None, metavar="PATTERN", help="uncompressed tar shards, e.g. 'sh-{000..009}.tar'"
+        "--unlabeled-shards",
+        default=None,
+        metavar="PATTERN",
+        help="WebDataset tar shards (.tar or .tar.gz), streamed, e.g. 'data/{000..099}.tar' (quote the braces)",
+    )
+    data.add_argument(
+        "--lanes",
+        type=int,
+        default=None,
+        metavar="L",
+        help="shards: parallel read lanes (default one per shard); a multiple of processes x workers; fix it to get "
+        "the same result on any number of processes",
+    )
+    data.add_argument(
+        "--epoch-samples", type=int, default=None, metavar="N", help="shards: samples per epoch (default all once)"
     )
     data.add_argument("--classnames", default=None, metavar="FILE", help="class names (folder/shard sources)")
     data.add_argument(
@@ -64,8 +78,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="transductive: images and logits of all classes (the paper); inductive: base classes only",
     )
+    data.add_argument(
+        "--skip-bad",
+        action="store_true",
+        default=None,
+        help="leave unreadable images out (counted in the run's config.yaml) instead of stopping",
+    )
     data.add_argument("--max-per-class", type=int, default=None, metavar="K", help="at most K images per class")
     data.add_argument("--max-images", type=int, default=None, metavar="N", help="at most N images in total")
+    cache = parser.add_argument_group("teacher cache (FKD: the teacher runs once per stored view)")
+    cache.add_argument(
+        "--teacher-cache",
+        default=None,
+        metavar="DIR",
+        help="store the teacher's logits of each view here and read them back in later epochs, resumed runs, other "
+        "seeds and sweeps; training then visits a fixed set of views per image (see --views)",
+    )
+    cache.add_argument("--views", type=int, default=None, metavar="K", help="stored views per image (default 10)")
+    cache.add_argument("--view-seed", type=int, default=None, help="seed of the views' crops (default 0)")
+    cache.add_argument(
+        "--teacher-cache-topk",
+        type=int,
+        default=None,
+        metavar="K",
+        help="store FKD's top-k (values, indices, log-sum-exp) instead of full logits (needed above 4096 classes)",
+    )
+    cache.add_argument("--teacher-cache-dtype", choices=["fp32", "fp16"], default=None, help="stored values (fp32)")
+    cache.add_argument(
+        "--teacher-cache-max-gb", type=float, default=None, metavar="GB", help="stop storing beyond this size"
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--preset", default=None, help="promptkd preset (world, vit_b16_c2_ep20_batch8_4+4ctx, ...)")
     run.add_argument(
@@ -89,14 +130,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--list-presets", action="store_true", help="list the presets and exit")
 
 
-def run(args: argparse.Namespace) -> int:
-    from promptkd.cli.common import print_table
-    from promptkd.config import list_presets
-    from promptkd.distill.run import resolve_distill_config, run_distillation
+def config_from_args(args: argparse.Namespace):
+    """The distillation config these arguments describe (shared with `promptkd teacher-cache`)."""
+    from promptkd.distill.run import resolve_distill_config
 
-    if args.list_presets:
-        print("\n".join(list_presets("promptkd")))
-        return 0
     base = {
         "teacher": args.teacher,
         "teacher_model": args.teacher_model,
@@ -114,6 +151,15 @@ def run(args: argparse.Namespace) -> int:
         "unlabeled_split": args.unlabeled_split,
         "max_per_class": args.max_per_class,
         "max_images": args.max_images,
+        "skip_bad": args.skip_bad,
+        "lanes": args.lanes,
+        "epoch_samples": args.epoch_samples,
+        "teacher_cache": args.teacher_cache,
+        "views": args.views,
+        "view_seed": args.view_seed,
+        "teacher_cache_topk": args.teacher_cache_topk,
+        "teacher_cache_dtype": args.teacher_cache_dtype,
+        "teacher_cache_max_gb": args.teacher_cache_max_gb,
         "protocol": args.protocol,
         "seed": args.seed,
         "device": args.device,
@@ -121,8 +167,18 @@ def run(args: argparse.Namespace) -> int:
         "evaluate": args.evaluate,
         "mode": args.mode,
     }
-    config = resolve_distill_config(args.preset, args.overrides, base)
-    outcome = run_distillation(config)
+    return resolve_distill_config(args.preset, args.overrides, base)
+
+
+def run(args: argparse.Namespace) -> int:
+    from promptkd.cli.common import print_table
+    from promptkd.config import list_presets
+    from promptkd.distill.run import run_distillation
+
+    if args.list_presets:
+        print("\n".join(list_presets("promptkd")))
+        return 0
+    outcome = run_distillation(config_from_args(args))
     rows = [
         (r["dataset"], r["subsample"], f"{100 * r['metrics']['acc1']:.2f}", r["num_samples"]) for r in outcome.results
     ]

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "convert-weights": "convert_weights",
     "inspect": "inspect",
     "world-report": "world_report",
+    "teacher-cache": "teacher_cache",
 }
 
 

@@ -2,20 +2,14 @@
 
 - :mod:`promptkd.distill.teacher`: build/load a teacher from any method's checkpoint, and the pre-stored teacher text
   features (computed once, after the teacher's prompts are loaded; bound to classes and teacher).
-- :mod:`promptkd.distill.data`: unlabelled image sources (dataset splits with labels dropped, folders, tar shards).
+- :mod:`promptkd.distill.data`: unlabelled image sources (dataset splits with labels dropped, folders); tar shards
+  stream through :mod:`promptkd.engine.stream`.
+- :mod:`promptkd.distill.cache`: stored views and the teacher's cached soft labels (FKD), so the frozen teacher
+  runs once per view rather than once per epoch, seed and sweep.
 """
 
-from promptkd.distill.data import (
-    TarImages,
-    TarShardStream,
-    UnlabeledSource,
-    cap_items,
-    expand_shards,
-    from_folder,
-    from_splits,
-    shard_assignment,
-    unlabeled_dataset,
-)
+from promptkd.distill.cache import TeacherCache, TeacherCacheError, ViewRecipe
+from promptkd.distill.data import UnlabeledSource, cap_items, from_folder, from_splits, unlabeled_dataset
 from promptkd.distill.teacher import (
     TEACHER_METHODS,
     Teacher,
@@ -30,20 +24,19 @@ from promptkd.distill.teacher import (
 
 __all__ = [
     "TEACHER_METHODS",
-    "TarImages",
-    "TarShardStream",
     "Teacher",
+    "TeacherCache",
+    "TeacherCacheError",
     "TeacherError",
     "TeacherFeatures",
     "TeacherInput",
     "UnlabeledSource",
+    "ViewRecipe",
     "cap_items",
-    "expand_shards",
     "from_folder",
     "from_splits",
     "load_teacher",
     "same_teacher",
-    "shard_assignment",
     "teacher_description",
     "unlabeled_dataset",
     "zero_shot_teacher",

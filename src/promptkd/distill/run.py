@@ -11,6 +11,7 @@ Model selection is the last epoch or ``train.select: val`` on the held-out valid
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,14 @@ class DistillRunConfig:
     unlabeled_split: Literal["train", "test"] = "train"
     max_per_class: int = 0
     max_images: int = 0
+    lanes: int = 0  # tar shards: lanes of the stream (0: one per shard); a multiple of ranks x workers
+    epoch_samples: int = 0  # tar shards: samples per epoch (0: every image once)
+    teacher_cache: str | None = None  # folder of the teacher's stored soft labels (FKD); None: live teacher only
+    teacher_cache_topk: int = 0  # 0: full logits; k: FKD's top-k form
+    teacher_cache_dtype: Literal["fp32", "fp16"] = "fp32"
+    teacher_cache_max_gb: float = 0.0  # stop storing beyond this size (0: no limit)
+    views: int = 10  # with a teacher cache: stored views per image (a run visits view (epoch + offset) % views)
+    view_seed: int = 0  # with a teacher cache: seed of the views' crops (fixed, so other runs share them)
     protocol: Literal["base2new", "all"] = "base2new"
     seed: int = 1
     device: str = "auto"
@@ -99,19 +108,23 @@ def _student_weights(model: str, pretrained: str | None) -> str | None:
     return shipped
 
 
-def run_distillation(config: DistillRunConfig) -> DistillOutcome:
-    """Train a PromptKD student as ``config`` says; see the module docstring."""
-    from promptkd.backbones import load_backbone
-    from promptkd.data.items import ImageDataset
-    from promptkd.data.sampling import subsample_classes
-    from promptkd.data.transforms import build_transform, train_transform
-    from promptkd.distill.data import TarImages, from_folder, from_splits, unlabeled_dataset
-    from promptkd.engine.distributed import init_distributed
-    from promptkd.engine.trainer import Trainer
-    from promptkd.evaluation.datasets import resolve_dataset
-    from promptkd.methods import get_method
-    from promptkd.methods.base import config_from
+@dataclass
+class _Setup:
+    """What a distillation run and a teacher-cache fill share: data, teacher, stored features, student, views."""
 
+    splits: Any
+    mode: str
+    all_classes: list[str]
+    source: Any  # UnlabeledSource, or None for tar shards
+    teacher: Any
+    stored: TeacherFeatures
+    features_path: Path
+    student: Any
+    recipe: Any = None
+    cache: Any = None
+
+
+def _check_config(config: DistillRunConfig) -> None:
     sources = [s for s in (config.dataset, config.unlabeled_folder, config.unlabeled_shards) if s]
     if len(sources) != 1:
         raise ConfigError("give exactly one image source: --dataset, --unlabeled-folder or --unlabeled-shards")
@@ -122,133 +135,292 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
         )
     if not config.teacher and not config.teacher_model:
         raise ConfigError("give the teacher: --teacher CHECKPOINT (or --teacher-model alone for zero-shot CLIP)")
-    method_cls = get_method("promptkd")
-    info, device = init_distributed(config.device)
-    out = Path(config.out)
+    if config.unlabeled_shards and config.max_images:
+        raise ConfigError("tar shards stream: give the epoch length with --epoch-samples instead of --max-images")
+
+
+def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setup:
+    from promptkd.backbones import load_backbone
+    from promptkd.distill.cache import TeacherCache, ViewRecipe, features_sha256
+    from promptkd.distill.data import from_folder, from_splits
+    from promptkd.evaluation.datasets import resolve_dataset
+
     precision = config.train.precision
-    handler = None
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(out / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("promptkd").addHandler(handler)
-    try:
-        # --- classes and unlabelled images -------------------------------------------------------------------------
-        splits = None
-        mode = str(config.method_config.get("mode", "transductive"))
-        if config.dataset:
-            splits = resolve_dataset(config.dataset, config.data_root)
-            all_classes = list(splits.classnames)
-            source = from_splits(
-                splits,
-                mode=mode,  # type: ignore[arg-type]
-                split=config.unlabeled_split,
-                max_per_class=config.max_per_class,
-                max_images=config.max_images,
-                seed=config.seed,
-            )
-        else:
-            if config.max_per_class:
-                raise ConfigError("--max-per-class needs labels to count; folders and shards take --max-images only")
-            all_classes = _read_classnames(config.classnames)
-            if mode == "inductive":
-                raise ConfigError("inductive mode selects base-class images by label; it needs --dataset")
-            source = None
-            if config.unlabeled_folder:
-                source = from_folder(
-                    config.unlabeled_folder, all_classes, max_images=config.max_images, seed=config.seed
-                )
-        # --- teacher and its stored features (once, after its prompts are loaded) ------------------------------------
-        if config.teacher:
-            teacher = load_teacher(
-                config.teacher,
-                model=config.teacher_model,
-                pretrained=config.teacher_pretrained,
-                quick_gelu=config.teacher_quick_gelu,
-                classnames=all_classes,
-                device=device,
-                precision=precision,
-            )
-        else:
-            teacher_backbone = load_backbone(
-                config.teacher_model,
-                config.teacher_pretrained,
-                quick_gelu=config.teacher_quick_gelu,
-                device=device,
-                precision=precision,
-            )
-            teacher = zero_shot_teacher(teacher_backbone, [splits.template] if splits is not None else None)
-        features_path = out / f"{FEATURES_NAME}.safetensors"
-        stored: TeacherFeatures | None = None
-        if config.teacher_features:
-            stored = TeacherFeatures.load(config.teacher_features)
-            stored.check(classnames=all_classes, teacher=teacher.identity)
-            logger.info("reusing stored teacher features %s", config.teacher_features)
-        elif features_path.is_file():  # a resumed run: reuse the folder's file when it still fits
-            try:
-                candidate = TeacherFeatures.load(features_path)
-                candidate.check(classnames=all_classes, teacher=teacher.identity)
-                stored = candidate
-                logger.info("reusing the run folder's teacher features %s", features_path)
-            except TeacherError as error:
-                logger.info("recomputing teacher features (%s)", error)
-        if stored is None:
-            stored = teacher.compute_features(all_classes)
-        if info.is_main:
-            stored.save(features_path)
-        # --- student ---------------------------------------------------------------------------------------------
-        student = load_backbone(
-            config.student_model,
-            _student_weights(config.student_model, config.student_pretrained),
-            quick_gelu=config.student_quick_gelu,
+    # --- classes and unlabelled images -------------------------------------------------------------------------------
+    splits = None
+    source = None
+    mode = str(config.method_config.get("mode", "transductive"))
+    if config.dataset:
+        splits = resolve_dataset(config.dataset, config.data_root)
+        all_classes = list(splits.classnames)
+        source = from_splits(
+            splits,
+            mode=mode,  # type: ignore[arg-type]
+            split=config.unlabeled_split,
+            max_per_class=config.max_per_class,
+            max_images=config.max_images,
+            seed=config.seed,
+        )
+    else:
+        if config.max_per_class:
+            raise ConfigError("--max-per-class needs labels to count; folders and shards take --max-images only")
+        all_classes = _read_classnames(config.classnames)
+        if mode == "inductive":
+            raise ConfigError("inductive mode selects base-class images by label; it needs --dataset")
+        if config.unlabeled_folder:
+            source = from_folder(config.unlabeled_folder, all_classes, max_images=config.max_images, seed=config.seed)
+    # --- teacher and its stored features (once, after its prompts are loaded) ----------------------------------------
+    if config.teacher:
+        teacher = load_teacher(
+            config.teacher,
+            model=config.teacher_model,
+            pretrained=config.teacher_pretrained,
+            quick_gelu=config.teacher_quick_gelu,
+            classnames=all_classes,
             device=device,
             precision=precision,
         )
+    else:
+        teacher_backbone = load_backbone(
+            config.teacher_model,
+            config.teacher_pretrained,
+            quick_gelu=config.teacher_quick_gelu,
+            device=device,
+            precision=precision,
+        )
+        teacher = zero_shot_teacher(teacher_backbone, [splits.template] if splits is not None else None)
+    features_path = out / f"{FEATURES_NAME}.safetensors"
+    stored: TeacherFeatures | None = None
+    if config.teacher_features:
+        stored = TeacherFeatures.load(config.teacher_features)
+        stored.check(classnames=all_classes, teacher=teacher.identity)
+        logger.info("reusing stored teacher features %s", config.teacher_features)
+    elif features_path.is_file():  # a resumed run: reuse the folder's file when it still fits
+        try:
+            candidate = TeacherFeatures.load(features_path)
+            candidate.check(classnames=all_classes, teacher=teacher.identity)
+            stored = candidate
+            logger.info("reusing the run folder's teacher features %s", features_path)
+        except TeacherError as error:
+            logger.info("recomputing teacher features (%s)", error)
+    if stored is None:
+        stored = teacher.compute_features(all_classes)
+    if info.is_main:
+        stored.save(features_path)
+    # --- student -------------------------------------------------------------------------------------------------
+    student = load_backbone(
+        config.student_model,
+        _student_weights(config.student_model, config.student_pretrained),
+        quick_gelu=config.student_quick_gelu,
+        device=device,
+        precision=precision,
+    )
+    setup = _Setup(splits, mode, all_classes, source, teacher, stored, features_path, student)
+    if config.teacher_cache:  # stored views, and the teacher's logits for each, stored once
+        setup.recipe = ViewRecipe.for_student(
+            student.preprocess, config.train.crop_scale, config.views, config.view_seed
+        )
+        setup.cache = TeacherCache(
+            config.teacher_cache,
+            {
+                "teacher": teacher.identity,
+                "features_sha256": features_sha256(stored.features),
+                "classnames_sha256": stored.classnames_sha256,
+                "num_classes": len(stored.classnames),
+                "logit_scale": float(stored.logit_scale),
+                "recipe": setup.recipe.describe(),
+            },
+            storage="topk" if config.teacher_cache_topk else "full",
+            topk=config.teacher_cache_topk or 10,
+            dtype=config.teacher_cache_dtype,
+            max_gb=config.teacher_cache_max_gb,
+            writer=str(info.rank),
+        )
+    return setup
+
+
+def _log_to(out: Path, info: Any) -> logging.Handler | None:
+    if not info.is_main:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("promptkd").addHandler(handler)
+    return handler
+
+
+def _unlog(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger("promptkd").removeHandler(handler)
+        handler.close()
+
+
+def run_distillation(config: DistillRunConfig) -> DistillOutcome:
+    """Train a PromptKD student as ``config`` says; see the module docstring."""
+    from promptkd.data.items import ImageDataset, load_rgb
+    from promptkd.data.sampling import subsample_classes
+    from promptkd.data.shards import ShardLanes
+    from promptkd.data.transforms import build_transform, train_transform
+    from promptkd.distill.cache import StoredViews
+    from promptkd.distill.data import unlabeled_dataset
+    from promptkd.engine.distributed import init_distributed
+    from promptkd.engine.stream import StreamSource
+    from promptkd.engine.trainer import Trainer
+    from promptkd.methods import get_method
+    from promptkd.methods.base import config_from
+
+    _check_config(config)
+    method_cls = get_method("promptkd")
+    info, device = init_distributed(config.device)
+    out = Path(config.out)
+    handler = _log_to(out, info)
+    try:
+        setup = _setup(config, info, device, out)
+        source, recipe, cache, student, stored = setup.source, setup.recipe, setup.cache, setup.student, setup.stored
         method_config_data = dict(config.method_config)
         method_config_data.update(
             teacher_checkpoint=str(config.teacher or ""),
             teacher_model=str(config.teacher_model or ""),
             teacher_pretrained=str(config.teacher_pretrained or ""),
-            teacher_features=str(features_path),
+            teacher_features=str(setup.features_path),
         )
         method_config = config_from(method_cls, method_config_data)
         train_tf = train_transform(student.preprocess, scale=config.train.crop_scale)
         eval_tf = build_transform(student.preprocess, train=False)
         if source is not None:
-            train_set = unlabeled_dataset(source, train_tf, skip_bad=config.skip_bad)
+            if recipe is not None:
+                train_set = StoredViews(source.paths, source.keys(), recipe, config.seed, load_rgb)
+            else:
+                train_set = unlabeled_dataset(source, train_tf, skip_bad=config.skip_bad)
             classes = source.classnames
             data_summary = source.summary()
         else:
-            train_set = TarImages(config.unlabeled_shards, train_tf, max_images=config.max_images, seed=config.seed)
-            classes = all_classes
-            data_summary = {
-                "images": len(train_set),
-                "classes": len(classes),
-                "mode": mode,
-                "source": f"tar shards {config.unlabeled_shards}",
-            }
+            lanes = ShardLanes(config.unlabeled_shards, lanes=config.lanes, seed=config.seed)
+            epoch_samples = config.epoch_samples or lanes.total
+            prepare = recipe.prepare(config.seed, lambda p: p // epoch_samples) if recipe is not None else None
+            train_set = StreamSource(
+                lanes,
+                None if prepare is not None else train_tf,
+                seed=config.seed,
+                epoch_samples=epoch_samples,
+                skip_bad=config.skip_bad,
+                prepare=prepare,
+            )
+            classes = setup.all_classes
+            data_summary = {**train_set.summary(), "classes": len(classes), "mode": setup.mode}
+        if recipe is not None:
+            data_summary["views"] = {"per_image": recipe.views, "seed": recipe.seed}
         logger.info("unlabelled images: %s", data_summary)
         torch.manual_seed(config.seed)
-        method = method_cls(student, classes, method_config, features=stored, teacher=teacher)
+        method = method_cls(student, classes, method_config, features=stored, teacher=setup.teacher)
         val_set = None
+        splits = setup.splits
         if splits is not None and config.train.select == "val" and splits.val:
-            part = subsample_classes(splits, "base") if mode == "inductive" else splits
+            part = subsample_classes(splits, "base") if setup.mode == "inductive" else splits
             val_set = ImageDataset(part.val, eval_tf, skip_bad=config.skip_bad)  # held-out, labelled: selection only
         resolved = to_dict(config)
         resolved["method_config"] = to_dict(method_config)
         resolved["unlabeled"] = data_summary
-        resolved["teacher_identity"] = teacher.identity
+        resolved["teacher_identity"] = setup.teacher.identity
         if info.is_main:
             atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        method.attach_cache(cache)
         trainer = Trainer(method, config.train, out, device=device, info=info, run_config=resolved)
         outcome = trainer.fit(train_set, val_set)
+        if cache is not None:
+            cache.flush()
+            resolved["teacher_cache"] = cache.summary()
+            logger.info("teacher cache: %s", cache.summary())
+        if isinstance(train_set, StreamSource) and train_set.skipped:
+            resolved["skipped_members"] = list(train_set.skipped)
+        if info.is_main and (cache is not None or "skipped_members" in resolved):  # what training found, recorded
+            atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        method.attach_cache(None)
         method.detach_teacher()  # inference never needs it
-        results = _evaluate(config, method, student, splits, mode, eval_tf, resolved, outcome, teacher.identity, info)
-        return DistillOutcome(out, outcome.checkpoint, features_path, outcome.selection, results, outcome.history)
+        results = _evaluate(
+            config, method, student, splits, setup.mode, eval_tf, resolved, outcome, setup.teacher.identity, info
+        )
+        return DistillOutcome(out, outcome.checkpoint, setup.features_path, outcome.selection, results, outcome.history)
     finally:
-        if handler is not None:
-            logging.getLogger("promptkd").removeHandler(handler)
-            handler.close()
+        _unlog(handler)
+
+
+def fill_teacher_cache(config: DistillRunConfig, *, batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
+    """Compute and store the teacher's logits of every stored view of every image (``promptkd teacher-cache``).
+
+    Views already stored are skipped, so a killed fill resumes; under torchrun each rank takes every W-th image
+    (of a dataset or folder) or its own shards (streamed) and writes its own chunks.
+    """
+    from tqdm.auto import tqdm
+
+    from promptkd.data.items import DataError, load_rgb
+    from promptkd.data.shards import ShardLanes, decode_image
+    from promptkd.distill.teacher import TeacherInput
+    from promptkd.engine.distributed import barrier, init_distributed
+
+    _check_config(config)
+    if not config.teacher_cache:
+        raise ConfigError("give the cache folder to fill: --teacher-cache DIR")
+    info, device = init_distributed(config.device)
+    out = Path(config.out)
+    handler = _log_to(out, info)
+    try:
+        setup = _setup(config, info, device, out)
+        recipe, cache, teacher = setup.recipe, setup.cache, setup.teacher
+        convert = TeacherInput(setup.student.preprocess, teacher.preprocess)
+        scale = float(setup.stored.logit_scale)
+        text = setup.stored.rows(setup.all_classes).float().to(device)
+
+        def images() -> Any:
+            if setup.source is not None:
+                keys = setup.source.keys()
+                for index in range(info.rank, len(keys), info.world_size):
+                    yield keys[index], lambda i=index: load_rgb(setup.source.paths[i]), setup.source.paths[index]
+                return
+            lanes = ShardLanes(config.unlabeled_shards, lanes=config.lanes, seed=config.seed)
+            for lane in range(info.rank, lanes.lanes, info.world_size):  # each rank its own shards
+                for shard in lanes.lane_shards(lane):
+                    for sample in lanes.members(shard):
+                        yield sample.key, lambda s=sample: decode_image(s.data, s.where), sample.where
+
+        pending: list[tuple[str, torch.Tensor]] = []
+        skipped: list[str] = []
+
+        def run(batch: list[tuple[str, torch.Tensor]]) -> None:
+            stacked = torch.stack([view for _, view in batch]).to(device)
+            with torch.no_grad():
+                logits = teacher.logits(convert(stacked), text, scale)
+            cache.put([key for key, _ in batch], logits)
+
+        with tqdm(desc="teacher views", unit="view", disable=not (progress and info.is_main)) as bar:
+            for key, load, where in images():
+                wanted = [v for v in range(recipe.views) if not cache.get([f"{key}#{v}"])[0][0]]
+                if not wanted:
+                    continue
+                try:
+                    image = load()
+                except DataError:
+                    if not config.skip_bad:
+                        raise
+                    skipped.append(where)
+                    continue
+                for view in wanted:
+                    pending.append((f"{key}#{view}", recipe.crop(image, key, view)))
+                    if len(pending) == batch_size:
+                        run(pending)
+                        bar.update(len(pending))
+                        pending = []
+            if pending:
+                run(pending)
+                bar.update(len(pending))
+        cache.flush()
+        barrier(info)
+        summary = {**cache.summary(), "skipped_images": skipped}
+        if info.is_main:
+            atomic_write_text(out / "teacher_cache.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        _unlog(handler)
 
 
 def _evaluate(
@@ -311,6 +483,8 @@ def _evaluate(
                     "teacher": teacher_identity,
                     "train_seconds": outcome.seconds,
                     "train_images_per_second": outcome.images_per_second,
+                    "unlabeled_skipped": len(resolved.get("skipped_members", [])),
+                    **({"teacher_cache": resolved["teacher_cache"]} if "teacher_cache" in resolved else {}),
                 },
             )
         )

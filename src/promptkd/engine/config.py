@@ -30,6 +30,7 @@ class TrainConfig:
     seed: int = 1
     num_workers: int = 0
     log_every: int = 20
+    checkpoint_every: int = 0  # also write the resume file every N steps within an epoch (0: at epoch ends only)
     select: Literal["last", "val"] = "last"  # checkpoint selection: last epoch, or best on the validation split
     eval_every: int = 0  # evaluate on validation every N epochs (0: only when select == "val", every epoch)
     tensorboard: bool = False

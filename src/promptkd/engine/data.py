@@ -37,6 +37,8 @@ class SeededDataset(Dataset):
         with seeded_cpu_rng(sample_seed(self.seed, self.epoch, index)):
             item = self.base[index]
         image, label = item[0], item[1]
+        if len(item) > 2 and isinstance(item[2], str):  # a named sample (e.g. a stored view of the teacher cache)
+            return image, label, index, item[2]
         return image, label, index
 
 
@@ -52,6 +54,7 @@ class EpochSampler(Sampler[int]):
         rank: int = 0,
         world_size: int = 1,
         drop_last_global: int = 0,
+        batch_size: int = 0,
     ):
         self.size = size
         self.seed = seed
@@ -59,6 +62,8 @@ class EpochSampler(Sampler[int]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.skip = 0  # positions of this epoch's global order already trained on (a run resumed mid-epoch)
+        self.global_batch = batch_size or drop_last_global or world_size
         # keep a multiple of the global batch so every rank runs the same number of steps
         self.usable = size - size % drop_last_global if drop_last_global and size >= drop_last_global else size
         if world_size > 1:
@@ -76,17 +81,18 @@ class EpochSampler(Sampler[int]):
         return order[: self.usable]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.rank :: self.world_size])
+        return iter(self.order()[self.skip :][self.rank :: self.world_size])
 
     def __len__(self) -> int:
-        return self.usable // self.world_size
+        return (self.usable - self.skip) // self.world_size
 
 
 def collate(samples: Sequence[tuple]) -> Batch:
     images = torch.stack([s[0] for s in samples])
     labels = torch.tensor([int(s[1]) for s in samples], dtype=torch.long)
     index = torch.tensor([int(s[2]) for s in samples], dtype=torch.long)
-    return Batch(images, labels, index)
+    keys = [s[3] for s in samples] if len(samples[0]) > 3 else None
+    return Batch(images, labels, index, keys)
 
 
 def make_loader(
@@ -111,6 +117,7 @@ def make_loader(
         rank=rank,
         world_size=world_size,
         drop_last_global=batch_size if drop_last else 0,
+        batch_size=batch_size,
     )
     loader = DataLoader(
         seeded,
@@ -123,9 +130,14 @@ def make_loader(
     return loader, seeded, sampler
 
 
-def set_epoch(seeded: SeededDataset, sampler: EpochSampler, epoch: int) -> None:
+def set_epoch(seeded: SeededDataset, sampler: EpochSampler, epoch: int, skip_batches: int = 0) -> None:
+    """Start ``epoch`` (after its first ``skip_batches`` global batches, for a run resumed mid-epoch); a dataset
+    whose samples depend on the epoch (stored views) is told it too."""
     seeded.epoch = epoch
+    if hasattr(seeded.base, "set_epoch"):
+        seeded.base.set_epoch(epoch)
     sampler.set_epoch(epoch)
+    sampler.skip = skip_batches * sampler.global_batch
 
 
 BatchFactory = Callable[[], Iterator[Batch]]

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from promptkd.config import to_dict
 from promptkd.engine.config import TrainConfig
 from promptkd.engine.data import make_loader, sample_seed, set_epoch
 from promptkd.engine.distributed import DistInfo, all_reduce_mean, barrier, gather_concat
+from promptkd.engine.stream import StreamSource, stream_batches
 from promptkd.errors import PromptKDError
 from promptkd.methods.base import Batch, Method
 
@@ -75,6 +77,19 @@ def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class _ResumePoint:
+    """Where a resumed run continues: ``epoch`` epochs done, ``step`` steps of the next (with its running loss and
+    the generator state at that step), the history and the best epoch so far."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    running: tuple[float, int] = (0.0, 0)
+    rng: torch.Tensor | None = None
 
 
 @dataclass
@@ -163,10 +178,10 @@ class Trainer:
             "backbone": {k: self.method.backbone.spec.to_dict()[k] for k in ("model_name", "pretrained", "quick_gelu")},
         }
 
-    def _load_resume(self, optimizer: torch.optim.Optimizer, scaler) -> tuple[int, list[dict], dict]:
+    def _load_resume(self, optimizer: torch.optim.Optimizer, scaler) -> _ResumePoint:
         path = self.out / RESUME_FILE
         if not path.is_file():
-            return 0, [], {}
+            return _ResumePoint()
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
@@ -194,15 +209,38 @@ class Trainer:
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        logger.info("resuming %s after epoch %d", self.out, state["epoch"])
-        return int(state["epoch"]), list(state.get("history", [])), dict(state.get("best", {}))
+        point = _ResumePoint(
+            int(state["epoch"]),
+            int(state.get("step", 0)),
+            list(state.get("history", [])),
+            dict(state.get("best", {})),
+            tuple(state.get("running", (0.0, 0))),  # type: ignore[arg-type]
+            state.get("rng"),
+        )
+        where = f"step {point.step} of epoch {point.epoch + 1}" if point.step else f"epoch {point.epoch}"
+        logger.info("resuming %s after %s", self.out, where)
+        return point
 
-    def _save_resume(self, epoch: int, optimizer, scaler, history: list[dict], best: dict) -> None:
+    def _save_resume(
+        self,
+        epoch: int,
+        optimizer,
+        scaler,
+        history: list[dict],
+        best: dict,
+        *,
+        step: int = 0,
+        running: tuple[float, int] = (0.0, 0),
+    ) -> None:
+        """Everything a resumed run needs; ``epoch`` epochs are complete and ``step`` steps of the next one."""
         if not self.info.is_main:
             return
         state = {
             "identity": self._identity(),
             "epoch": epoch,
+            "step": step,
+            "running": list(running),
+            "rng": torch.random.get_rng_state() if step else None,
             "learner": {k: v.detach().cpu().clone() for k, v in self.method.trainable_state().items()},
             "method_state": {k: v.detach().cpu().clone() for k, v in self.method.resume_state().items()},
             "optimizer": optimizer.state_dict(),
@@ -227,25 +265,41 @@ class Trainer:
                 else None
             )
             return TrainResult(0, [], {"on": "none"}, path)
-        loader, seeded, sampler = make_loader(
-            train_set,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            shuffle=True,
-            rank=info.rank,
-            world_size=info.world_size,
-            num_workers=cfg.num_workers,
-            drop_last=len(train_set) >= cfg.batch_size,
-        )
-        if len(loader) == 0:
+        streamed = isinstance(train_set, StreamSource)
+        if streamed:
+            loader = seeded = sampler = None
+            steps = len(train_set) // cfg.batch_size
+        else:
+            loader, seeded, sampler = make_loader(
+                train_set,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                shuffle=True,
+                rank=info.rank,
+                world_size=info.world_size,
+                num_workers=cfg.num_workers,
+                drop_last=len(train_set) >= cfg.batch_size,
+            )
+            steps = len(loader)
+        if steps == 0:
             raise PromptKDError(f"the training set has {len(train_set)} images: fewer than one batch per process")
-        steps = len(loader)
         method.prepare(train_batches, val_batches)
         params = method.trainable_parameters()
         optimizer = build_optimizer(cfg, params)
         use_scaler = cfg.precision == "fp16" and self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        start_epoch, history, best = self._load_resume(optimizer, scaler)
+        resume = self._load_resume(optimizer, scaler)
+        start_epoch, history, best = resume.epoch, resume.history, resume.best
+        stream = None
+        if streamed:  # one continuous stream, from where the run stands
+            stream = stream_batches(
+                train_set,
+                batch_size=cfg.batch_size,
+                start=(start_epoch * steps + resume.step) * cfg.batch_size,
+                rank=info.rank,
+                world_size=info.world_size,
+                num_workers=cfg.num_workers,
+            )
         model: nn.Module = method
         if info.enabled:
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.learner.modules()):
@@ -268,11 +322,25 @@ class Trainer:
         )
         for epoch in epoch_bar:
             method.train()
-            set_epoch(seeded, sampler, epoch)
-            torch.manual_seed(sample_seed(cfg.seed, epoch, -2))  # any in-method randomness replays on resume
-            running, count = 0.0, 0
-            step_bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not (cfg.progress and info.is_main))
-            for step, batch in enumerate(step_bar):
+            first = resume.step if epoch == start_epoch else 0
+            if stream is not None:
+                batches = itertools.islice(stream, steps - first)
+            else:
+                set_epoch(seeded, sampler, epoch, skip_batches=first)
+                batches = loader
+            running, count = resume.running if first else (0.0, 0)
+            if first and resume.rng is not None:
+                torch.random.set_rng_state(resume.rng)  # in-method randomness continues where it stopped
+            else:
+                torch.manual_seed(sample_seed(cfg.seed, epoch, -2))  # any in-method randomness replays on resume
+            step_bar = tqdm(
+                batches,
+                desc=f"epoch {epoch + 1}",
+                leave=False,
+                total=steps - first,
+                disable=not (cfg.progress and info.is_main),
+            )
+            for step, batch in enumerate(step_bar, start=first):
                 lr = learning_rate(cfg, epoch, step, steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -321,6 +389,8 @@ class Trainer:
                         for key, val in record.items():
                             if key not in ("epoch", "step", "global_step"):
                                 writer.add_scalar(f"train/{key}", val, global_step)
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                    self._save_resume(epoch, optimizer, scaler, history, best, step=step + 1, running=(running, count))
             method.on_epoch_end(epoch + 1, cfg.epochs)
             entry: dict[str, Any] = {"epoch": epoch + 1, "loss": running / max(1, count), "lr": lr}
             if val_set is not None and (cfg.select == "val" or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):

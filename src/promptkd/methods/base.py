@@ -35,17 +35,20 @@ class MethodConfig:
 
 @dataclass
 class Batch:
-    """One training or evaluation batch. ``labels`` is None for unlabeled data (distillation)."""
+    """One training or evaluation batch. ``labels`` is None for unlabeled data (distillation); ``keys`` names each
+    sample where the source has stable names (image keys of streamed shards, stored views of the teacher cache)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None = None
     index: torch.Tensor | None = None
+    keys: list[str] | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
             self.images.to(device, non_blocking=True),
             None if self.labels is None else self.labels.to(device, non_blocking=True),
             None if self.index is None else self.index.to(device),
+            self.keys,
         )
 
 

@@ -173,6 +173,7 @@ class PromptKD(Method):
         check_depth(self.name, "vision_depth", cfg.vision_depth, self.image_encoder.n_blocks, "image", backbone)
         self.teacher: Teacher | None = None
         self._teacher_input: TeacherInput | None = None
+        self.cache: Any | None = None  # a TeacherCache while training from stored views
         if features is None and cfg.teacher_features:
             features = cfg.teacher_features
         if features is not None:
@@ -250,19 +251,43 @@ class PromptKD(Method):
         """z_s = s_t · n(P(g(x))) · n(T_t)ᵀ over the current classes (stored features; no text encoder)."""
         return cosine_logits(self.teacher_logit_scale, self.image_features(images), self.text_features)
 
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """z_t on the student's batch (converted to the teacher's input format), no grad."""
+    def teacher_logits(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
+        """z_t on the student's batch (converted to the teacher's input format), no grad. With a teacher cache and
+        the views' ``keys``, stored logits are read and only the views not stored yet run the teacher (and are
+        stored)."""
+        cache = self.cache if keys is not None else None
+        if cache is not None:
+            found, cached = cache.get(keys)
+            if bool(found.all()):
+                return cached.to(images.device)
         if self.teacher is None or self._teacher_input is None:
             raise PromptKDError(
                 "promptkd training needs the teacher: attach_teacher(), or set method.teacher_checkpoint."
             )
         with torch.no_grad():
-            return self.teacher.logits(self._teacher_input(images), self.text_features, float(self.stored.logit_scale))
+            if cache is None:
+                return self.teacher.logits(
+                    self._teacher_input(images), self.text_features, float(self.stored.logit_scale)
+                )
+            missing = (~found).nonzero().flatten()
+            live = self.teacher.logits(
+                self._teacher_input(images[missing.to(images.device)]),
+                self.text_features,
+                float(self.stored.logit_scale),
+            )
+            cache.put([keys[int(i)] for i in missing], live)
+            cached = cached.to(images.device)
+            cached[missing.to(images.device)] = live.float()
+            return cached
+
+    def attach_cache(self, cache: Any | None) -> None:
+        """Read and write the teacher's logits through a :class:`~promptkd.distill.cache.TeacherCache` (training)."""
+        self.cache = cache
 
     def training_step(self, batch: Batch) -> StepOutput:
         """One distillation step on ``batch.images``; ``batch.labels`` is never read."""
         cfg = self.config
-        teacher_logits = self.teacher_logits(batch.images)
+        teacher_logits = self.teacher_logits(batch.images, batch.keys)
         student_logits = self.logits(batch.images)
         loss = kd_loss(student_logits, teacher_logits, cfg.temperature, cfg.kd_normalization, cfg.kd_weight)
         with torch.no_grad():
