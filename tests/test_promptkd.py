@@ -488,3 +488,79 @@ def test_presets_load_and_world_preset_fits_the_world_student(preset):
     features = TeacherFeatures(F.normalize(torch.randn(3, 128), dim=-1), 100.0, ["a", "b", "c"], {"method": "zeroshot"})
     method = PromptKD(student, ["a", "b", "c"], config, features=features)
     assert method.logits(images(2)).shape == (2, 3) and method.learner.visual.prompts.shape[0] == 3
+
+
+def test_imagenet_class_names_with_duplicates_round_trip(teacher_backbone, tmp_path, caplog):
+    """ImageNet's 1,000 CLIP names repeat 'missile' and 'sunglasses': accepted (warned), rows by position, end to end
+    through stored features, distillation on a folder and the student's predictions."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    from promptkd.deploy import load_for_inference, predict
+
+    names = list(IMAGENET_CLASSNAMES)
+    assert len(names) == 1000 and len(set(names)) == 998
+    teacher = zero_shot_teacher(teacher_backbone)
+    with caplog.at_level("WARNING"):
+        stored = teacher.compute_features(names)
+    assert "'missile' (2x)" in caplog.text and "'sunglasses' (2x)" in caplog.text
+    stored.save(tmp_path / "features")
+    loaded = TeacherFeatures.load(tmp_path / "features")
+    assert loaded.classnames == names and torch.equal(loaded.features, stored.features)
+    first, second = (i for i, n in enumerate(names) if n == "missile")
+    assert torch.equal(loaded.rows(names[first : second + 1])[-1], stored.features[second])  # k-th use -> k-th row
+    assert torch.equal(loaded.rows(names[500:]), stored.features[500:])
+
+    folder = tmp_path / "unlabeled"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(folder / f"{i}.png")
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    weights = str(teacher_backbone.spec.pretrained)
+    argv = ["--teacher-model", "pkd-tiny-wide", "--teacher-pretrained", weights, "--student-model", "pkd-tiny"]
+    argv += ["--unlabeled-folder", str(folder), "--classnames", str(tmp_path / "classes.txt"), "--no-eval"]
+    argv += ["--out", str(tmp_path / "run"), "--set", "train.epochs=1", "train.batch_size=3", "train.progress=false"]
+    assert _cli([*argv, "method.vision_depth=2"]) == 0
+    written = TeacherFeatures.load(tmp_path / "run" / "teacher_features")
+    assert written.classnames == names and torch.allclose(written.features, stored.features, atol=1e-6)
+    student = load_for_inference(tmp_path / "run" / "prompts")
+    assert student.classnames == names
+    predictions, skipped = predict(student, sorted(str(p) for p in folder.iterdir()), top_k=3, progress=False)
+    assert len(predictions) == 6 and not skipped and all(p.classes[0] in names for p in predictions)
+
+
+def test_features_extend_appends_new_classes_only(teacher, teacher_ckpt, teacher_backbone, tmp_path, capsys):
+    """`promptkd features extend`: old rows bit-identical, new rows equal the teacher's, other teacher and names
+    already stored refused; the student scores the extended list with no retraining and stays bound to its teacher."""
+    from promptkd.cli.main import main as cli
+
+    stored = teacher.compute_features(CLASSES[:2])
+    stored.save(tmp_path / "features")
+    (tmp_path / "new.txt").write_text("\n".join(CLASSES[2:]) + "\n")
+    argv = ["features", "extend", str(tmp_path / "features"), "--teacher", str(teacher_ckpt)]
+    assert cli([*argv, "--classes", str(tmp_path / "new.txt"), "--out", str(tmp_path / "extended")]) == 0
+    extended = TeacherFeatures.load(tmp_path / "extended")
+    assert extended.classnames == CLASSES and torch.equal(extended.features[:2], stored.features)
+    assert torch.allclose(extended.features, teacher.compute_features(CLASSES).features, atol=1e-6)
+    assert extended.extends(stored.classnames_sha256) and extended.extensions[0]["num_classes_before"] == 2
+
+    again = ["features", "extend", str(tmp_path / "extended"), "--teacher", str(teacher_ckpt)]
+    assert cli([*again, "--classes", str(tmp_path / "new.txt")]) == 2
+    assert "stored already ('green cross'" in capsys.readouterr().err
+    zero_shot = ["features", "extend", str(tmp_path / "features"), "--teacher-model", "pkd-tiny-wide"]
+    zero_shot += ["--teacher-pretrained", str(teacher_backbone.spec.pretrained), "--classes", str(tmp_path / "new.txt")]
+    assert cli(zero_shot) == 2 and "the teacher given is zeroshot" in capsys.readouterr().err
+
+    # a student distilled on the first two classes scores all four with the extended file
+    student = make_student(load_backbone("pkd-tiny"), teacher, CLASSES[:2])
+    student_ckpt = student.save(tmp_path / "student")
+    reloaded = PromptKD.from_checkpoint(student_ckpt, tmp_path / "extended.safetensors", backbone=student.backbone)
+    assert reloaded.classnames == CLASSES and reloaded.logits(images(2)).shape == (2, 4)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.logits(images(2))[:, :2], student.eval().logits(images(2)), atol=1e-5)
+
+    # rows added by another teacher (a hand-edited file) are refused when loaded
+    meta = json.loads((tmp_path / "extended.json").read_text())
+    meta["extensions"][0]["teacher"] = {"method": "coop", "checkpoint_sha256": "0" * 64}
+    (tmp_path / "extended.json").write_text(json.dumps(meta))
+    with pytest.raises(TeacherError, match="rows 2..3 were added by coop"):
+        TeacherFeatures.load(tmp_path / "extended")

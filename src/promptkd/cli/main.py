@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "inspect",
     "world-report": "world_report",
     "teacher-cache": "teacher_cache",
+    "features": "features",
 }
 
 

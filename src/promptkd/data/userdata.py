@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -86,13 +87,14 @@ def read_classnames(source: ClassNames) -> list[str]:
         raise DataError(
             "class-name list is empty", path=where, expected="at least one class name", fix="add the class names"
         )
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise DataError(
-            f"class names appear more than once: {', '.join(map(repr, dupes[:10]))}",
-            path=where,
-            expected="one distinct name per class",
-            fix="make every class name unique (CLIP cannot tell identical names apart)",
+    counts = Counter(names)
+    dupes = sorted(n for n, c in counts.items() if c > 1)
+    if dupes:  # real lists repeat names (ImageNet's CLIP names: 'missile', 'sunglasses'); labels stay positions
+        logger.warning(
+            "%s: class names used more than once: %s; they are kept as separate classes (labels are positions), "
+            "and the model cannot tell them apart",
+            where,
+            ", ".join(f"{n!r} ({counts[n]}x)" for n in dupes[:10]),
         )
     return names
 

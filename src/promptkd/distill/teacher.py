@@ -120,6 +120,14 @@ def same_teacher(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     return ba.get("pretrained") == bb.get("pretrained")
 
 
+def duplicate_names(classnames: Sequence[str]) -> dict[str, int]:
+    """Names used more than once, with their counts (empty for a list of distinct names)."""
+    counts: dict[str, int] = {}
+    for name in classnames:
+        counts[name] = counts.get(name, 0) + 1
+    return {name: count for name, count in counts.items() if count > 1}
+
+
 # --- stored features ------------------------------------------------------------------------------------------------
 @dataclass
 class TeacherFeatures:
@@ -130,6 +138,8 @@ class TeacherFeatures:
     classnames: list[str]
     teacher: dict[str, Any] = field(default_factory=dict)
     source: str = "<memory>"
+    #: one record per `extend`: rows added, class-list hash before, the teacher that computed them
+    extensions: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.features.dim() != 2 or self.features.shape[0] != len(self.classnames):
@@ -137,8 +147,14 @@ class TeacherFeatures:
                 f"{self.source}: teacher features of shape {tuple(self.features.shape)} for "
                 f"{len(self.classnames)} classes; expected [C, E] with one row per class."
             )
-        if len(set(self.classnames)) != len(self.classnames):
-            raise TeacherError(f"{self.source}: the class list has duplicate names.")
+        repeated = duplicate_names(self.classnames)
+        if repeated:  # real lists have them (ImageNet's CLIP names: 'missile', 'sunglasses'); rows go by position
+            logger.warning(
+                "%s: the class list repeats %s; rows are addressed by position (a repeated name's k-th use in a "
+                "subset reads its k-th stored row)",
+                self.source,
+                ", ".join(f"{name!r} ({count}x)" for name, count in repeated.items()),
+            )
 
     @property
     def embed_dim(self) -> int:
@@ -150,7 +166,12 @@ class TeacherFeatures:
 
     def rows(self, classnames: Sequence[str]) -> torch.Tensor:
         """The rows of ``classnames`` (a subset of the stored classes, any order), e.g. base or novel classes."""
-        index = {name: i for i, name in enumerate(self.classnames)}
+        classnames = list(classnames)
+        if classnames == self.classnames:
+            return self.features
+        index: dict[str, list[int]] = {}
+        for i, name in enumerate(self.classnames):
+            index.setdefault(name, []).append(i)
         missing = [c for c in classnames if c not in index]
         if missing:
             raise TeacherError(
@@ -159,7 +180,13 @@ class TeacherFeatures:
                 f"{len(self.classnames)} classes ({', '.join(map(repr, self.classnames[:5]))}, ...). Compute features "
                 "for these classes with the teacher (promptkd distill writes them for every class of the dataset)."
             )
-        return self.features[[index[c] for c in classnames]]
+        used: dict[str, int] = {}
+        positions = []
+        for name in classnames:  # the k-th use of a repeated name reads its k-th row (the last one past that)
+            k = used.get(name, 0)
+            used[name] = k + 1
+            positions.append(index[name][min(k, len(index[name]) - 1)])
+        return self.features[positions]
 
     def check(self, *, classnames: Sequence[str] | None = None, teacher: dict[str, Any] | None = None) -> None:
         """Refuse another class list (order-sensitive hash) or another teacher; the message names both."""
@@ -178,6 +205,48 @@ class TeacherFeatures:
                 "wrong targets; recompute them with this teacher (drop --teacher-features)."
             )
 
+    def extends(self, classnames_sha256: str) -> bool:
+        """True when this list is, or was extended from, the class list with hash ``classnames_sha256``."""
+        return classnames_sha256 == self.classnames_sha256 or any(
+            e.get("from_classnames_sha256") == classnames_sha256 for e in self.extensions
+        )
+
+    def extend(self, teacher: Teacher, classnames: Sequence[str]) -> TeacherFeatures:
+        """These features plus the teacher's rows for ``classnames`` (new names only), appended; existing rows are
+        copied bit for bit. Refuses another teacher (its rows would not match the student's targets) and names
+        already stored."""
+        new = list(classnames)
+        if not new:
+            raise TeacherError("no class names to add; give the new names, one per line, with --classes FILE.")
+        if not same_teacher(self.teacher, teacher.identity):
+            raise TeacherError(
+                f"{self.source}: stored features come from {teacher_description(self.teacher)}, but the teacher "
+                f"given is {teacher_description(teacher.identity)}. Extend them with the teacher that computed them "
+                "(its checkpoint), or distil again with the new teacher."
+            )
+        present = sorted(set(new) & set(self.classnames))
+        if present:
+            raise TeacherError(
+                f"{self.source}: {len(present)} of the names to add are stored already "
+                f"({', '.join(map(repr, present[:5]))}{', ...' if len(present) > 5 else ''}); give only new names."
+            )
+        added = teacher.compute_features(new)
+        record = {
+            "from_classnames_sha256": self.classnames_sha256,
+            "num_classes_before": len(self.classnames),
+            "added": len(new),
+            "teacher": dict(teacher.identity),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        return TeacherFeatures(
+            torch.cat([self.features, added.features.to(self.features.dtype)]),
+            self.logit_scale,
+            [*self.classnames, *new],
+            dict(self.teacher),
+            source=self.source,
+            extensions=[*self.extensions, record],
+        )
+
     # --- files -------------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``<stem>.safetensors`` (tensor ``features``) and ``<stem>.json`` atomically; returns the first."""
@@ -193,6 +262,7 @@ class TeacherFeatures:
             "classnames": list(self.classnames),
             "classnames_sha256": self.classnames_sha256,
             "teacher": self.teacher,
+            "extensions": self.extensions,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         with atomic_path(tensor_path) as tmp:
@@ -232,12 +302,24 @@ class TeacherFeatures:
         classnames = list(meta.get("classnames") or [])
         if meta.get("classnames_sha256") and classnames_hash(classnames) != meta["classnames_sha256"]:
             raise TeacherError(f"{config_path}: the class list does not match its recorded hash.")
+        teacher = dict(meta.get("teacher") or {})
+        extensions = list(meta.get("extensions") or [])
+        for record in extensions:
+            if not same_teacher(teacher, record.get("teacher")):
+                start = int(record.get("num_classes_before", 0))
+                raise TeacherError(
+                    f"{config_path}: rows {start}..{start + int(record.get('added', 0)) - 1} were added by "
+                    f"{teacher_description(record.get('teacher'))}, not by this file's teacher "
+                    f"({teacher_description(teacher)}); a student cannot score them. Recompute the features with one "
+                    "teacher (promptkd features extend refuses another)."
+                )
         return cls(
             tensors["features"].float(),
             float(meta["logit_scale"]),
             classnames,
-            dict(meta.get("teacher") or {}),
+            teacher,
             source=str(tensor_path),
+            extensions=extensions,
         )
 
 

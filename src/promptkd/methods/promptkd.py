@@ -328,7 +328,8 @@ class PromptKD(Method):
 
         ``features`` defaults to the file the checkpoint's config names, else ``teacher_features.safetensors`` beside
         the checkpoint; it must come from the teacher the student was distilled from (checked). ``backbone``
-        defaults to the one the checkpoint records; ``classnames`` to the checkpoint's class list.
+        defaults to the one the checkpoint records; ``classnames`` to the checkpoint's class list, or to the whole
+        stored list when the features were extended since distillation (``promptkd features extend``).
         """
         from promptkd.backbones import load_recorded_backbone
         from promptkd.checkpoints import checkpoint_paths
@@ -349,7 +350,14 @@ class PromptKD(Method):
         if backbone is None:
             backbone = load_recorded_backbone(meta.get("backbone") or {}, device=device, precision=precision)
         config = config_from(cls, method_config)
-        names = list(classnames or meta.get("classnames") or stored.classnames)
+        trained = list(meta.get("classnames") or stored.classnames)
+        recorded_hash = (meta.get("teacher_features") or {}).get("classnames_sha256")
+        if classnames is not None:
+            names = list(classnames)
+        elif recorded_hash and recorded_hash != stored.classnames_sha256 and stored.extends(recorded_hash):
+            names = list(stored.classnames)  # classes added after distillation (promptkd features extend)
+        else:
+            names = trained
         method = cls(backbone, names, config, features=stored)
         method.load(checkpoint, check_classnames=False)
         method.eval()
