@@ -406,3 +406,23 @@ def test_interrupted_build_leaves_no_world(tmp_path, monkeypatch):
     assert len(done) == 40
     assert not root.exists()
     assert list(tmp_path.iterdir()) == []  # the temporary build folder is gone too
+
+
+def test_render_unlabeled_is_seeded_unlimited_and_never_a_split_image(tmp_path, tiny_world):
+    root, _ = tiny_world
+    size = TINY.get("image_size", 32)
+    out = world.render_unlabeled("shapes", 130, tmp_path / "u", seed=0, image_size=size, workers=1)
+    files = sorted((out / "images").iterdir())
+    assert len(files) == 130 and files[0].name == "00000000.png"  # flat: no class in the name
+    assert (out / "classnames.txt").read_text().split("\n")[:-1] == list(world.WORLD_DATASETS["shapes"].classnames)
+    again = world.render_unlabeled("shapes", 130, tmp_path / "v", seed=0, image_size=size, workers=2)
+    assert [f.read_bytes() for f in files] == [f.read_bytes() for f in sorted((again / "images").iterdir())]
+    assert world.render_unlabeled("shapes", 130, out, seed=0, image_size=size) == out  # reused as it is
+    split_images = {p.read_bytes() for p in (root / "shapes" / "images").rglob("*.png")}
+    assert split_images and not split_images & {f.read_bytes() for f in files}
+    other = world.render_unlabeled("shapes", 10, tmp_path / "w", seed=1, image_size=size, classes="base")
+    assert {f.read_bytes() for f in (other / "images").iterdir()}.isdisjoint(f.read_bytes() for f in files[:10])
+    with pytest.raises(world.WorldMismatchError, match="not empty"):
+        world.render_unlabeled("shapes", 131, out, seed=0, image_size=size)
+    with pytest.raises(world.WorldMismatchError, match="no world dataset 'shape'"):
+        world.render_unlabeled("shape", 1, tmp_path / "x")

@@ -28,6 +28,10 @@ class DeployError(PromptKDError, ValueError):
     pass
 
 
+#: distilled students: inference from their checkpoint and the stored teacher features alone
+STUDENT_METHODS = ("promptkd", "promptkd_timm")
+
+
 def load_for_inference(
     checkpoint: str | Path, features: str | Path | None = None, *, device: str = "cpu", precision: str = "fp32"
 ):
@@ -38,10 +42,8 @@ def load_for_inference(
 
     _, meta = load_checkpoint(checkpoint)
     name = meta.get("method")
-    if name == "promptkd":
-        from promptkd.methods.promptkd import PromptKD
-
-        return PromptKD.from_checkpoint(checkpoint, features, device=device, precision=precision)
+    if name in STUDENT_METHODS:
+        return get_method(name).from_checkpoint(checkpoint, features, device=device, precision=precision)
     if features is not None:
         raise DeployError(f"--features applies to promptkd students only; {checkpoint} is a {name!r} checkpoint.")
     classnames = meta.get("classnames")
@@ -143,15 +145,15 @@ def export_student(
     fmt: str = "torchscript",
 ) -> dict:
     """Write the deployable PromptKD student (TorchScript or ONNX) + class names + preprocessing, and check it."""
-    from promptkd.methods.promptkd import PromptKD
+    from promptkd.methods import get_method
 
     _, meta = load_checkpoint(checkpoint)
-    if meta.get("method") != "promptkd":
+    if meta.get("method") not in STUDENT_METHODS:
         raise DeployError(
             f"{checkpoint}: export is for promptkd students; this is a {meta.get('method')!r} "
             "checkpoint (use `promptkd predict` with the checkpoint itself)."
         )
-    method = PromptKD.from_checkpoint(checkpoint, features)
+    method = get_method(meta["method"]).from_checkpoint(checkpoint, features)
     module = method.deployable().eval()
     size = method.backbone.image_size
     probe = _probe_images(method, check_images, size)

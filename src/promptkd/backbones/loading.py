@@ -89,6 +89,7 @@ class BackboneSpec:
     quick_gelu_reason: str = ""
     file_sha256: str | None = None
     open_clip_version: str = field(default_factory=lambda: open_clip.__version__)
+    options: dict[str, Any] = field(default_factory=dict)  # how a non-CLIP student was built (input size, kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -283,6 +284,10 @@ def load_backbone(
         quick_gelu: force the activation; None decides from the evidence and records why in ``spec``.
         precision: compute precision (``fp32``, ``bf16`` autocast, ``fp16`` autocast on GPU).
     """
+    if model_name is not None and model_name.startswith("timm:"):
+        from promptkd.backbones.timm_models import load_timm_backbone
+
+        return load_timm_backbone(model_name, pretrained, device=device, precision=precision)
     register_builtin_configs()
     shipped = pretrained == SHIPPED
     if shipped:
@@ -643,6 +648,17 @@ def load_recorded_backbone(
     spec: dict[str, Any], *, device: str | torch.device = "cpu", precision: str = "fp32"
 ) -> Backbone:
     """The backbone a checkpoint's recorded :class:`BackboneSpec` (``to_dict()``) names: model, weights, QuickGELU."""
+    if str(spec.get("model_name") or "").startswith("timm:"):
+        from promptkd.backbones.timm_models import load_timm_backbone, timm_options
+
+        return load_timm_backbone(
+            spec["model_name"],
+            spec.get("pretrained"),
+            device=device,
+            precision=precision,
+            announce_random=False,  # a fully trained student's checkpoint holds every weight
+            **timm_options(spec),
+        )
     return load_backbone(
         spec.get("model_name"),
         spec.get("pretrained"),

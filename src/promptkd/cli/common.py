@@ -11,13 +11,16 @@ from typing import Any
 from promptkd.backbones import PRECISIONS, Backbone, load_backbone
 
 
-def add_backbone_args(parser: argparse.ArgumentParser, *, prefix: str = "", default_model: str | None = None) -> None:
-    """--model/--pretrained/--quick-gelu (optionally prefixed, e.g. --teacher-model)."""
+def add_backbone_args(
+    parser: argparse.ArgumentParser, *, prefix: str = "", default_model: str | None = None, alias: bool = False
+) -> None:
+    """--model/--pretrained/--quick-gelu (optionally prefixed, e.g. --teacher-model; ``alias``: --student too)."""
     dash = f"--{prefix}-" if prefix else "--"
     dest = f"{prefix}_" if prefix else ""
     group = parser.add_argument_group(f"{prefix or 'model'} backbone")
     group.add_argument(
         f"{dash}model",
+        *([f"--{prefix}"] if alias and prefix else []),
         dest=f"{dest}model",
         default=default_model,
         help="open_clip model name (ViT-B-16, ViT-L-14, pkd-tiny, ...) or local-dir:<folder>; "

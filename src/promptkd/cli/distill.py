@@ -14,6 +14,8 @@ examples:
       --student-pretrained openai --preset vit_b16_c2_ep20_batch8_4+4ctx --dataset eurosat --data-root DATA
   promptkd distill --teacher runs/teacher/prompts --student-model pkd-world-student \\
       --unlabeled-folder my_images --classnames classes.txt --max-images 2000
+  promptkd distill --teacher runs/teacher/prompts --student timm:test_convnext3 --student-pretrained random \\
+      --preset world --dataset shapes --set method.train_layers=all    # any timm model as the student
 
 The student never sees a label: dataset train splits lose theirs (--max-per-class counts per class in benchmark
 splits only; folders take --max-images, streamed shards --epoch-samples). The teacher's text features are computed once,
@@ -43,7 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reuse stored teacher features (checked against the class list and the teacher) instead of computing",
     )
     add_backbone_args(parser, prefix="teacher")
-    add_backbone_args(parser, prefix="student")
+    add_backbone_args(parser, prefix="student", alias=True)
+    parser.add_argument(
+        "--student-kwargs",
+        nargs="+",
+        default=None,
+        metavar="KEY=VALUE",
+        help="timm students: arguments of timm.create_model, e.g. patch_size=4 depth=4 (values read as YAML)",
+    )
     data = parser.add_argument_group("unlabelled images")
     data.add_argument("--dataset", default=None, help="world/benchmark dataset or split-JSON folder (labels dropped)")
     data.add_argument("--data-root", default=None, help="folder holding the datasets")
@@ -130,6 +139,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--list-presets", action="store_true", help="list the presets and exit")
 
 
+def _key_values(items: list[str] | None) -> dict | None:
+    import yaml
+
+    from promptkd.config import ConfigError
+
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--student-kwargs takes KEY=VALUE pairs, e.g. patch_size=4; got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def config_from_args(args: argparse.Namespace):
     """The distillation config these arguments describe (shared with `promptkd teacher-cache`)."""
     from promptkd.distill.run import resolve_distill_config
@@ -143,6 +168,7 @@ def config_from_args(args: argparse.Namespace):
         "student_model": args.student_model,
         "student_pretrained": args.student_pretrained,
         "student_quick_gelu": args.student_quick_gelu,
+        "student_kwargs": _key_values(args.student_kwargs),
         "dataset": args.dataset,
         "data_root": args.data_root,
         "unlabeled_folder": args.unlabeled_folder,

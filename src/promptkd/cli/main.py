@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "convert-weights": "convert_weights",
     "inspect": "inspect",
     "world-report": "world_report",
+    "world-render": "world_render",
     "teacher-cache": "teacher_cache",
     "features": "features",
 }

@@ -11,6 +11,7 @@ Model selection is the last epoch or ``train.select: val`` on the held-out valid
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class DistillRunConfig:
     student_model: str | None = None
     student_pretrained: str | None = None
     student_quick_gelu: bool | None = None
+    student_kwargs: dict[str, Any] = field(default_factory=dict)  # timm students: create_model keyword arguments
     dataset: str | None = None
     data_root: str | None = None
     unlabeled_folder: str | None = None
@@ -96,6 +98,11 @@ def _read_classnames(path: str | None) -> list[str]:
     return read_classnames(path)
 
 
+def student_method(model: str | None) -> str:
+    """The method that distils into this student: ``promptkd`` (a prompted CLIP tower) or ``promptkd_timm``."""
+    return "promptkd_timm" if str(model or "").startswith("timm:") else "promptkd"
+
+
 def _student_weights(model: str, pretrained: str | None) -> str | None:
     """The given weights, else the package's shipped weights of a world model; None (random) with a warning."""
     if pretrained:
@@ -141,6 +148,7 @@ def _check_config(config: DistillRunConfig) -> None:
 
 def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setup:
     from promptkd.backbones import load_backbone
+    from promptkd.backbones.timm_models import is_timm_name, load_timm_backbone
     from promptkd.distill.cache import TeacherCache, ViewRecipe, features_sha256
     from promptkd.distill.data import from_folder, from_splits
     from promptkd.evaluation.datasets import resolve_dataset
@@ -208,13 +216,27 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
     if info.is_main:
         stored.save(features_path)
     # --- student -------------------------------------------------------------------------------------------------
-    student = load_backbone(
-        config.student_model,
-        _student_weights(config.student_model, config.student_pretrained),
-        quick_gelu=config.student_quick_gelu,
-        device=device,
-        precision=precision,
-    )
+    if is_timm_name(config.student_model):  # sees what the teacher sees: its input size and statistics
+        student = load_timm_backbone(
+            config.student_model,
+            config.student_pretrained,
+            image_size=teacher.preprocess.size,
+            mean=tuple(teacher.preprocess.mean),
+            std=tuple(teacher.preprocess.std),
+            kwargs=config.student_kwargs,
+            device=device,
+            precision=precision,
+        )
+    else:
+        if config.student_kwargs:
+            raise ConfigError("--student-kwargs applies to timm students (--student-model timm:NAME) only")
+        student = load_backbone(
+            config.student_model,
+            _student_weights(config.student_model, config.student_pretrained),
+            quick_gelu=config.student_quick_gelu,
+            device=device,
+            precision=precision,
+        )
     setup = _Setup(splits, mode, all_classes, source, teacher, stored, features_path, student)
     if config.teacher_cache:  # stored views, and the teacher's logits for each, stored once
         setup.recipe = ViewRecipe.for_student(
@@ -270,7 +292,7 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
     from promptkd.methods.base import config_from
 
     _check_config(config)
-    method_cls = get_method("promptkd")
+    method_cls = get_method(student_method(config.student_model))
     info, device = init_distributed(config.device)
     out = Path(config.out)
     handler = _log_to(out, info)
@@ -278,6 +300,11 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
         setup = _setup(config, info, device, out)
         source, recipe, cache, student, stored = setup.source, setup.recipe, setup.cache, setup.student, setup.stored
         method_config_data = dict(config.method_config)
+        known = {f.name for f in dataclasses.fields(method_cls.config_class)}
+        unused = sorted(set(method_config_data) - known)
+        if unused and method_cls.name != "promptkd":  # a preset's prompt settings mean nothing to a timm student
+            logger.info("%s student: prompt settings %s not used", method_cls.name, ", ".join(unused))
+            method_config_data = {k: v for k, v in method_config_data.items() if k in known}
         method_config_data.update(
             teacher_checkpoint=str(config.teacher or ""),
             teacher_model=str(config.teacher_model or ""),
@@ -466,7 +493,7 @@ def _evaluate(
                 dataset=config.dataset,
                 task="classification",
                 metrics=metrics,
-                method="promptkd",
+                method=method.name,
                 backbone=student,
                 protocol="base2new" if config.protocol == "base2new" else "cross_dataset",
                 subsample=half,

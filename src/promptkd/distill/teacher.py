@@ -63,6 +63,7 @@ _REFUSED = {
     "tip_adapter": "its logits add a cache-model term to the CLIP classifier",
     "tip_adapter_f": "its logits add a cache-model term to the CLIP classifier",
     "promptkd": "a PromptKD student has no text features of its own (it reuses its teacher's)",
+    "promptkd_timm": "a distilled student has no text features of its own (it reuses its teacher's)",
 }
 _BACKBONE_KEYS = ("model_name", "pretrained", "quick_gelu", "file_sha256")
 

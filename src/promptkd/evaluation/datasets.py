@@ -181,11 +181,21 @@ def split_folder(folder: str | os.PathLike[str], *, check: bool = True, name: st
 
 
 def resolve_dataset(name: str, data_root: str | os.PathLike[str] | None, *, check: bool = True) -> DatasetSplits:
-    """Read the dataset ``name`` under ``data_root`` (world, benchmark, or split-JSON folder; see module docs)."""
-    root = os.fspath(data_root) if data_root is not None else os.getcwd()
+    """Read the dataset ``name`` under ``data_root`` (world, benchmark, or split-JSON folder; see module docs).
+
+    Without ``data_root``: world datasets come from the world cache (built there on first use, as the demo does),
+    benchmarks from ``$PROMPTKD_DATA``, anything else from the working directory.
+    """
     world = _world_lookup(name)
     if world is not None:
-        return _world_dataset(world, root, check)
+        if data_root is None:
+            from promptkd.data.world import ensure_world
+
+            data_root = ensure_world()
+        return _world_dataset(world, os.fspath(data_root), check)
+    if data_root is None:
+        data_root = os.environ.get("PROMPTKD_DATA") or None
+    root = os.fspath(data_root) if data_root is not None else os.getcwd()
     try:
         canonical = resolve_name(name)
     except UnknownDatasetError:

@@ -26,6 +26,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "tip_adapter": "promptkd.methods.tip_adapter",
     "tip_adapter_f": "promptkd.methods.tip_adapter",
     "promptkd": "promptkd.methods.promptkd",
+    "promptkd_timm": "promptkd.methods.promptkd_timm",
 }
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -45,28 +45,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptkd.backbones import Backbone
-from promptkd.checkpoints import CheckpointError, load_checkpoint
+from promptkd.checkpoints import CheckpointError, load_checkpoint, load_trainable_state, trainable_state
 from promptkd.distill.teacher import Teacher, TeacherError, TeacherFeatures, TeacherInput, load_teacher
 from promptkd.errors import PromptKDError
 from promptkd.methods import MethodConfig, register_method
 from promptkd.methods.base import Batch, Method, StepOutput
-from promptkd.methods.prompted import check_depth, cosine_logits
+from promptkd.methods.prompted import PromptConfigError, check_depth, cosine_logits
 from promptkd.prompts import PromptedImageEncoder, VisualPrompts
 
-__all__ = ["DeployableStudent", "Projector", "PromptKD", "PromptKDConfig", "kd_loss"]
+__all__ = ["DeployableStudent", "Projector", "PromptKD", "PromptKDConfig", "StudentKDConfig", "kd_loss"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PromptKDConfig(MethodConfig):
-    """PromptKD stage-II hyper-parameters; defaults follow the paper (see the module docstring for the reference)."""
+class StudentKDConfig(MethodConfig):
+    """What every distilled student shares: projector, KD loss, mode and the teacher (paper defaults)."""
 
-    n_ctx_vision: int = field(default=4, metadata={"help": "visual prompt tokens n_v (N_CTX_VISION)"})
-    vision_depth: int = field(
-        default=9, metadata={"help": "prompted student blocks J (PROMPT_DEPTH_VISION: 9 base2new, 3 cross-dataset)"}
-    )
-    init_std: float = field(default=0.02, metadata={"help": "std of the N(0, std²) prompt init"})
     projector: Literal["mlp", "linear"] = field(
         default="mlp", metadata={"help": "mlp = Linear-BN-ReLU-Linear (paper); linear = one Linear (Table 12)"}
     )
@@ -84,14 +79,34 @@ class PromptKDConfig(MethodConfig):
     teacher_features: str = field(default="", metadata={"help": "stored teacher features file (.safetensors)"})
 
     def __post_init__(self) -> None:
-        if self.n_ctx_vision < 1 or self.vision_depth < 1:
-            raise ValueError("n_ctx_vision and vision_depth must be at least 1")
-        if self.init_std <= 0:
-            raise ValueError("init_std must be positive")
         if self.temperature <= 0:
             raise ValueError("temperature must be positive")
         if self.kd_weight <= 0:
             raise ValueError("kd_weight must be positive")
+
+
+@dataclass
+class PromptKDConfig(StudentKDConfig):
+    """PromptKD stage-II hyper-parameters; defaults follow the paper (see the module docstring for the reference).
+    ``lora_rank`` and ``unfreeze_blocks`` go beyond the paper: they also train the student tower itself."""
+
+    n_ctx_vision: int = field(default=4, metadata={"help": "visual prompt tokens n_v (N_CTX_VISION)"})
+    vision_depth: int = field(
+        default=9, metadata={"help": "prompted student blocks J (PROMPT_DEPTH_VISION: 9 base2new, 3 cross-dataset)"}
+    )
+    init_std: float = field(default=0.02, metadata={"help": "std of the N(0, std²) prompt init"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the student's attention (0: none; needs peft)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator (scale = alpha / rank)"})
+    unfreeze_blocks: int = field(default=0, metadata={"help": "train the student's last N blocks too (0: frozen)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_ctx_vision < 1 or self.vision_depth < 1:
+            raise ValueError("n_ctx_vision and vision_depth must be at least 1")
+        if self.init_std <= 0:
+            raise ValueError("init_std must be positive")
+        if self.lora_rank < 0 or self.unfreeze_blocks < 0:
+            raise ValueError("lora_rank and unfreeze_blocks must be >= 0")
 
 
 def kd_loss(
@@ -137,6 +152,35 @@ class Projector(nn.Module):
         return x
 
 
+def add_lora(module: nn.Module, rank: int, alpha: float) -> None:
+    """LoRA (rank r, scale alpha/r) on every attention of a CLIP image tower, through peft (in place)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as error:
+        raise PromptKDError("LoRA students need peft: pip install 'promptkd[lora]'") from error
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["attn"], lora_dropout=0.0)
+    inject_adapter_in_model(config, module)
+
+
+def merge_lora(module: nn.Module) -> nn.Module:
+    """Fold peft's LoRA adapters into the attention weights and drop the wrappers (for export); in place."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft, so no adapters to fold
+        return module
+    for block in getattr(getattr(module, "transformer", None), "resblocks", []):
+        attn = block.attn
+        if isinstance(attn, BaseTunerLayer):
+            attn.merge()
+            attn = attn.get_base_layer()
+            if isinstance(attn.out_proj, BaseTunerLayer):
+                if not attn.out_proj.merged:
+                    attn.out_proj.merge()
+                attn.out_proj = attn.out_proj.get_base_layer()
+            block.attn = attn
+    return module
+
+
 def _features_from(value: TeacherFeatures | str | Path) -> TeacherFeatures:
     return value if isinstance(value, TeacherFeatures) else TeacherFeatures.load(value)
 
@@ -168,12 +212,10 @@ class PromptKD(Method):
     ):
         super().__init__(backbone, classnames, config)
         cfg = self.config
-        self.image_encoder = PromptedImageEncoder(backbone.model)  # a view of the frozen student tower
-        width = self.image_encoder.width  # UnsupportedModelError for towers without prompts (ResNet)
-        check_depth(self.name, "vision_depth", cfg.vision_depth, self.image_encoder.n_blocks, "image", backbone)
         self.teacher: Teacher | None = None
         self._teacher_input: TeacherInput | None = None
         self.cache: Any | None = None  # a TeacherCache while training from stored views
+        self.check_student()
         if features is None and cfg.teacher_features:
             features = cfg.teacher_features
         if features is not None:
@@ -189,11 +231,64 @@ class PromptKD(Method):
         self.register_buffer(
             "teacher_logit_scale", torch.tensor(float(stored.logit_scale), device=backbone.device), persistent=False
         )
-        self.learner.visual = VisualPrompts(cfg.n_ctx_vision, cfg.vision_depth, width, init_std=cfg.init_std)
-        self.learner.projector = Projector(backbone.embed_dim, stored.embed_dim, cfg.projector)
+        self.build_student()
+        self.learner.projector = Projector(self.student_dim, stored.embed_dim, cfg.projector)
         self.learner.to(backbone.device)
         if teacher is not None:
             self.attach_teacher(teacher)
+
+    # --- the student (a subclass may use another image model) --------------------------------------------------------
+    def check_student(self) -> None:
+        """Refuse a student this method cannot prompt, before the teacher's features are computed."""
+        cfg = self.config
+        self.image_encoder = PromptedImageEncoder(self.backbone.model)  # a view of the frozen student tower
+        # UnsupportedModelError above for towers without prompts (ResNet)
+        check_depth(self.name, "vision_depth", cfg.vision_depth, self.image_encoder.n_blocks, "image", self.backbone)
+        if cfg.unfreeze_blocks > self.image_encoder.n_blocks:
+            raise PromptConfigError(
+                f"promptkd: unfreeze_blocks={cfg.unfreeze_blocks}, but the student has "
+                f"{self.image_encoder.n_blocks} blocks."
+            )
+
+    def build_student(self) -> None:
+        """The paper's visual prompts, plus LoRA on the attention and/or the last blocks unfrozen when asked."""
+        cfg = self.config
+        self.learner.visual = VisualPrompts(
+            cfg.n_ctx_vision, cfg.vision_depth, self.image_encoder.width, init_std=cfg.init_std
+        )
+        visual = self.backbone.model.visual
+        if cfg.lora_rank:  # first: peft marks everything but its adapters as frozen
+            add_lora(visual, cfg.lora_rank, cfg.lora_alpha)
+        if cfg.unfreeze_blocks:
+            for block in list(visual.transformer.resblocks)[-cfg.unfreeze_blocks :]:
+                block.requires_grad_(True)
+            for module in (getattr(visual, "ln_post", None),):
+                if module is not None:
+                    module.requires_grad_(True)
+            if isinstance(getattr(visual, "proj", None), nn.Parameter):
+                visual.proj.requires_grad_(True)
+        self.student_dim = self.backbone.embed_dim
+
+    def student_modules(self) -> dict[str, nn.Module]:
+        """Backbone modules whose trainable tensors the checkpoint holds (``student.*`` keys)."""
+        return {"student": self.backbone.model.visual}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        extra = [p for m in self.student_modules().values() for p in m.parameters() if p.requires_grad]
+        return [*super().trainable_parameters(), *extra]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = super().trainable_state()
+        for prefix, module in self.student_modules().items():
+            state.update({f"{prefix}.{k}": v for k, v in trainable_state(module).items()})
+        return state
+
+    def load_trainable(self, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+        prefixes = tuple(f"{p}." for p in self.student_modules())
+        super().load_trainable({k: v for k, v in tensors.items() if not k.startswith(prefixes)}, source)
+        for prefix, module in self.student_modules().items():
+            part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            load_trainable_state(module, part, source)
 
     # --- teacher -----------------------------------------------------------------------------------------------------
     def _load_configured_teacher(self) -> Teacher:
@@ -382,22 +477,25 @@ class DeployableStudent(nn.Module):
     """forward(images [B, 3, H, W]) → logits [B, C]: s_t · n(P(g(x; prompts))) · n(T_t)ᵀ; eval mode, no grad.
 
     Holds copies (not views) of the student's image tower, prompts, projector and the stored class features, so it
-    can be traced (``torch.jit.trace``) or exported without the method, the text towers or the teacher.
+    can be traced (``torch.jit.trace``) or exported without the method, the text towers or the teacher. LoRA adapters
+    are folded into the weights. With ``prompts=None`` the tower is any image model called as ``visual(images)``.
     """
 
     def __init__(
         self,
         visual: nn.Module,
-        prompts: torch.Tensor,
+        prompts: torch.Tensor | None,
         projector: nn.Module,
         text_features: torch.Tensor,
         logit_scale: float,
         classnames: list[str],
     ):
         super().__init__()
-        self.encoder = PromptedImageEncoder(types.SimpleNamespace(visual=copy.deepcopy(visual)))
+        tower = merge_lora(copy.deepcopy(visual))
+        self.prompted = prompts is not None
+        self.encoder = PromptedImageEncoder(types.SimpleNamespace(visual=tower)) if self.prompted else tower
         self.projector = copy.deepcopy(projector)
-        self.register_buffer("prompts", prompts.detach().clone().float())
+        self.register_buffer("prompts", prompts.detach().clone().float() if prompts is not None else torch.zeros(0))
         self.register_buffer("text_features", F.normalize(text_features.detach().float().clone(), dim=-1))
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
         self.classnames = list(classnames)
@@ -405,7 +503,7 @@ class DeployableStudent(nn.Module):
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feature = self.encoder(images, self.prompts)
+        feature = self.encoder(images, self.prompts) if self.prompted else self.encoder(images)
         with torch.autocast(device_type=feature.device.type, enabled=False):
             projected = F.normalize(self.projector(feature.float()), dim=-1)
             return self.logit_scale * projected @ self.text_features.t()

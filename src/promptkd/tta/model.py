@@ -324,7 +324,7 @@ def build_model(
         from promptkd.deploy import load_for_inference
 
         _, meta = load_checkpoint(checkpoint)
-        if meta.get("method") in ("promptkd", "zeroshot"):
+        if meta.get("method") in ("promptkd", "promptkd_timm", "zeroshot"):
             raise TTAModelError(
                 f"{checkpoint}: a {meta.get('method')} checkpoint has no text prompts to tune; use a CoOp or MaPLe "
                 "checkpoint, or no --base for 'a photo of a'."

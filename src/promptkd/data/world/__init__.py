@@ -31,6 +31,7 @@ from promptkd.data.world.build import (
     default_world_root,
     ensure_world,
     load_manifest,
+    render_unlabeled,
 )
 from promptkd.data.world.render import STYLES, render, render_attributes
 from promptkd.data.world.spec import (
@@ -99,5 +100,6 @@ __all__ = [
     "pretrain_classnames",
     "render",
     "render_attributes",
+    "render_unlabeled",
     "sample_captions",
 ]

@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 WORLD_VERSION = 3
 MANIFEST_NAME = "world.json"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_UNLABELED_CHUNK = 500  # images per task of render_unlabeled (fixed: the output does not depend on the workers)
 _RETRIEVAL_CHUNK = 64  # images per retrieval task (fixed, so the output does not depend on the number of workers)
 
 
@@ -162,7 +163,7 @@ def _render_task(task: _Task, build_root: str) -> list[tuple[str, str, list[str]
     rng = np.random.default_rng([task.seed, _stable_id(task.folder), task.index])
     images = os.path.join(build_root, task.folder, "images")
     out: list[tuple[str, str, list[str]]] = []
-    if task.kind == "retrieval":
+    if task.kind in ("retrieval", "unlabeled"):
         os.makedirs(images, exist_ok=True)
     else:
         os.makedirs(os.path.join(images, _class_folder(task.classname)), exist_ok=True)
@@ -170,6 +171,10 @@ def _render_task(task: _Task, build_root: str) -> list[tuple[str, str, list[str]
         if task.kind == "retrieval":
             classname = task.choices[int(rng.integers(len(task.choices)))]
             rel = f"{task.index * _RETRIEVAL_CHUNK + i:06d}.png"
+        elif task.kind == "unlabeled":  # classes in turn; the file name says nothing of the class
+            number = task.index * _UNLABELED_CHUNK + i
+            classname = task.choices[number % len(task.choices)]
+            rel = f"{number:08d}.png"
         else:
             classname = task.classname
             rel = f"{_class_folder(classname)}/{i:04d}.png"
@@ -528,3 +533,93 @@ def _install(build_root: Path, root: Path, manifest: dict, replace_existing: boo
             shutil.rmtree(build_root, ignore_errors=True)
             return
         raise
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Unlabelled images on demand (PromptKD's "large amounts of unlabeled domain images")
+# ----------------------------------------------------------------------------------------------------------------------
+UNLABELED_FORMAT = "promptkd-world-unlabeled"
+
+
+def render_unlabeled(
+    dataset: str,
+    count: int,
+    out: str | os.PathLike,
+    *,
+    seed: int = 1,
+    classes: str = "all",
+    image_size: int = 32,
+    supersample: int = 4,
+    workers: int | None = None,
+) -> Path:
+    """Render ``count`` unlabelled images of a world dataset's domain into ``out/images`` (flat, numbered files).
+
+    Classes take turns (``all``, or the ``base`` half for inductive distillation); each image draws its own
+    attributes, position and style noise from a random stream keyed by (seed, dataset, "unlabeled", chunk), which
+    no split of the world uses, so no rendered image repeats a train, val or test image. Writes
+    ``classnames.txt`` (the dataset's full class list: the logits the student learns) and ``render.json``. A folder
+    that already holds the same rendering is reused; any other non-empty folder is refused.
+    """
+    from promptkd.data.sampling import base_new_labels
+
+    if dataset not in WORLD_DATASETS:
+        raise WorldMismatchError(f"no world dataset {dataset!r}; world datasets: {', '.join(WORLD_DATASETS)}.")
+    if count < 1:
+        raise WorldMismatchError(f"--count must be at least 1, got {count}.")
+    if classes not in ("all", "base"):
+        raise WorldMismatchError(f"classes must be 'all' or 'base', not {classes!r}.")
+    spec = WORLD_DATASETS[dataset]
+    names = list(spec.classnames)
+    chosen = names if classes == "all" else [names[y] for y in base_new_labels(set(range(len(names))))[0]]
+    record = {
+        "format": UNLABELED_FORMAT,
+        "world_version": WORLD_VERSION,
+        "dataset": dataset,
+        "count": int(count),
+        "seed": int(seed),
+        "classes": classes,
+        "image_size": int(image_size),
+        "supersample": int(supersample),
+    }
+    root = Path(out)
+    if root.is_dir() and any(root.iterdir()):
+        try:
+            found = json.loads((root / "render.json").read_text())
+        except (OSError, ValueError):
+            found = None
+        if found == record and len(os.listdir(root / "images")) == count:
+            return root
+        raise WorldMismatchError(
+            f"{root} is not empty and does not hold this rendering ({dataset}, {count} images, seed {seed}); "
+            "name an empty or new folder."
+        )
+    build_root = root.parent / f".{root.name}.building-{uuid.uuid4().hex[:8]}"
+    tasks = [
+        _Task(
+            "unlabeled",
+            f"{dataset}@unlabeled",
+            spec.style,
+            k,
+            "",
+            min(_UNLABELED_CHUNK, count - k * _UNLABELED_CHUNK),
+            seed=int(seed),
+            image_size=image_size,
+            supersample=supersample,
+            choices=tuple(chosen),
+        )
+        for k in range(math.ceil(count / _UNLABELED_CHUNK))
+    ]
+    try:
+        _run_all(tasks, str(build_root), _default_workers(count) if workers is None else workers)
+        os.rename(build_root / f"{dataset}@unlabeled", build_root / "staging")
+        os.rename(build_root / "staging" / "images", build_root / "images")
+        os.rmdir(build_root / "staging")
+        (build_root / "classnames.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+        _write_json(build_root / "render.json", record)
+        if root.is_dir():
+            root.rmdir()
+        os.rename(build_root, root)
+    finally:
+        shutil.rmtree(build_root, ignore_errors=True)
+    logger.info("rendered %d unlabelled %s images (seed %d, %s classes) at %s", count, dataset, seed, classes, root)
+    return root
