@@ -29,6 +29,23 @@ def test_every_subcommand_has_help(command, capsys):
     assert f"usage: promptkd {command}" in out and len(out.splitlines()) > 3
 
 
+def test_help_and_argument_errors_do_not_import_torch():
+    """`promptkd --help`, every `promptkd CMD --help` and an argument error answer without torch, open_clip or
+    timm (they cost seconds to import; benchmarks/README.md has the times)."""
+    probe = (
+        "import sys\n"
+        "from promptkd.cli.main import COMMANDS, main\n"
+        "for argv in [['--help'], *[[c, '--help'] for c in COMMANDS], ['distill', '--no-such-flag']]:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'open_clip', 'timm', 'numpy') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_models_lists_tiny_models_offline(capsys):
     assert main(["models", "pkd-tiny", "--offline"]) == 0
     out = capsys.readouterr().out

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from promptkd.precision import PRECISIONS  # noqa: E402  (re-exported)
 
 
 class BackboneError(PromptKDError, RuntimeError):

@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from promptkd.backbones import PRECISIONS, Backbone, load_backbone
+from promptkd.precision import PRECISIONS
+
+if TYPE_CHECKING:
+    from promptkd.backbones import Backbone
 
 
 def add_backbone_args(
@@ -61,6 +64,8 @@ def resolve_device(name: str) -> str:
 
 
 def backbone_from_args(args: argparse.Namespace, *, prefix: str = "") -> Backbone:
+    from promptkd.backbones import load_backbone
+
     dest = f"{prefix}_" if prefix else ""
     return load_backbone(
         getattr(args, f"{dest}model"),

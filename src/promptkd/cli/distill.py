@@ -76,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--classnames", default=None, metavar="FILE", help="class names (folder/shard sources)")
     data.add_argument(
+        "--eval-dataset",
+        default=None,
+        metavar="NAME",
+        help="folder/shard sources: score the student on this labelled dataset's test split (never trained on)",
+    )
+    data.add_argument(
         "--unlabeled-split",
         choices=["train", "test"],
         default=None,
@@ -174,6 +180,7 @@ def config_from_args(args: argparse.Namespace):
         "unlabeled_folder": args.unlabeled_folder,
         "unlabeled_shards": args.unlabeled_shards,
         "classnames": args.classnames,
+        "eval_dataset": args.eval_dataset,
         "unlabeled_split": args.unlabeled_split,
         "max_per_class": args.max_per_class,
         "max_images": args.max_images,

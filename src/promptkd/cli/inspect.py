@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 HELP = "show what a promptkd checkpoint holds"
 
@@ -51,6 +53,8 @@ def nearest_words(
 
     Only ids the tokenizer can decode are candidates (world models have unused rows past their vocabulary).
     """
+    import torch
+
     ids = torch.tensor(sorted(i for i in decoder if i < token_embedding.shape[0]), dtype=torch.long)
     table = token_embedding.detach().float()[ids]
     distances = torch.cdist(ctx.detach().float(), table)  # [N, V']

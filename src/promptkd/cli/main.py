@@ -36,7 +36,9 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only ``command``'s arguments are added (all of them when None), so `promptkd --help` and
+    argument errors do not import torch (each command imports what it needs when it runs)."""
     parser = argparse.ArgumentParser(
         prog="promptkd",
         description="Prompt learning, prompt distillation (PromptKD) and test-time prompt tuning for CLIP models.",
@@ -47,15 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"promptkd.cli.{module_name}")
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(sub)
+        if command is None or command == name:
+            module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is one), if any."""
+    return next((word for word in argv if word in COMMANDS), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from promptkd.errors import PromptKDError
 
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_in(argv)
+    parser = build_parser(command) if command else build_parser("")
     args = parser.parse_args(argv)
     # open_clip logs its model-building steps at INFO on the root logger: keep those for --verbose only.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")

@@ -51,6 +51,7 @@ class DistillRunConfig:
     unlabeled_folder: str | None = None
     unlabeled_shards: str | None = None
     classnames: str | None = None  # class-name file for folder/shard sources
+    eval_dataset: str | None = None  # folder/shard sources: a labelled dataset whose test split scores the student
     unlabeled_split: Literal["train", "test"] = "train"
     max_per_class: int = 0
     max_images: int = 0
@@ -177,6 +178,8 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
             raise ConfigError("inductive mode selects base-class images by label; it needs --dataset")
         if config.unlabeled_folder:
             source = from_folder(config.unlabeled_folder, all_classes, max_images=config.max_images, seed=config.seed)
+        if config.eval_dataset:  # scored on a labelled test split; never trained on
+            splits = resolve_dataset(config.eval_dataset, config.data_root)
     # --- teacher and its stored features (once, after its prompts are loaded) ----------------------------------------
     if config.teacher:
         teacher = load_teacher(
@@ -463,10 +466,7 @@ def _evaluate(
     info: Any,
 ) -> list[dict[str, Any]]:
     """Base and novel halves (or all classes) of the test split, each among its own classes; result JSONs."""
-    from promptkd.data.items import ImageDataset
-    from promptkd.data.sampling import subsample_classes
-    from promptkd.engine.trainer import predict_logits
-    from promptkd.evaluation.metrics import classification_metrics, harmonic_mean
+    from promptkd.evaluation.metrics import harmonic_mean
     from promptkd.results import make_result, write_result
 
     if not config.evaluate or splits is None or not splits.test:
@@ -476,21 +476,12 @@ def _evaluate(
     trained_on = list(method.classnames)
     halves = ["base", "new", "all"] if config.protocol == "base2new" else ["all"]
     results: list[dict[str, Any]] = []
-    accs: dict[str, float] = {}
-    for half in halves:
-        part = subsample_classes(splits, half) if half != "all" else splits
-        if not part.test:
-            continue
-        method.set_classnames(part.classnames)  # its rows of the stored features
-        test_set = ImageDataset(part.test, eval_tf, skip_bad=config.skip_bad)
-        logits, labels = predict_logits(
-            method, test_set, precision=config.train.precision, device=method.all_text_features.device, info=info
-        )
-        metrics = classification_metrics(logits, labels)
-        accs[half] = metrics["acc1"]
+    scored = evaluate_halves(method, splits, halves, eval_tf, config.train.precision, config.skip_bad, info)
+    accs = {half: metrics["acc1"] for half, _, metrics, _, _ in scored}
+    for half, part, metrics, count, skipped in scored:
         results.append(
             make_result(
-                dataset=config.dataset,
+                dataset=config.dataset or config.eval_dataset,
                 task="classification",
                 metrics=metrics,
                 method=method.name,
@@ -499,9 +490,9 @@ def _evaluate(
                 subsample=half,
                 seed=config.seed,
                 num_classes=len(part.classnames),
-                num_samples=len(labels),
+                num_samples=count,
                 config=resolved,
-                skipped_images=getattr(test_set, "skipped", []),
+                skipped_images=skipped,
                 selection=outcome.selection,
                 extra={
                     "mode": mode,
@@ -526,3 +517,37 @@ def _evaluate(
         for result in results:
             write_result(result, config.out)
     return results
+
+
+def evaluate_halves(
+    method: Any,
+    splits: Any,
+    halves: list[str],
+    transform: Any,
+    precision: str = "fp32",
+    skip_bad: bool = False,
+    info: Any = None,
+) -> list[tuple[str, Any, dict[str, float], int, list[str]]]:
+    """Score a student on each half's test split among that half's classes (its rows of the stored features):
+    (half, split part, metrics, images, skipped) per half that has test images. The class list is restored."""
+    from promptkd.data.items import ImageDataset
+    from promptkd.data.sampling import subsample_classes
+    from promptkd.engine.trainer import predict_logits
+    from promptkd.evaluation.metrics import classification_metrics
+
+    trained_on = list(method.classnames)
+    scored = []
+    try:
+        for half in halves:
+            part = subsample_classes(splits, half) if half != "all" else splits
+            if not part.test:
+                continue
+            method.set_classnames(part.classnames)
+            test_set = ImageDataset(part.test, transform, skip_bad=skip_bad)
+            logits, labels = predict_logits(
+                method, test_set, precision=precision, device=method.all_text_features.device, info=info
+            )
+            scored.append((half, part, classification_metrics(logits, labels), len(labels), test_set.skipped))
+    finally:
+        method.set_classnames(trained_on)
+    return scored

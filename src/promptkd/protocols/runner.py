@@ -18,11 +18,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from promptkd.config import to_dict
-from promptkd.engine.run import RunConfig, resolve_run_config, run_training
 from promptkd.errors import PromptKDError
+
+if TYPE_CHECKING:
+    from promptkd.engine.run import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ def _base_config(spec: ProtocolSpec, dataset: str, seed: int, shots: int, subsam
         "device": spec.device,
         "out": str(out),
     }
+    from promptkd.engine.run import resolve_run_config
+
     return resolve_run_config(spec.method, spec.preset, list(spec.overrides or []), base)
 
 
@@ -99,6 +102,8 @@ def run_protocol(spec: ProtocolSpec) -> dict[str, Any]:
             skipped += 1
             continue
         logger.info("%s: %s on %s seed %d -> %s", spec.protocol, spec.method, config.dataset, config.seed, folder)
+        from promptkd.engine.run import run_training
+
         outcome = run_training(config)
         if targets:
             _evaluate_targets(config, outcome, targets, spec.protocol)
@@ -131,6 +136,7 @@ def _jobs(spec: ProtocolSpec, root: Path) -> list[tuple[RunConfig, list[str]]]:
 def _evaluate_targets(config: RunConfig, outcome, targets: Sequence[str], protocol: str) -> None:
     """Score the trained method on each target dataset's test split with the target's class names."""
     from promptkd.backbones import load_backbone
+    from promptkd.config import to_dict
     from promptkd.data.items import ImageDataset
     from promptkd.data.transforms import build_transform
     from promptkd.engine.trainer import predict_logits

@@ -1,0 +1,3 @@
+"""Compute precisions (a light module: the CLI lists them without importing torch)."""
+
+PRECISIONS = ("fp32", "bf16", "fp16")
