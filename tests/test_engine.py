@@ -84,7 +84,9 @@ def test_resume_folder_of_another_run_is_refused(tmp_path):
     train(tmp_path, epochs=1)
     method = make_method(n_tokens=3)
     cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05, seed=7, progress=False)
-    with pytest.raises(ResumeError, match="holds a run with a different method_config"):
+    with pytest.raises(
+        ResumeError, match=r"other settings \(folder.s value -> this run.s\):\n  method_config.n_tokens: \d+ -> 3"
+    ):
         Trainer(method, cfg, tmp_path).fit(NoisyImages())
 
 

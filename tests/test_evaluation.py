@@ -425,7 +425,18 @@ def test_cli_zeroshot_writes_a_result_json(tmp_path, capsys):
 
     write_split_dataset(tmp_path / "data")
     out = tmp_path / "out"
-    common = ["--dataset", "toyset", "--data-root", str(tmp_path / "data"), "--model", "pkd-tiny", "--out", str(out)]
+    common = [
+        "--dataset",
+        "toyset",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--model",
+        "pkd-tiny",
+        "--pretrained",
+        "random",
+        "--out",
+        str(out),
+    ]
     common += ["--workers", "0", "--no-progress"]
     assert _run_cli(zeroshot, [*common, "--subsample", "base", "--templates", "ensemble"]) == 0
     assert "| toyset " in capsys.readouterr().out

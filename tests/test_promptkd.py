@@ -405,7 +405,16 @@ def test_distill_streams_tar_shards_through_the_engine(teacher_ckpt, tmp_path):
     make_shards(tmp_path / "shards", n_shards=4, per_shard=6, bad={(2, 1)})
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     pattern = str(tmp_path / "shards" / "shard-{000..003}.tar")
-    common = ["--teacher", str(teacher_ckpt), "--student-model", "pkd-tiny", "--unlabeled-shards", pattern]
+    common = [
+        "--teacher",
+        str(teacher_ckpt),
+        "--student-model",
+        "pkd-tiny",
+        "--student-pretrained",
+        "random",
+        "--unlabeled-shards",
+        pattern,
+    ]
     common += ["--classnames", str(tmp_path / "classes.txt"), "--lanes", "2", "--epoch-samples", "16"]
     sets = ["--set", "train.epochs=2", "train.batch_size=4", "train.progress=false", "method.vision_depth=2"]
     with pytest.raises(DataError, match=r"shard-002.tar:img_2_1.png: cannot decode image member"):
@@ -440,7 +449,16 @@ def _cli(argv: list[str]) -> int:
 
 def test_distill_cli_end_to_end(teacher_ckpt, tmp_path, capsys):
     _write_split_folder(tmp_path / "toy")
-    common = ["--teacher", str(teacher_ckpt), "--student-model", "pkd-tiny", "--dataset", str(tmp_path / "toy")]
+    common = [
+        "--teacher",
+        str(teacher_ckpt),
+        "--student-model",
+        "pkd-tiny",
+        "--student-pretrained",
+        "random",
+        "--dataset",
+        str(tmp_path / "toy"),
+    ]
     sets = ["--set", "train.epochs=1", "train.batch_size=4", "train.progress=false", "method.vision_depth=2"]
     assert _cli([*common, "--out", str(tmp_path / "run"), *sets]) == 0
     run = tmp_path / "run"
@@ -516,7 +534,16 @@ def test_imagenet_class_names_with_duplicates_round_trip(teacher_backbone, tmp_p
         Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(folder / f"{i}.png")
     (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
     weights = str(teacher_backbone.spec.pretrained)
-    argv = ["--teacher-model", "pkd-tiny-wide", "--teacher-pretrained", weights, "--student-model", "pkd-tiny"]
+    argv = [
+        "--teacher-model",
+        "pkd-tiny-wide",
+        "--teacher-pretrained",
+        weights,
+        "--student-model",
+        "pkd-tiny",
+        "--student-pretrained",
+        "random",
+    ]
     argv += ["--unlabeled-folder", str(folder), "--classnames", str(tmp_path / "classes.txt"), "--no-eval"]
     argv += ["--out", str(tmp_path / "run"), "--set", "train.epochs=1", "train.batch_size=3", "train.progress=false"]
     assert _cli([*argv, "method.vision_depth=2"]) == 0

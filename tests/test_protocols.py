@@ -29,6 +29,7 @@ def _spec(world, tmp_path, protocol, **kwargs):
         out=str(tmp_path),
         data_root=str(world),
         model="pkd-tiny",
+        pretrained="random",
         overrides=FAST,
         **kwargs,
     )

@@ -173,7 +173,17 @@ def test_a_cache_of_another_teacher_is_refused_before_training(teacher_ckpt, toy
     common = [*toy, "--teacher-cache", str(tmp_path / "cache"), "--views", "2", *SETS]
     assert _cli(["--teacher", str(teacher_ckpt), "--out", str(tmp_path / "a"), *common]) == 0
     with pytest.raises(TeacherCacheError, match="another teacher"):
-        _cli(["--teacher-model", "pkd-tiny-wide", "--out", str(tmp_path / "b"), *common])
+        _cli(
+            [
+                "--teacher-model",
+                "pkd-tiny-wide",
+                "--teacher-pretrained",
+                "random",
+                "--out",
+                str(tmp_path / "b"),
+                *common,
+            ]
+        )
     with pytest.raises(TeacherCacheError, match="another view recipe"):
         _cli(["--teacher", str(teacher_ckpt), "--out", str(tmp_path / "c"), *common, "train.crop_scale=[0.9,1.0]"])
 

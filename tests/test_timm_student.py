@@ -14,7 +14,6 @@ from promptkd.backbones import BackboneError, load_backbone
 from promptkd.backbones.timm_models import load_timm_backbone
 from promptkd.checkpoints import load_checkpoint
 from promptkd.distill import zero_shot_teacher
-from promptkd.engine import TrainConfig, Trainer
 from promptkd.errors import PromptKDError
 from promptkd.methods.base import Batch
 from promptkd.methods.promptkd import PromptKD, PromptKDConfig

@@ -295,6 +295,7 @@ def test_run_is_order_independent_and_writes_results(toy, tiny_backbone, tmp_pat
         "method": "tpt",
         "datasets": [str(toy)],
         "model": "pkd-tiny",
+        "pretrained": "random",
         "batch_size": 2,
         "progress": False,
         "device": "cpu",
@@ -379,7 +380,17 @@ def test_cli_tta_stats_and_tta_with_clear_errors(toy, maple_ckpt, tmp_path, caps
     # PromptAlign without its statistics, and prototypes from other prompts: refused before any adaptation
     assert main(["tta", "--method", "promptalign", *common, "--out", str(out)]) == 2
     assert "tta-stats" in capsys.readouterr().err
-    plain = ["tta-stats", "--dataset", str(toy), "--model", "pkd-tiny", "--prototypes", str(tmp_path / "other")]
+    plain = [
+        "tta-stats",
+        "--dataset",
+        str(toy),
+        "--model",
+        "pkd-tiny",
+        "--pretrained",
+        "random",
+        "--prototypes",
+        str(tmp_path / "other"),
+    ]
     assert main([*plain, "--augmented", "1"]) == 0
     bad = ["tta", "--method", "promptsync", *common, "--prototypes", str(tmp_path / "other"), "--out", str(out)]
     assert main(bad) == 2

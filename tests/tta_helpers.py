@@ -10,7 +10,14 @@ import torch
 def tta_config(dataset: str, out: str):
     from promptkd.tta.run import resolve_tta_config
 
-    base = {"method": "tpt", "datasets": [dataset], "model": "pkd-tiny", "batch_size": 2, "progress": False}
+    base = {
+        "method": "tpt",
+        "datasets": [dataset],
+        "model": "pkd-tiny",
+        "pretrained": "random",
+        "batch_size": 2,
+        "progress": False,
+    }
     return resolve_tta_config(None, ["method.n_views=6"], {**base, "device": "cpu", "out": out})
 
 

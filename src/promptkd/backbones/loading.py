@@ -289,6 +289,8 @@ def load_backbone(
 
         return load_timm_backbone(model_name, pretrained, device=device, precision=precision)
     register_builtin_configs()
+    if pretrained == "random":  # asked for by name (a run's --pretrained random)
+        pretrained = None
     shipped = pretrained == SHIPPED
     if shipped:
         from promptkd.backbones.weights import shipped_weights
@@ -333,7 +335,7 @@ class _DropRandomInitNotice(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
-SHIPPED = "shipped"  # `pretrained` value naming the weights promptkd ships for the embedded world's models
+from promptkd.backbones.weights import SHIPPED_TAG as SHIPPED  # noqa: E402  (the shipped world weights' tag)
 
 
 def _is_shipped_file(path: str) -> bool:
@@ -396,12 +398,18 @@ def _resolve_tag(model_name: str | None, pretrained: str) -> tuple[str, str] | N
         return name, pretrained
     if os.path.exists(os.path.expanduser(pretrained)):
         return None
+    if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".tar")):
+        raise BackboneError(f"weight file {pretrained} does not exist; check the path (for a tag, give its name).")
     tags = open_clip.list_pretrained_tags_by_model(name)
     base_tags = open_clip.list_pretrained_tags_by_model(_base_name(name) + "-quickgelu") if tags == [] else []
     available = tags or base_tags
+    from promptkd.backbones.weights import RANDOM, shipped_weights
+
+    words = [*available, RANDOM, *([SHIPPED] if shipped_weights(name) else [])]
     raise BackboneError(
         f"{pretrained!r} is neither a pretrained tag of {name!r} nor an existing file."
-        f"{_did_you_mean(pretrained, available)} Tags of {name}: {', '.join(available) or 'none'}."
+        f"{_did_you_mean(pretrained, words)} Tags of {name}: {', '.join(available) or 'none'}"
+        f"{'; its shipped weights: shipped' if shipped_weights(name) else ''}; random weights: random."
     )
 
 

@@ -10,6 +10,7 @@ every number measured on the world would drift.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ from promptkd.errors import PromptKDError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 RECORD_FORMAT = "promptkd-shipped-weights"
+
+
+logger = logging.getLogger(__name__)
+SHIPPED_TAG = "shipped"  # `pretrained` value naming the weights promptkd ships for the embedded world's models
 
 
 class ShippedWeightsError(PromptKDError, ValueError):
@@ -30,6 +35,39 @@ def shipped_weights(model_name: str) -> str | None:
     """
     path = WEIGHTS_DIR / f"{model_name}.safetensors"
     return str(path) if path.is_file() else None
+
+
+RANDOM = "random"  # `pretrained` value asking for random initialisation on purpose
+
+
+def run_weights(model_name: str | None, pretrained: str | None, *, flag: str = "--pretrained") -> str | None:
+    """The weights a run starts from: the given tag or file; ``random`` (None: random init, asked for); when none
+    is given, the model's shipped weights. A model with neither is refused: a run never trains or evaluates random
+    weights by accident."""
+    if pretrained == RANDOM:
+        logger.warning("%s starts from RANDOM weights (%s random)", model_name, flag)
+        return None
+    if pretrained:
+        return pretrained
+    if model_name and shipped_weights(model_name) is not None:
+        return SHIPPED_TAG
+    if model_name is None:
+        return None  # load_backbone refuses a call with neither
+    if not model_name.startswith(("timm:", "local-dir:")):
+        from promptkd.backbones.loading import check_model_name
+
+        check_model_name(model_name)  # a typo gets "did you mean" first
+    elif model_name.startswith("local-dir:"):
+        return None  # the folder holds its weights
+    raise WeightsNotGivenError(
+        f"{model_name} has no weights promptkd ships, and {flag} was not given. Give {flag} TAG (e.g. openai; "
+        f"`promptkd models` lists tags and what is cached), {flag} FILE, or {flag} random to start from random "
+        "weights on purpose."
+    )
+
+
+class WeightsNotGivenError(PromptKDError, ValueError):
+    """A run names a model but no weights, and the model has no shipped weights."""
 
 
 def shipped_record(weights: str | Path) -> dict[str, Any]:

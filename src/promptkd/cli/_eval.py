@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,8 +17,9 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) -> 
     )
     group.add_argument(
         "--data-root",
-        default=os.environ.get("PROMPTKD_DATA", "."),
-        help="folder holding the dataset folders (default: $PROMPTKD_DATA or the current folder)",
+        default=None,
+        help="folder holding the dataset folders (default: the world cache for world datasets, else $PROMPTKD_DATA "
+        "or the current folder)",
     )
     group.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images (counted in the result) instead of failing"

@@ -56,20 +56,34 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str) -> str:
-    import torch
+    """``auto`` → cuda when a GPU is there, else cpu; a CUDA device this machine lacks is refused."""
+    from promptkd.engine.distributed import resolve_device as resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return resolve(name)
 
 
-def backbone_from_args(args: argparse.Namespace, *, prefix: str = "") -> Backbone:
+def check_positive(**values: int | None) -> None:
+    """Refuse counts below 1 (``--top-k 0``, ``--batch-size -1``), naming the flag."""
+    from promptkd.errors import PromptKDError
+
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise PromptKDError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+
+
+def backbone_from_args(args: argparse.Namespace, *, prefix: str = "", require_weights: bool = True) -> Backbone:
+    """The backbone the arguments name; a run gets the model's shipped weights by default and random weights only
+    with ``--pretrained random`` (``require_weights=False``: tools that only read shapes, e.g. convert)."""
     from promptkd.backbones import load_backbone
+    from promptkd.backbones.weights import run_weights
 
     dest = f"{prefix}_" if prefix else ""
+    model, pretrained = getattr(args, f"{dest}model"), getattr(args, f"{dest}pretrained")
+    if require_weights:
+        pretrained = run_weights(model, pretrained, flag=f"--{prefix}-pretrained" if prefix else "--pretrained")
     return load_backbone(
-        getattr(args, f"{dest}model"),
-        getattr(args, f"{dest}pretrained"),
+        model,
+        pretrained,
         quick_gelu=getattr(args, f"{dest}quick_gelu"),
         device=resolve_device(getattr(args, "device", "cpu")),
         precision=getattr(args, "precision", "fp32"),

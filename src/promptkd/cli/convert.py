@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from promptkd.checkpoints import convert_reference_checkpoint
     from promptkd.cli.common import backbone_from_args
 
-    backbone = backbone_from_args(args) if (args.model or args.pretrained) else None
+    backbone = backbone_from_args(args, require_weights=False) if (args.model or args.pretrained) else None
     classnames = None
     if args.classnames:
         classnames = [line.strip() for line in Path(args.classnames).read_text().splitlines() if line.strip()]

@@ -93,10 +93,10 @@ def run(args: argparse.Namespace) -> int:
     from promptkd.checkpoints import atomic_write_text
     from promptkd.cli.common import print_table
     from promptkd.data.world import default_world_root, ensure_world, list_datasets
+    from promptkd.paths import writable_folder
 
     start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(args.out)  # before any work
     world_names = set(list_datasets())
     world_root = Path(args.world_root).expanduser() if args.world_root else default_world_root()
     if any(name in world_names for name in args.datasets):

@@ -36,11 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _zero_shot_teacher(args: argparse.Namespace, recorded: dict):
     from promptkd.backbones import load_backbone
+    from promptkd.backbones.weights import run_weights
     from promptkd.distill.teacher import zero_shot_teacher
 
-    backbone = load_backbone(
-        args.teacher_model, args.teacher_pretrained, quick_gelu=args.teacher_quick_gelu, device=args.device
-    )
+    weights = run_weights(args.teacher_model, args.teacher_pretrained, flag="--teacher-pretrained")
+    backbone = load_backbone(args.teacher_model, weights, quick_gelu=args.teacher_quick_gelu, device=args.device)
     templates = (recorded.get("method_config") or {}).get("templates")
     return zero_shot_teacher(backbone, templates or None)
 

@@ -34,9 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from promptkd.data.sampling import few_shot_splits
+    from promptkd.errors import PromptKDError
     from promptkd.evaluation import evaluate_linear_probe, resolve_dataset
+    from promptkd.paths import writable_folder
     from promptkd.results import make_result
 
+    writable_folder(args.out)  # before any work
+    if args.shots < 0:
+        raise PromptKDError(f"--shots must be 0 (the full train split) or a positive K, got {args.shots}.")
     splits = resolve_dataset(args.dataset, args.data_root)
     if args.shots > 0:
         splits = few_shot_splits(splits, args.shots, args.seed, cache_dir=args.few_shot_cache)

@@ -55,8 +55,10 @@ def _annotations(args: argparse.Namespace) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from promptkd.evaluation import evaluate_retrieval, read_captions
+    from promptkd.paths import writable_folder
     from promptkd.results import make_result
 
+    writable_folder(args.out)  # before any work
     path, dataset = _annotations(args)
     captions = read_captions(path, args.images)
     backbone = load_frozen_backbone(args)

@@ -49,8 +49,10 @@ def method_name(templates: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from promptkd.data.sampling import subsample_classes
     from promptkd.evaluation import ensemble_for, evaluate_zeroshot, resolve_dataset, resolve_templates
+    from promptkd.paths import writable_folder
     from promptkd.results import make_result
 
+    writable_folder(args.out)  # before any work
     splits = resolve_dataset(args.dataset, args.data_root)
     splits = subsample_classes(splits, args.subsample)
     items = splits.split(args.split)

@@ -222,7 +222,7 @@ def load_rgb(path: str) -> Image.Image:
             f"cannot read image ({type(e).__name__}: {e})",
             path=path,
             expected="a readable JPEG/PNG/... image",
-            fix="replace the corrupt file, or construct the dataset with skip_bad=True to skip and count bad images",
+            fix="replace the corrupt file, or skip and count unreadable images (--skip-bad; skip_bad=True in Python)",
         ) from e
 
 
@@ -324,7 +324,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 f"{format_list([e.args[0] for _, e in bad])}",
                 path=os.path.commonpath(paths) if len(paths) > 1 else paths[0],
                 expected="every image to decode",
-                fix="replace or remove the listed files, or pass skip_bad=True to skip and count them",
+                fix="replace or remove the listed files, or skip and count them (--skip-bad; skip_bad=True in Python)",
             )
         for i, e in bad:
             logger.warning("skipping unreadable image %s (%s)", self.path(i), e.problem)

@@ -280,7 +280,7 @@ def image_list(
             path=path,
             line=row.line,
             expected=_LIST_FORMAT + (f"; labels 0..{len(given) - 1}" if given else ""),
-            fix="fix the row, or pass skip_bad_rows=True to skip and count bad rows",
+            fix="fix the row, or skip and count bad rows (--skip-bad; skip_bad_rows=True in Python)",
         )
 
     for row in rows:

@@ -25,6 +25,7 @@ from promptkd.checkpoints import atomic_write_text
 from promptkd.config import ConfigError, resolve_layered, to_dict
 from promptkd.distill.teacher import TeacherError, TeacherFeatures, load_teacher, zero_shot_teacher
 from promptkd.engine.config import TrainConfig
+from promptkd.paths import writable_folder
 
 __all__ = ["FEATURES_NAME", "DistillOutcome", "DistillRunConfig", "resolve_distill_config", "run_distillation"]
 
@@ -104,18 +105,6 @@ def student_method(model: str | None) -> str:
     return "promptkd_timm" if str(model or "").startswith("timm:") else "promptkd"
 
 
-def _student_weights(model: str, pretrained: str | None) -> str | None:
-    """The given weights, else the package's shipped weights of a world model; None (random) with a warning."""
-    if pretrained:
-        return pretrained
-    from promptkd.backbones.weights import shipped_weights
-
-    shipped = shipped_weights(model)
-    if shipped is None:
-        logger.warning("student %s has RANDOM weights (no --student-pretrained and no shipped weights)", model)
-    return shipped
-
-
 @dataclass
 class _Setup:
     """What a distillation run and a teacher-cache fill share: data, teacher, stored features, student, views."""
@@ -150,6 +139,7 @@ def _check_config(config: DistillRunConfig) -> None:
 def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setup:
     from promptkd.backbones import load_backbone
     from promptkd.backbones.timm_models import is_timm_name, load_timm_backbone
+    from promptkd.backbones.weights import run_weights
     from promptkd.distill.cache import TeacherCache, ViewRecipe, features_sha256
     from promptkd.distill.data import from_folder, from_splits
     from promptkd.evaluation.datasets import resolve_dataset
@@ -194,7 +184,7 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
     else:
         teacher_backbone = load_backbone(
             config.teacher_model,
-            config.teacher_pretrained,
+            run_weights(config.teacher_model, config.teacher_pretrained, flag="--teacher-pretrained"),
             quick_gelu=config.teacher_quick_gelu,
             device=device,
             precision=precision,
@@ -235,7 +225,7 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
             raise ConfigError("--student-kwargs applies to timm students (--student-model timm:NAME) only")
         student = load_backbone(
             config.student_model,
-            _student_weights(config.student_model, config.student_pretrained),
+            run_weights(config.student_model, config.student_pretrained, flag="--student-pretrained"),
             quick_gelu=config.student_quick_gelu,
             device=device,
             precision=precision,
@@ -297,7 +287,7 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
     _check_config(config)
     method_cls = get_method(student_method(config.student_model))
     info, device = init_distributed(config.device)
-    out = Path(config.out)
+    out = writable_folder(config.out) if info.is_main else Path(config.out)
     handler = _log_to(out, info)
     try:
         setup = _setup(config, info, device, out)
@@ -392,7 +382,7 @@ def fill_teacher_cache(config: DistillRunConfig, *, batch_size: int = 64, progre
     if not config.teacher_cache:
         raise ConfigError("give the cache folder to fill: --teacher-cache DIR")
     info, device = init_distributed(config.device)
-    out = Path(config.out)
+    out = writable_folder(config.out) if info.is_main else Path(config.out)
     handler = _log_to(out, info)
     try:
         setup = _setup(config, info, device, out)

@@ -24,11 +24,32 @@ class DistInfo:
         return self.world_size > 1
 
 
+def resolve_device(name: str) -> str:
+    """``auto`` → cuda when a GPU is there, else cpu; a CUDA device this machine lacks is refused (one message)."""
+    from promptkd.errors import PromptKDError
+
+    name = str(name)
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PromptKDError(
+                f"--device {name}: this machine has no CUDA GPU (or torch was built without CUDA); use --device cpu, "
+                "or --device auto to take a GPU when there is one."
+            )
+        index = name.split(":", 1)[1] if ":" in name else "0"
+        if index.isdigit() and int(index) >= torch.cuda.device_count():
+            raise PromptKDError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s).")
+    return name
+
+
 def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if str(device) != "auto":
+        resolve_device(str(device))  # refuses a GPU this machine lacks, before the process group is joined
     use_cuda = (torch.cuda.is_available() and device in ("auto", "cuda")) or str(device).startswith("cuda")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")

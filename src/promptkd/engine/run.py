@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from promptkd.checkpoints import atomic_write_text
-from promptkd.config import config_hash, resolve_layered, to_dict
+from promptkd.config import ConfigError, config_hash, resolve_layered, to_dict
 from promptkd.engine.config import TrainConfig
 from promptkd.engine.distributed import DistInfo, init_distributed
 from promptkd.engine.trainer import Trainer, TrainResult, predict_logits
@@ -72,6 +72,7 @@ class RunOutcome:
 def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutcome:
     """Train and evaluate one (method, dataset, shots, seed) run."""
     from promptkd.backbones import load_backbone
+    from promptkd.backbones.weights import run_weights
     from promptkd.data.items import ImageDataset
     from promptkd.data.sampling import few_shot_splits, subsample_classes
     from promptkd.data.transforms import build_transform, train_transform
@@ -79,6 +80,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
     from promptkd.evaluation.metrics import classification_metrics, harmonic_mean
     from promptkd.methods import get_method
     from promptkd.methods.base import config_from
+    from promptkd.paths import writable_folder
     from promptkd.results import make_result, write_result
 
     if info is None:
@@ -87,10 +89,12 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
         device = torch.device("cpu")
     method_cls = get_method(config.method)
     method_config = config_from(method_cls, config.method_config)
-    out = Path(config.out)
+    weights = run_weights(config.model, config.pretrained)  # cheap checks before any data is read
+    if config.shots < 0:
+        raise ConfigError(f"--shots must be 0 (every labelled image) or a positive K, got {config.shots}.")
+    out = writable_folder(config.out) if info.is_main else Path(config.out)
     resolved = to_dict(config)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         handler = _log_to_file(out)
     try:
@@ -102,7 +106,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
         train_splits = subsample_classes(splits, config.subsample)
         backbone = load_backbone(
             config.model,
-            config.pretrained,
+            weights,
             quick_gelu=config.quick_gelu,
             device=device,
             precision=config.train.precision,

@@ -51,6 +51,23 @@ class ResumeError(PromptKDError, RuntimeError):
     """A resume folder that belongs to another run (method, config or classes)."""
 
 
+def _differences(old: Any, new: Any, where: str) -> list[str]:
+    """The leaf keys where two JSON-like values differ, as 'a.b: old -> new' (lists compared whole, abridged)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            line for k in sorted(set(old) | set(new)) for line in _differences(old.get(k), new.get(k), f"{where}.{k}")
+        ]
+    if json.dumps(old, sort_keys=True, default=str) == json.dumps(new, sort_keys=True, default=str):
+        return []
+
+    def short(value: Any) -> str:
+        if isinstance(value, list) and len(value) > 4:
+            return f"[{', '.join(map(repr, value[:3]))}, ... ({len(value)} items)]"
+        return json.dumps(value, default=str)
+
+    return [f"{where}: {short(old)} -> {short(new)}"]
+
+
 def learning_rate(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
     """LR at 0-based ``epoch`` and ``step`` within it: constant (or linear) warm-up, then cosine to 0.
 
@@ -195,14 +212,13 @@ class Trainer:
             != json.dumps(theirs.get(key), sort_keys=True, default=str)
         ]
         if diffs:
-            detail = "; ".join(
-                f"{k}: folder has {json.dumps(theirs.get(k), default=str)[:120]}, "
-                f"this run {json.dumps(ours[k], default=str)[:120]}"
-                for k in diffs
+            changes = [line for key in diffs for line in _differences(theirs.get(key), ours[key], key)]
+            shown = "\n".join(f"  {line}" for line in changes[:12]) + (
+                f"\n  ... and {len(changes) - 12} more" if len(changes) > 12 else ""
             )
             raise ResumeError(
-                f"{self.out} holds a run with a different {', '.join(diffs)} ({detail}). Use another --out folder, "
-                "or delete it to start over."
+                f"{self.out} holds an unfinished run with other settings (folder's value -> this run's):\n{shown}\n"
+                "Use another --out folder, run with the folder's settings to resume it, or delete it to start over."
             )
         self.method.load_trainable(state["learner"], path)
         self.method.load_resume_state(state.get("method_state", {}))

@@ -136,6 +136,7 @@ def _jobs(spec: ProtocolSpec, root: Path) -> list[tuple[RunConfig, list[str]]]:
 def _evaluate_targets(config: RunConfig, outcome, targets: Sequence[str], protocol: str) -> None:
     """Score the trained method on each target dataset's test split with the target's class names."""
     from promptkd.backbones import load_backbone
+    from promptkd.backbones.weights import run_weights
     from promptkd.config import to_dict
     from promptkd.data.items import ImageDataset
     from promptkd.data.transforms import build_transform
@@ -147,7 +148,7 @@ def _evaluate_targets(config: RunConfig, outcome, targets: Sequence[str], protoc
     from promptkd.results import make_result, write_result
 
     method_cls = get_method(config.method)
-    backbone = load_backbone(config.model, config.pretrained, quick_gelu=config.quick_gelu)
+    backbone = load_backbone(config.model, run_weights(config.model, config.pretrained), quick_gelu=config.quick_gelu)
     stored = outcome.train.checkpoint
     for target in targets:
         splits = resolve_dataset(target, config.data_root)

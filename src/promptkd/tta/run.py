@@ -105,9 +105,11 @@ def _augmix(setting: str, dataset: str) -> bool:
 def run_tta(config: TTARunConfig) -> TTAOutcome:
     """Adapt and evaluate as ``config`` says; see the module docstring."""
     from promptkd.backbones import load_backbone
+    from promptkd.backbones.weights import run_weights
     from promptkd.engine.distributed import barrier, gather_concat, init_distributed
     from promptkd.evaluation.datasets import resolve_dataset
     from promptkd.evaluation.metrics import classification_metrics
+    from promptkd.paths import writable_folder
     from promptkd.results import make_result, write_result
     from promptkd.tta.base import get_tta_method
     from promptkd.tta.model import build_model
@@ -117,9 +119,8 @@ def run_tta(config: TTARunConfig) -> TTAOutcome:
     info, device = init_distributed(config.device)
     method_cls = get_tta_method(config.method)
     method_config = from_dict(method_cls.config_class, config.method_config, where=f"{config.method} settings")
-    out = Path(config.out)
+    out = writable_folder(config.out) if info.is_main else Path(config.out)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     sources: dict[str, Any] = {}
     if config.stats:
@@ -134,7 +135,11 @@ def run_tta(config: TTARunConfig) -> TTAOutcome:
         if not config.model:
             raise ConfigError("give --model (with a hand-written --init context) or a --base checkpoint")
         backbone = load_backbone(
-            config.model, config.pretrained, quick_gelu=config.quick_gelu, device=device, precision=config.precision
+            config.model,
+            run_weights(config.model, config.pretrained),
+            quick_gelu=config.quick_gelu,
+            device=device,
+            precision=config.precision,
         )
     model, description = build_model(
         first.classnames,
