@@ -98,3 +98,91 @@ def test_resume_mismatch_lists_the_keys_that_differ():
     assert lines[0].startswith("run.classnames: ['c0', 'c1', 'c2', ... (64 items)] -> ")
     assert lines[1] == "run.train.lr: 0.002 -> 0.01" and len(lines) == 2
     json.dumps(lines)
+
+
+@pytest.fixture
+def class_tree(tmp_path):
+    """Your data as a newcomer has it: a folder per class (underscores in names) and a class list in another order."""
+    root = tmp_path / "mydata"
+    colours = {"red_square": (220, 30, 30), "blue_square": (30, 30, 220), "green_square": (30, 200, 30)}
+    for k, (name, rgb) in enumerate(colours.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            shade = tuple(max(0, c - 12 * i) for c in rgb)
+            Image.new("RGB", (32, 32), shade).save(root / name / f"{k}{i}.png")
+    names = tmp_path / "names.txt"
+    names.write_text("green square\nred square\nblue square\n")
+    rows = ["path,label"] + [f"{p.relative_to(root)},{k}" for k, d in enumerate(sorted(root.iterdir()))
+                             for p in sorted(d.iterdir())]  # fmt: skip
+    (root / "list.csv").write_text("\n".join(rows) + "\n")
+    return root, names
+
+
+def test_cli_takes_users_class_folders_and_lists(class_tree, tmp_path, capsys):
+    root, names = class_tree
+    common = ["--model", "pkd-world-student", "--out"]  # shipped weights: the same model in every run
+    accuracies = []
+    for extra in ([], ["--classnames", str(names)]):
+        out = tmp_path / f"zs{len(extra)}"
+        assert main(["zeroshot", "--dataset", str(root), *common, str(out), *extra]) == 0
+        result = json.loads(next(out.glob("*.json")).read_text())
+        assert result["num_classes"] == 3 and result["num_samples"] == 6  # 2 of 6 per class (50/20/30)
+        accuracies.append(result["metrics"]["acc1"])
+    assert accuracies[0] == accuracies[1]  # the list in another order is matched by name: same labels, same score
+    assert main(["linear-probe", "--dataset", str(root), "--shots", "0", *common, str(tmp_path / "lp")]) == 0
+    csv_run = ["train", "--method", "coop", "--preset", "world", "--dataset", str(root / "list.csv"), "--shots", "1"]
+    csv_run += ["--classnames", str(tmp_path / "sorted.txt"), *common, str(tmp_path / "coop")]
+    (tmp_path / "sorted.txt").write_text("blue square\ngreen square\nred square\n")
+    assert main([*csv_run, "--set", "train.epochs=1", "train.progress=false"]) == 0
+    distill = ["distill", "--teacher-model", "pkd-world-teacher", "--student-model", "pkd-world-student"]
+    distill += ["--preset", "world", "--dataset", str(root), "--classnames", str(names)]
+    distill += ["--out", str(tmp_path / "kd"), "--protocol", "all", "--set", "train.epochs=1", "train.batch_size=3"]
+    assert main([*distill, "train.progress=false"]) == 0
+    capsys.readouterr()
+
+
+def test_images_are_read_faithfully(tmp_path, caplog):
+    """16-bit PNGs scaled to 8 bits (PIL alone turns them white); images far below the input size warned about and
+    counted; a corrupt file in an unlabelled folder found before training, even where sampling would not reach it."""
+    import numpy as np
+
+    from promptkd.backbones import PreprocessInfo
+    from promptkd.data.items import DataError, ImageDataset, check_images, load_rgb
+    from promptkd.data.transforms import eval_transform
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    pixels = np.asarray(load_rgb(str(tmp_path / "deep.png")))
+    assert pixels.shape == (64, 64, 3) and pixels.min() == 0 and pixels.max() == 255
+    assert abs(pixels.mean() - 127.5) < 1.0  # not all white (PIL's convert gives a mean near 254)
+
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "tiny.png")
+    transform = eval_transform(PreprocessInfo(32, (0.5,) * 3, (0.5,) * 3))
+    dataset = ImageDataset([str(tmp_path / "tiny.png"), str(tmp_path / "deep.png")], transform)
+    with caplog.at_level("WARNING"):
+        dataset[0], dataset[1], dataset[0]
+    assert dataset.small == [str(tmp_path / "tiny.png")] and "far smaller than the model's 32 px input" in caplog.text
+
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (i, i, i)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes((folder / "3.png").read_bytes()[:40])  # truncated
+    paths = sorted(str(p) for p in folder.iterdir())
+    with pytest.raises(DataError, match=r"1 of 4 images cannot be read:\n.*3\.png"):
+        check_images(paths, source=str(folder))
+    assert check_images(paths, skip_bad=True) == [str(folder / "3.png")]
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    """Atomic writes go through a private temporary file; the result gets what any new file gets (not 0600)."""
+    import os
+
+    from promptkd.checkpoints import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "shared.json", "{}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644

@@ -33,25 +33,33 @@ def test_image_folder_sorted_labels_and_names(tmp_path: Path) -> None:
     assert data.skipped_rows == []
 
 
-def test_image_folder_with_classname_file(tmp_path: Path) -> None:
-    root = _class_tree(tmp_path / "d", {"a": 1, "b": 1})
+def test_image_folder_matches_a_class_list_by_name_never_by_position(tmp_path: Path, caplog) -> None:
+    root = _class_tree(tmp_path / "d", {"red_star": 1, "Blue Ring": 2})
     names = tmp_path / "names.txt"
-    names.write_text("first class\n\nsecond_class\n")
-    data = image_folder(root, names)
-    assert data.classnames == ["first class", "second_class"]  # given names are used verbatim
-    assert data.items[1].classname == "second_class"
-    assert image_folder(root, ["x", "y"]).classnames == ["x", "y"]
+    names.write_text("blue ring\n\nred star\ngreen cross\n")  # another order, and one class without images
+    with caplog.at_level("WARNING"):
+        data = image_folder(root, names)
+    assert data.classnames == ["blue ring", "red star", "green cross"]  # labels follow the list
+    by_folder = {Path(d.path).parent.name: (d.label, d.classname) for d in data.items}
+    assert by_folder == {"Blue Ring": (0, "blue ring"), "red_star": (1, "red star")}
+    assert "1 class names have no folder" in caplog.text and "green cross" in caplog.text
+    mapping = tmp_path / "map.json"
+    mapping.write_text('{"red_star": "n01 star", "Blue Ring": "n02 ring"}')
+    assert image_folder(root, mapping).classnames == ["n02 ring", "n01 star"]  # folder -> name map, folder order
 
 
-def test_image_folder_classname_count_mismatch(tmp_path: Path) -> None:
+def test_image_folder_refuses_folders_without_a_name(tmp_path: Path) -> None:
     root = _class_tree(tmp_path / "d", {"a": 1, "b": 1, "c": 1})
     names = tmp_path / "names.txt"
-    names.write_text("one\ntwo\n")
+    names.write_text("a\nb\n")
     with pytest.raises(DataError) as info:
         image_folder(root, names)
     msg = str(info.value)
-    assert msg.startswith(f"{names}: 2 class names for 3 class folders")
-    assert "    c" in msg  # the folders are listed
+    assert msg.startswith(f"{names}: 1 of 3 class folders match no name in the class list")
+    assert "    c" in msg and "never by position" in msg  # the folder is listed
+    (tmp_path / "partial.json").write_text('{"a": "x"}')
+    with pytest.raises(DataError, match="2 class folders are not in the folder-to-name map"):
+        image_folder(root, tmp_path / "partial.json")
 
 
 def test_image_folder_empty_class_folder(tmp_path: Path) -> None:

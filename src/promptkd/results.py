@@ -119,6 +119,7 @@ def make_result(
     num_samples: int | None = None,
     config: Mapping[str, Any] | None = None,
     skipped_images: Sequence[str] = (),
+    small_images: Sequence[str] = (),
     selection: Mapping[str, Any] | None = None,
     classnames: Sequence[str] | None = None,
     templates: Any = None,
@@ -162,6 +163,7 @@ def make_result(
         "num_samples": num_samples,
         "skipped_images": len(skipped),
         "skipped_image_paths": skipped[:100],
+        "small_images": len(set(small_images)),  # far smaller than the model's input: upsampled
         "selection": dict(selection) if selection is not None else None,
         "config": dict(config or {}),
         "config_hash": config_hash(config),

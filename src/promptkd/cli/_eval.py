@@ -13,13 +13,20 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) -> 
         "--dataset",
         required=required,
         help="benchmark name (dtd, eurosat, imagenet, ...), embedded-world dataset (shapes, patterns, counts, "
-        "shapes_sketch, shapes_noise), or a folder holding a split_zhou_<Name>.json",
+        "shapes_sketch, shapes_noise), a folder holding a split_zhou_<Name>.json, your folder of class folders, or "
+        "your CSV/JSON image list",
     )
     group.add_argument(
         "--data-root",
         default=None,
         help="folder holding the dataset folders (default: the world cache for world datasets, else $PROMPTKD_DATA "
         "or the current folder)",
+    )
+    group.add_argument(
+        "--classnames",
+        default=None,
+        metavar="FILE",
+        help="your data: class names (one per line, or JSON), matched to class folders by name",
     )
     group.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images (counted in the result) instead of failing"

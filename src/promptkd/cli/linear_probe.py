@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     writable_folder(args.out)  # before any work
     if args.shots < 0:
         raise PromptKDError(f"--shots must be 0 (the full train split) or a positive K, got {args.shots}.")
-    splits = resolve_dataset(args.dataset, args.data_root)
+    splits = resolve_dataset(args.dataset, args.data_root, classnames=args.classnames)
     if args.shots > 0:
         splits = few_shot_splits(splits, args.shots, args.seed, cache_dir=args.few_shot_cache)
     backbone = load_frozen_backbone(args)

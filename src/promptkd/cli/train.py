@@ -11,7 +11,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, help="coop, cocoop, vpt, ivlp, maple, promptsrc, vp, ...")
     parser.add_argument("--preset", default=None, help="YAML preset name of the method (e.g. world) or a .yaml path")
     parser.add_argument("--dataset", default=None, help="dataset name (world or benchmark) or split-file folder")
-    parser.add_argument("--data-root", default=None, help="folder holding the datasets")
+    parser.add_argument("--data-root", default=None, help="folder holding the datasets (world: the world cache)")
+    parser.add_argument(
+        "--classnames", default=None, metavar="FILE", help="your data: class names, matched to class folders by name"
+    )
     parser.add_argument("--shots", type=int, default=None, help="K labelled images per class (0 = all)")
     parser.add_argument(
         "--subsample",
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     base = {
         "dataset": args.dataset,
         "data_root": args.data_root,
+        "classnames": args.classnames,
         "shots": args.shots,
         "subsample": args.subsample,
         "seed": args.seed,

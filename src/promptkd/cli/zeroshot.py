@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from promptkd.results import make_result
 
     writable_folder(args.out)  # before any work
-    splits = resolve_dataset(args.dataset, args.data_root)
+    splits = resolve_dataset(args.dataset, args.data_root, classnames=args.classnames)
     splits = subsample_classes(splits, args.subsample)
     items = splits.split(args.split)
     if not items:

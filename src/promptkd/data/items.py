@@ -205,11 +205,52 @@ def check_files(
 _LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+def check_images(paths: Sequence[str], *, skip_bad: bool = False, source: str | None = None) -> list[str]:
+    """Read every image's file once, up front (PIL's ``verify``: headers and checksums, no full decode), so a corrupt
+    file is reported before training even when an epoch's sampling would never reach it. Without ``skip_bad`` one
+    DataError lists them all; with it the bad paths are returned (to leave out and count)."""
+    bad: list[str] = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (*_LOAD_ERRORS, Image.UnidentifiedImageError):
+            bad.append(path)
+    if bad and not skip_bad:
+        raise DataError(
+            f"{len(bad)} of {len(paths)} images cannot be read:\n{format_list(bad)}",
+            path=source or os.path.dirname(bad[0]),
+            expected="every image in the folder to be a readable image",
+            fix="replace or remove the listed files, or leave them out and count them with --skip-bad",
+        )
+    return bad
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel. 16-bit and 32-bit greyscale (medical, scientific, depth PNGs) are scaled to
+    0..255: PIL's own convert clips them, so nearly every pixel of a 16-bit image would become white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        import numpy as np
+
+        values = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            top = 1.0 if values.size and values.max() <= 1.0 else 65535.0
+        else:
+            top = 65535.0 if im.mode.startswith("I;16") or (values.size and values.max() > 255) else 255.0
+        scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
+#: an image whose shorter side is below this fraction of the model's input is warned about (and counted)
+SMALL_IMAGE_FRACTION = 0.5
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image fully decoded in RGB; raise DataError naming the file if it is missing or unreadable."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return _to_rgb(im)
     except FileNotFoundError as e:
         raise DataError(
             "image file does not exist",
@@ -250,6 +291,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.skip_bad = skip_bad
         self.return_index = return_index
         self.skipped: list[str] = []
+        self.small: list[str] = []  # images far smaller than the model's input (upsampled; counted in results)
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -298,6 +340,17 @@ class ImageDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self.items):
             raise IndexError(f"index {index} out of range for {len(self.items)} items")
         image, j = self._load(index)
+        size = getattr(self.transform, "input_size", None)
+        if size and min(image.size) < SMALL_IMAGE_FRACTION * size and self.path(j) not in self.small:
+            if not self.small:
+                logger.warning(
+                    "%s is %dx%d px, far smaller than the model's %d px input: it is upsampled and details are "
+                    "invented (every such image is counted in the results)",
+                    self.path(j),
+                    *image.size,
+                    size,
+                )
+            self.small.append(self.path(j))
         out = self.transform(image) if self.transform is not None else image
         if self.return_index:
             return out, self.label(j), j

@@ -83,6 +83,12 @@ def _normalize(preprocess: Any) -> T.Normalize:
     return T.Normalize(mean=tuple(preprocess.mean), std=tuple(preprocess.std))
 
 
+def _sized(transform: T.Compose, size: int) -> T.Compose:
+    """Note the model's input size on the transform: datasets warn about images far smaller than it."""
+    transform.input_size = int(size)  # type: ignore[attr-defined]
+    return transform
+
+
 def eval_transform(preprocess: Any) -> T.Compose:
     """Resize (shorter side by default) + CenterCrop + ToTensor + Normalize, as the model's preprocessing says."""
     size = int(preprocess.size)
@@ -96,7 +102,7 @@ def eval_transform(preprocess: Any) -> T.Compose:
         resize = T.Resize((size, size), interpolation=mode)
     else:
         raise TransformError(f"unknown resize_mode {resize_mode!r}; expected one of {', '.join(RESIZE_MODES)}")
-    return T.Compose([resize, T.CenterCrop(size), T.ToTensor(), _normalize(preprocess)])
+    return _sized(T.Compose([resize, T.CenterCrop(size), T.ToTensor(), _normalize(preprocess)]), size)
 
 
 def train_transform(preprocess: Any, scale: tuple[float, float] = (0.08, 1.0), flip: bool = True) -> T.Compose:
@@ -108,7 +114,7 @@ def train_transform(preprocess: Any, scale: tuple[float, float] = (0.08, 1.0), f
     if flip:
         steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), _normalize(preprocess)]
-    return T.Compose(steps)
+    return _sized(T.Compose(steps), int(preprocess.size))
 
 
 def build_transform(preprocess: Any, train: bool = False) -> T.Compose:

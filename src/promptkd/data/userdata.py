@@ -115,11 +115,57 @@ def _require_dir(root: str | os.PathLike[str], what: str) -> str:
     return root
 
 
-def image_folder(root: str | os.PathLike[str], classnames: ClassNames | None = None) -> LabeledData:
-    """One sub-folder per class (sorted; label = position), images at any depth inside each.
+def _match_folders(folders: list[str], classnames: ClassNames, root: str) -> tuple[list[str], dict[str, int]]:
+    """Pair class folders with a given class list **by name**, never by position: a folder matches the name equal to
+    it, or to it with "_" read as a space (case-insensitive). A JSON object file maps folder → name (e.g. WordNet
+    ids). Labels follow the list's order; names without a folder stay classes (scored, no images)."""
+    source = os.fspath(classnames) if isinstance(classnames, str | os.PathLike) else None
+    if source and source.lower().endswith(".json") and os.path.isfile(source):
+        with open(source, encoding="utf-8") as f:
+            mapping = json.load(f)
+        if isinstance(mapping, dict):
+            unknown = [f for f in folders if f not in mapping]
+            if unknown:
+                raise DataError(
+                    f"{len(unknown)} class folders are not in the folder-to-name map: {format_list(unknown)}",
+                    path=source,
+                    expected="one entry per class folder, {folder: class name}",
+                    fix="add the missing folders to the map",
+                )
+            names = read_classnames([mapping[f] for f in folders])
+            return names, {f: k for k, f in enumerate(folders)}
+    names = read_classnames(classnames)
 
-    Class names default to the folder names with "_" → " "; a given list (or file) must have one name per folder,
-    in sorted-folder order, and is used verbatim.
+    def key(text: str) -> str:
+        return " ".join(text.replace("_", " ").split()).casefold()
+
+    index: dict[str, int] = {}
+    for k, name in enumerate(names):
+        index.setdefault(key(name), k)
+    unmatched = [f for f in folders if key(f) not in index]
+    if unmatched:
+        raise DataError(
+            f"{len(unmatched)} of {len(folders)} class folders match no name in the class list: "
+            f"{format_list(unmatched)}",
+            path=source or root,
+            expected='each folder named as its class ("_" may stand for a space); names are matched to folders by '
+            "name, never by position",
+            fix="rename the folders or the names, or give a JSON file mapping each folder to its class name",
+        )
+    label_of = {f: index[key(f)] for f in folders}
+    empty = [names[k] for k in range(len(names)) if k not in set(label_of.values())]
+    if empty:
+        logger.warning(
+            "%d class names have no folder under %s (scored, but no images): %s", len(empty), root, ", ".join(empty[:5])
+        )
+    return names, label_of
+
+
+def image_folder(root: str | os.PathLike[str], classnames: ClassNames | None = None) -> LabeledData:
+    """One sub-folder per class (sorted), images at any depth inside each.
+
+    Class names default to the folder names with "_" → " " (label = sorted position). A given list (or file) is
+    matched to the folders by name, never by position (see :func:`_match_folders`); labels then follow the list.
     """
     root = _require_dir(root, "image folder")
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -135,18 +181,12 @@ def image_folder(root: str | os.PathLike[str], classnames: ClassNames | None = N
         logger.warning("%d images directly in %s belong to no class folder and are not used", len(stray), root)
     if classnames is None:
         names = [f.replace("_", " ") for f in folders]
+        label_of = {folder: k for k, folder in enumerate(folders)}
     else:
-        names = read_classnames(classnames)
-        if len(names) != len(folders):
-            where = os.fspath(classnames) if isinstance(classnames, str | os.PathLike) else root
-            raise DataError(
-                f"{len(names)} class names for {len(folders)} class folders in {root}",
-                path=where,
-                expected=f"exactly one name per folder, in sorted folder order:\n{format_list(folders)}",
-                fix="add or remove names (or folders) so the counts match",
-            )
+        names, label_of = _match_folders(folders, classnames, root)
     items: list[Datum] = []
-    for label, folder in enumerate(folders):
+    for folder in folders:
+        label = label_of[folder]
         images = _images_under(os.path.join(root, folder))
         if not images:
             raise DataError(
@@ -378,16 +418,16 @@ def make_splits(
 ) -> DatasetSplits:
     """Deterministic per-class train/val/test split (CoOp's 50/20/30 rule by default).
 
-    Per label (ascending), the class's items are sorted by path (so input order does not matter) and shuffled
-    with one ``random.Random(seed)``; then n_train = round(n·(1 − val − test)), n_val = round(n·val), the rest is
-    test. Every class keeps at least one training item, else DataError naming the class.
+    Per class, the items are sorted by path (so input order does not matter) and shuffled by a generator seeded
+    with ``seed`` and the class's first path (so label order does not matter either); then
+    n_train = round(n·(1 − val − test)), n_val = round(n·val), the rest is test. Every class keeps at least one
+    training item, else DataError naming the class.
     """
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise ValueError(
             f"need 0 <= val_fraction, test_fraction and val + test < 1, got {val_fraction}, {test_fraction}"
         )
     classnames = list(classnames)
-    rng = random.Random(seed)
     groups: dict[int, list[Datum]] = {}
     for d in items:
         if not 0 <= d.label < len(classnames):
@@ -403,7 +443,8 @@ def make_splits(
     test: list[Datum] = []
     for label in sorted(groups):
         group = sorted(groups[label], key=lambda d: d.path)
-        rng.shuffle(group)
+        # seeded by the class's own files, not its label: a class list in another order gives the same split
+        random.Random(f"{seed}|{group[0].path}|{len(group)}").shuffle(group)
         n = len(group)
         n_train = round(n * (1 - val_fraction - test_fraction))
         n_val = min(round(n * val_fraction), n - n_train)

@@ -140,6 +140,7 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
     from promptkd.backbones import load_backbone
     from promptkd.backbones.timm_models import is_timm_name, load_timm_backbone
     from promptkd.backbones.weights import run_weights
+    from promptkd.data.items import check_images
     from promptkd.distill.cache import TeacherCache, ViewRecipe, features_sha256
     from promptkd.distill.data import from_folder, from_splits
     from promptkd.evaluation.datasets import resolve_dataset
@@ -150,7 +151,7 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
     source = None
     mode = str(config.method_config.get("mode", "transductive"))
     if config.dataset:
-        splits = resolve_dataset(config.dataset, config.data_root)
+        splits = resolve_dataset(config.dataset, config.data_root, classnames=config.classnames)
         all_classes = list(splits.classnames)
         source = from_splits(
             splits,
@@ -168,6 +169,11 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
             raise ConfigError("inductive mode selects base-class images by label; it needs --dataset")
         if config.unlabeled_folder:
             source = from_folder(config.unlabeled_folder, all_classes, max_images=config.max_images, seed=config.seed)
+            bad = check_images(source.paths, skip_bad=config.skip_bad, source=config.unlabeled_folder)
+            if bad:  # left out up front (--skip-bad), and counted in the run's config.yaml
+                dropped = set(bad)
+                source.paths = [p for p in source.paths if p not in dropped]
+                source.notes.append(f"{len(bad)} unreadable images left out: {bad[:5]}")
         if config.eval_dataset:  # scored on a labelled test split; never trained on
             splits = resolve_dataset(config.eval_dataset, config.data_root)
     # --- teacher and its stored features (once, after its prompts are loaded) ----------------------------------------

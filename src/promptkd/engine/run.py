@@ -32,6 +32,7 @@ class RunConfig:
     method: str = "coop"
     dataset: str = "shapes"
     data_root: str | None = None
+    classnames: str | None = None  # your data: class-name file, matched to class folders by name
     shots: int = 16
     subsample: Literal["all", "base"] = "base"  # classes trained on; base runs are also scored on the new half
     seed: int = 1
@@ -98,7 +99,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
         atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         handler = _log_to_file(out)
     try:
-        splits = resolve_dataset(config.dataset, config.data_root)
+        splits = resolve_dataset(config.dataset, config.data_root, classnames=config.classnames)
         if config.shots > 0:
             splits = few_shot_splits(
                 splits, config.shots, config.seed, cache_dir=out / "split_fewshot", strict=config.strict_shots
@@ -158,6 +159,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
                         num_samples=len(labels),
                         config=resolved,
                         skipped_images=getattr(test_set, "skipped", []),
+                        small_images=[*getattr(test_set, "small", []), *getattr(train_set, "small", [])],
                         selection=outcome.selection,
                         extra={"train_seconds": outcome.seconds, "train_images_per_second": outcome.images_per_second},
                     )

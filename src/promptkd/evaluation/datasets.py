@@ -8,7 +8,10 @@ Resolution order:
 2. the CoOp-protocol benchmarks (``build_benchmark``: every name, Dassl name, folder name or alias);
 3. any folder holding one ``split_zhou_<Name>.json`` (``name`` may be the folder itself or a folder under the
    root), the split layout shared by the benchmarks and the world, with paths relative to ``images/`` when that
-   folder holds them and to the dataset folder otherwise.
+   folder holds them and to the dataset folder otherwise;
+4. users' data: a folder with one sub-folder per class, or a CSV/JSON list of (path, label[, classname]); the
+   optional class list is matched to folders by name. It is split 50/20/30 per class with a fixed seed (1), so
+   every run and seed sees the same train, validation and test images.
 
 Missing data raises a :class:`~promptkd.data.items.DataError` that names the folder or file expected.
 """
@@ -180,7 +183,13 @@ def split_folder(folder: str | os.PathLike[str], *, check: bool = True, name: st
     )
 
 
-def resolve_dataset(name: str, data_root: str | os.PathLike[str] | None, *, check: bool = True) -> DatasetSplits:
+def resolve_dataset(
+    name: str,
+    data_root: str | os.PathLike[str] | None,
+    *,
+    check: bool = True,
+    classnames: str | os.PathLike[str] | list[str] | None = None,
+) -> DatasetSplits:
     """Read the dataset ``name`` under ``data_root`` (world, benchmark, or split-JSON folder; see module docs).
 
     Without ``data_root``: world datasets come from the world cache (built there on first use, as the demo does),
@@ -206,8 +215,28 @@ def resolve_dataset(name: str, data_root: str | os.PathLike[str] | None, *, chec
         if os.path.isdir(folder) and glob.glob(os.path.join(glob.escape(folder), _SPLIT_GLOB)):
             label = name if folder != name else os.path.basename(os.path.abspath(folder))
             return split_folder(folder, check=check, name=label)
+    user = _user_dataset(name, root, classnames)
+    if user is not None:
+        return user
     known = [*world_dataset_names(), *BENCHMARKS]
     raise DatasetNotFoundError(
         f"unknown dataset {name!r}: not an embedded-world dataset, not a benchmark, and no folder "
-        f"{os.path.join(root, name)} holding a split_zhou_<Name>.json. Known datasets: {', '.join(known)}"
+        f"{os.path.join(root, name)} holding a split_zhou_<Name>.json, class sub-folders or a CSV/JSON image list. "
+        f"Known datasets: {', '.join(known)}"
     )
+
+
+def _user_dataset(name: str, root: str, classnames: Any) -> DatasetSplits | None:
+    """A folder of class folders or a CSV/JSON image list (see the module docstring), split 50/20/30 per class."""
+    from promptkd.data.userdata import image_folder, image_list, make_splits
+
+    for path in (name, os.path.join(root, name)):
+        label = os.path.splitext(os.path.basename(os.path.abspath(path)))[0]
+        if os.path.isdir(path) and any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(path)):
+            data = image_folder(path, classnames)
+        elif os.path.isfile(path) and path.lower().endswith((".csv", ".json")):
+            data = image_list(path, classnames)
+        else:
+            continue
+        return make_splits(data.items, data.classnames, name=label)
+    return None
