@@ -51,7 +51,7 @@ CONFIGS: dict[str, dict] = {
     },
     "vit37": {
         "model": "ViT-B-16",
-        "pretrained": None,
+        "pretrained": "random",
         "classes": 37,
         "images": 8,
         "batch": 8,
@@ -62,7 +62,7 @@ CONFIGS: dict[str, dict] = {
     },
     "vit200": {
         "model": "ViT-B-16",
-        "pretrained": None,
+        "pretrained": "random",
         "classes": 200,
         "images": 8,
         "batch": 8,
@@ -73,7 +73,7 @@ CONFIGS: dict[str, dict] = {
     },
     "vit1000": {
         "model": "ViT-B-16",
-        "pretrained": None,
+        "pretrained": "random",
         "classes": 1000,
         "images": 2,
         "batch": 2,
@@ -139,7 +139,7 @@ def reference_tpt(model, views: torch.Tensor, *, steps: int, selection: float, l
 def _classnames(settings: dict) -> list[str]:
     n = settings["classes"]
     if settings["model"].startswith("pkd-world"):
-        from promptkd.evaluation.datasets import resolve_dataset
+        from promptkd.data.datasets import resolve_dataset
 
         names = resolve_dataset("shapes", settings["world_root"]).classnames
     else:
@@ -156,7 +156,7 @@ def _views(settings: dict, size: int, preprocess) -> torch.Tensor:
     """[N, V, 3, S, S]: real world images through TPT's views (world) or seeded random tensors (ViT-B/16)."""
     n, v = settings["images"] + settings["warmup"], settings["views"]
     if settings["model"].startswith("pkd-world"):
-        from promptkd.evaluation.datasets import resolve_dataset
+        from promptkd.data.datasets import resolve_dataset
         from promptkd.tta.views import TTAViewDataset, ViewConfig
 
         test = resolve_dataset("shapes", settings["world_root"]).test

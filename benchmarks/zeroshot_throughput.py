@@ -66,8 +66,8 @@ def end_to_end(backbone, split, batch_size: int, workers: int) -> float:
 def main() -> None:
     from promptkd.backbones import load_backbone
     from promptkd.backbones.weights import shipped_weights
+    from promptkd.data.datasets import resolve_dataset
     from promptkd.data.world import build_world, default_world_root
-    from promptkd.evaluation.datasets import resolve_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world-root", default=None)

@@ -1,11 +1,11 @@
-"""Reproduce the README's embedded-world tables (zero-shot, linear probe, base-to-novel per method, PromptKD, TTA).
+"""Reproduce the README's embedded-world tables: base-to-novel per method, PromptKD (the demo), test-time tuning.
 
     python scripts/world_results.py --out runs/world_results [--datasets shapes patterns counts] [--seeds 1 2 3]
-        [--parts zeroshot linear_probe methods promptkd tta]
+        [--parts methods promptkd tta]
 
-(The pair's own table, zero-shot and full-data probe of both CLIPs, comes from `promptkd world-report`.)
-
-Every part writes result JSONs under --out and prints a Markdown table; finished runs are skipped on a re-run.
+Every part writes result JSONs under --out (finished runs are skipped on a re-run); aggregate them with
+`promptkd report <out>/methods/base2new` and `promptkd report <out>/tta`. The pair's own table (zero-shot and
+full-data probe of both CLIPs, inference speed) comes from `promptkd world-report`.
 """
 
 from __future__ import annotations
@@ -14,66 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
-from promptkd.backbones import load_backbone
 from promptkd.backbones.weights import shipped_weights
-from promptkd.data.sampling import few_shot_splits, subsample_classes
-from promptkd.data.world import build_world, default_world_root
-from promptkd.evaluation.datasets import resolve_dataset
+from promptkd.data.world import ensure_world
 from promptkd.evaluation.metrics import harmonic_mean
-from promptkd.evaluation.zeroshot import evaluate_zeroshot
 
 TEACHER, STUDENT = "pkd-world-teacher", "pkd-world-student"
 METHODS = ("coop", "cocoop", "vpt", "ivlp", "maple", "promptsrc", "vp", "clip_adapter", "tip_adapter_f")
-
-
-def zeroshot_table(root: str, datasets: list[str]) -> list[str]:
-    lines = ["| model | dataset | base | novel | HM | all classes |", "|---|---|---|---|---|---|"]
-    for model in (TEACHER, STUDENT):
-        backbone = load_backbone(model, shipped_weights(model)).freeze()
-        for name in datasets:
-            splits = resolve_dataset(name, root)
-            acc = {}
-            for half in ("base", "new", "all"):
-                part = subsample_classes(splits, half)
-                acc[half] = (
-                    100
-                    * evaluate_zeroshot(backbone, part.test, part.classnames, [part.template], progress=False).metrics[
-                        "acc1"
-                    ]
-                )
-            lines.append(
-                f"| {model} | {name} | {acc['base']:.1f} | {acc['new']:.1f} | "
-                f"{harmonic_mean(acc['base'], acc['new']):.1f} | {acc['all']:.1f} |"
-            )
-    return lines
-
-
-def linear_probe_table(root: str, datasets: list[str], seeds: list[int], out: Path) -> list[str]:
-    from promptkd.evaluation.linear_probe import evaluate_linear_probe
-
-    lines = [
-        "| model | dataset | 16-shot linear probe (all classes, mean ± std over seeds) | zero-shot |",
-        "|---|---|---|---|",
-    ]
-    for model in (TEACHER, STUDENT):
-        backbone = load_backbone(model, shipped_weights(model)).freeze()
-        for name in datasets:
-            splits = resolve_dataset(name, root)
-            accs = []
-            for seed in seeds:
-                few = few_shot_splits(splits, 16, seed, cache_dir=out / "split_fewshot")
-                result = evaluate_linear_probe(backbone, few, progress=False)
-                accs.append(100 * result.metrics["lp_acc1"])
-            zs = (
-                100
-                * evaluate_zeroshot(
-                    backbone, splits.test, splits.classnames, [splits.template], progress=False
-                ).metrics["acc1"]
-            )
-            mean = sum(accs) / len(accs)
-            std = (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5
-            lines.append(f"| {model} | {name} | {mean:.1f} ± {std:.1f} | {zs:.1f} |")
-    return lines
 
 
 def methods_report(root: str, datasets: list[str], seeds: list[int], out: Path, methods: list[str]) -> None:
@@ -97,44 +43,49 @@ def methods_report(root: str, datasets: list[str], seeds: list[int], out: Path, 
 
 
 def promptkd_runs(root: str, datasets: list[str], seeds: list[int], out: Path) -> list[str]:
+    """The demo per seed on every dataset (a finished seed is reused); a table of seed means and the fraction of the
+    gap closed, (PromptKD student - zero-shot student) / (PromptSRC teacher - zero-shot student), from mean HMs."""
     import argparse as ap
 
     from promptkd.cli import demo
 
     rows = []
     for seed in seeds:
-        parser = ap.ArgumentParser()
-        demo.add_arguments(parser)
-        args = parser.parse_args(
-            [
-                "--world-root",
-                root,
-                "--out",
-                str(out / "promptkd" / f"seed_{seed}"),
-                "--seed",
-                str(seed),
-                "--datasets",
-                *datasets,
-            ]
-        )
-        demo.run(args)
-        rows.extend({**r, "seed": seed} for r in json.loads((Path(args.out) / "results.json").read_text()))
-    table = ["| method | dataset | base | novel | HM (of mean B, N) |", "|---|---|---|---|---|"]
-    keys = list(dict.fromkeys((r["method"], r["dataset"]) for r in rows))
-    for method, dataset in keys:
-        group = [r for r in rows if r["method"] == method and r["dataset"] == dataset]
-        b = [r["base"] for r in group]
-        n = [r["novel"] for r in group]
+        folder = out / "promptkd" / f"seed_{seed}"
+        results = folder / "results.json"
+        done = json.loads(results.read_text()) if results.is_file() else []
+        if {r["dataset"] for r in done} != set(datasets):
+            parser = ap.ArgumentParser()
+            demo.add_arguments(parser)
+            args = ["--world-root", root, "--out", str(folder), "--seed", str(seed), "--datasets", *datasets]
+            demo.run(parser.parse_args(args))
+            done = json.loads(results.read_text())
+        rows.extend({**r, "seed": seed} for r in done)
 
-        def stat(v):
-            m = sum(v) / len(v)
-            return m, (sum((x - m) ** 2 for x in v) / len(v)) ** 0.5
+    def stat(values: list[float]) -> tuple[float, float]:
+        mean = sum(values) / len(values)
+        return mean, (sum((x - mean) ** 2 for x in values) / len(values)) ** 0.5
 
-        (mb, sb), (mn, sn) = stat(b), stat(n)
-        table.append(
-            f"| {method} | {dataset} | {mb:.1f} ± {sb:.1f} | {mn:.1f} ± {sn:.1f} | {harmonic_mean(mb, mn):.1f} |"
-        )
-    return table
+    table = [
+        "| dataset | method | base | novel | HM (of mean B, N) | all classes | images/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    closed = []
+    for dataset in datasets:
+        hm = {}
+        for method in dict.fromkeys(r["method"] for r in rows if r["dataset"] == dataset):
+            group = [r for r in rows if r["method"] == method and r["dataset"] == dataset]
+            (mb, sb), (mn, sn), (ma, sa) = (stat([r[k] for r in group]) for k in ("base", "novel", "all"))
+            speed = stat([r["images_per_second"] for r in group])[0]
+            hm[method] = harmonic_mean(mb, mn)
+            table.append(
+                f"| {dataset} | {method} | {mb:.1f} ± {sb:.1f} | {mn:.1f} ± {sn:.1f} | {hm[method]:.1f} | "
+                f"{ma:.1f} ± {sa:.1f} | {speed:.0f} |"
+            )
+        if {"PromptKD student", "PromptSRC teacher", "zero-shot student"} <= set(hm):
+            gap = hm["PromptSRC teacher"] - hm["zero-shot student"]
+            closed.append(f"{dataset} {100 * (hm['PromptKD student'] - hm['zero-shot student']) / gap:.0f}%")
+    return [*table, "", "gap closed: " + ", ".join(closed)]
 
 
 def tta_runs(root: str, seeds: list[int], out: Path, max_images: int = 128) -> None:
@@ -220,16 +171,11 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["shapes", "patterns", "counts"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--parts", nargs="+", default=["zeroshot", "linear_probe", "methods", "promptkd", "tta"])
+    parser.add_argument("--parts", nargs="+", default=["methods", "promptkd", "tta"])
     args = parser.parse_args()
-    root = args.world_root or str(default_world_root())
-    build_world(root)
+    root = str(ensure_world(args.world_root))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if "zeroshot" in args.parts:
-        print("\n".join(zeroshot_table(root, args.datasets)))
-    if "linear_probe" in args.parts:
-        print("\n".join(linear_probe_table(root, args.datasets, args.seeds, out)))
     if "methods" in args.parts:
         methods_report(root, args.datasets, args.seeds, out, args.methods)
     if "promptkd" in args.parts:

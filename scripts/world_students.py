@@ -6,7 +6,7 @@ One PromptSRC teacher (default: the seed-1 teacher of scripts/world_results.py) 
 are the students'. Students:
 
 - CLIP student pkd-world-student on shapes' train split (the paper's data): prompts + projector (the paper), with
-  LoRA (rank 4) on its attention, with its last block unfrozen;
+  LoRA (rank 4) on its attention, with its last block unfrozen; and the paper's student on the rendered images;
 - timm students from random weights on rendered unlabelled shapes images (promptkd world-render): a CNN
   (test_convnext3) and a small ViT (test_vit, patch 4);
 - inductive + extend: the paper student distilled on base-class images with base-class features only, then
@@ -58,8 +58,8 @@ def main() -> None:
 
     import torch
 
+    from promptkd.data.datasets import resolve_dataset
     from promptkd.data.world import ensure_world, render_unlabeled
-    from promptkd.evaluation.datasets import resolve_dataset
 
     root = ensure_world()
     out = Path(args.out)
@@ -74,6 +74,10 @@ def main() -> None:
         "prompts + LoRA r4": ["--student-model", STUDENT, "--dataset", "shapes", "--set", "method.lora_rank=4"],
         "prompts + last block": [
             "--student-model", STUDENT, "--dataset", "shapes", "--set", "method.unfreeze_blocks=1",
+        ],
+        "prompts (paper), rendered images": [
+            "--student-model", STUDENT, "--unlabeled-folder", str(rendered / "images"), "--classnames",
+            str(rendered / "classnames.txt"), "--eval-dataset", "shapes",
         ],
         "timm CNN test_convnext3 (random init)": [
             "--student", "timm:test_convnext3", "--student-pretrained", "random",
@@ -92,7 +96,8 @@ def main() -> None:
             continue
         cache = out / ("cache_rendered" if "--unlabeled-folder" in extra else "cache_train")
         for seed in args.seeds:
-            folder = out / name.split(" (")[0].replace(" ", "_").replace("+", "") / f"seed_{seed}"
+            slug = name.replace(" (random init)", "").replace("(paper)", "").replace(",", "").replace("+", "")
+            folder = out / "_".join(slug.split()) / f"seed_{seed}"
             if not (folder / "prompts.safetensors").is_file() or not halves(folder):
                 sets = [*extra, "--set", *quiet] if "--set" not in extra else [*extra, *quiet]
                 distill([*teacher, *sets, "--teacher-cache", str(cache), "--seed", str(seed), "--out", str(folder)])

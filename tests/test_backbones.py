@@ -120,7 +120,7 @@ def test_truncated_file_is_reported(tiny_backbone, tmp_path, suffix):
 
 
 def test_missing_file_and_local_dir_errors(tmp_path):
-    with pytest.raises(BackboneError, match="neither a pretrained tag of 'pkd-tiny' nor an existing file"):
+    with pytest.raises(BackboneError, match=r"weight file .*nope.pt does not exist; check the path"):
         load_backbone("pkd-tiny", str(tmp_path / "nope.pt"))
     with pytest.raises(BackboneError, match="no such folder"):
         load_backbone(f"local-dir:{tmp_path / 'missing'}")

@@ -44,7 +44,7 @@ def test_a_run_never_uses_random_weights_unless_asked(world, tmp_path, capsys):
     code, err = run(["distill", "--teacher-model", "pkd-tiny-wide", "--student-model", "pkd-world-student",
                      *world, "--out", str(tmp_path / "d")], capsys)  # fmt: skip
     assert code == 2 and "--teacher-pretrained random" in err
-    from promptkd.backbones.weights import run_weights
+    from promptkd.backbones.loading import run_weights
 
     assert run_weights("pkd-world-student", None) == "shipped"  # shipped weights are the default
     assert run_weights("pkd-tiny", "random") is None

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from promptkd.backbones import PreprocessInfo
+from promptkd.data.datasets import DatasetNotFoundError, resolve_dataset
 from promptkd.data.items import DataError, Datum, ImageDataset
 from promptkd.data.transforms import build_transform, eval_transform, train_transform
 from promptkd.evaluation import (
     CaptionSet,
-    DatasetNotFoundError,
     LinearProbeError,
     TemplateError,
     build_prompts,
@@ -34,7 +34,6 @@ from promptkd.evaluation import (
     mean_per_class_recall,
     read_coco_captions,
     read_flickr_captions,
-    resolve_dataset,
     resolve_templates,
     retrieval_recall,
     search_c,

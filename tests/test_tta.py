@@ -184,7 +184,7 @@ def test_ctpt_batched_equals_single_with_chunked_text(tiny_backbone):
 
 @pytest.fixture(scope="module")
 def maple_sources(maple_ckpt, toy):
-    from promptkd.evaluation.datasets import resolve_dataset
+    from promptkd.data.datasets import resolve_dataset
 
     splits = resolve_dataset(str(toy), None)
     model, _ = build_model(splits.classnames, checkpoint=str(maple_ckpt))
@@ -267,8 +267,8 @@ def test_source_files_refuse_other_backbone_prompts_or_classes(maple_sources, wi
 
 
 def test_views_are_seeded_by_image_not_position_and_small_images_refused(toy, tiny_backbone, tmp_path):
+    from promptkd.data.datasets import resolve_dataset
     from promptkd.data.items import DataError
-    from promptkd.evaluation.datasets import resolve_dataset
 
     items = resolve_dataset(str(toy), None).test
     config = ViewConfig(n_views=4, seed=5)
@@ -288,7 +288,7 @@ def test_views_are_seeded_by_image_not_position_and_small_images_refused(toy, ti
 
 def test_run_is_order_independent_and_writes_results(toy, tiny_backbone, tmp_path, monkeypatch):
     """A shuffled test split gives the same per-image predictions (episodic reset, per-image view seeds)."""
-    from promptkd.evaluation import datasets as ds_module
+    from promptkd.data import datasets as ds_module
     from promptkd.tta.run import resolve_tta_config, run_tta
 
     base = {

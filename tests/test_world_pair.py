@@ -40,8 +40,8 @@ def test_half_accuracies_score_each_half_among_its_own_classes():
 
 def test_half_accuracies_equal_a_zero_shot_run_on_each_subsample(small_world):
     from promptkd.backbones import load_backbone
+    from promptkd.data.datasets import resolve_dataset
     from promptkd.data.sampling import subsample_classes
-    from promptkd.evaluation.datasets import resolve_dataset
     from promptkd.evaluation.world_report import measure_backbone
     from promptkd.evaluation.zeroshot import evaluate_zeroshot
 
@@ -126,7 +126,7 @@ def _age(root: Path, version: int) -> None:
 
 
 def test_an_older_world_is_refused_where_named_and_rebuilt_in_the_cache(tmp_path, monkeypatch):
-    from promptkd.evaluation.datasets import resolve_dataset
+    from promptkd.data.datasets import resolve_dataset
 
     named = tmp_path / "mine"
     world.build_world(named, **MICRO)

@@ -173,29 +173,3 @@ def load_preset(method: str, preset: str) -> dict[str, Any]:
 def config_hash(data: Any) -> str:
     """Stable short hash of a resolved config (sorted JSON)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def resolve_layered(
-    cls: type[T], method: str, preset: str | None, overrides: list[str], base: dict[str, Any], where: str
-) -> T:
-    """Build a run config ``cls``: a method preset (``method:`` and ``train:`` sections) < ``base`` values that are
-    not None < ``--set key=value`` overrides (``method.x`` addresses ``method_config.x``); every layer strict."""
-    from promptkd.methods import get_method
-    from promptkd.methods.base import config_from
-
-    method_cls = get_method(method)
-    data: dict[str, Any] = {"method_config": {}, "train": {}}
-    if preset:
-        preset_data = load_preset(method_cls.name, preset)
-        unknown = set(preset_data) - {"method", "train"}
-        if unknown:
-            raise ConfigError(f"preset {preset!r}: unknown sections {sorted(unknown)} (expected 'method', 'train')")
-        data["method_config"] = dict(preset_data.get("method") or {})
-        data["train"] = dict(preset_data.get("train") or {})
-    for key, value in base.items():
-        if value is not None:
-            data[key] = value
-    renamed = [o.replace("method.", "method_config.", 1) if o.startswith("method.") else o for o in overrides]
-    config = from_dict(cls, apply_overrides(data, renamed), where=where)
-    config_from(method_cls, config.method_config)  # validate method keys now, before any data or model is loaded
-    return config

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import open_clip
 
-from promptkd.backbones.loading import register_builtin_configs
+from promptkd.backbones.registry import register_builtin_configs
 
 _HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 

@@ -8,14 +8,13 @@ no other module hard-codes 512/768/224.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import logging
 import os
 import socket
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,189 +29,29 @@ from promptkd.backbones.architecture import (
     infer_clip_config,
     is_openai_layout_vit,
 )
+from promptkd.backbones.catalog import is_cached
 from promptkd.backbones.files import WeightFileError, read_weight_file, sha256_of
-from promptkd.errors import PromptKDError
+from promptkd.backbones.registry import register_builtin_configs
+from promptkd.backbones.types import Backbone, BackboneError, BackboneSpec, PreprocessInfo, autocast_for
+from promptkd.backbones.weights import RANDOM, WeightsNotGivenError, shipped_weights
+from promptkd.backbones.weights import SHIPPED_TAG as SHIPPED
+from promptkd.precision import PRECISIONS
+
+__all__ = [
+    "PRECISIONS",
+    "Backbone",
+    "BackboneError",
+    "BackboneSpec",
+    "PreprocessInfo",
+    "autocast_for",
+    "check_model_name",
+    "load_backbone",
+    "load_recorded_backbone",
+    "register_builtin_configs",
+    "run_weights",
+]
 
 logger = logging.getLogger(__name__)
-
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
-_registered = False
-
-from promptkd.precision import PRECISIONS  # noqa: E402  (re-exported)
-
-
-class BackboneError(PromptKDError, RuntimeError):
-    """A backbone that cannot be built as asked; the message says what was expected, what was found, what to do."""
-
-
-def register_builtin_configs() -> None:
-    """Make promptkd's tiny model configs visible to open_clip (idempotent)."""
-    global _registered
-    if not _registered:
-        open_clip.add_model_config(_CONFIG_DIR)
-        _registered = True
-
-
-@dataclass
-class PreprocessInfo:
-    """How images must be prepared for a model; read from the model, never assumed."""
-
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"
-
-    @classmethod
-    def from_model(cls, model: nn.Module) -> PreprocessInfo:
-        cfg = getattr(model.visual, "preprocess_cfg", None) or {}
-        size = cfg.get("size", getattr(model.visual, "image_size", 224))
-        if isinstance(size, (list, tuple)):
-            size = size[0]
-        return cls(
-            size=int(size),
-            mean=tuple(float(x) for x in cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-            std=tuple(float(x) for x in cfg.get("std", open_clip.OPENAI_DATASET_STD)),
-            interpolation=str(cfg.get("interpolation", "bicubic")),
-            resize_mode=str(cfg.get("resize_mode", "shortest")),
-        )
-
-
-@dataclass
-class BackboneSpec:
-    """What identifies a backbone; stored in every checkpoint and run config so a result can be traced."""
-
-    model_name: str
-    pretrained: str | None = None
-    source: str = "random"  # "tag" | "file" | "local-dir" | "random"
-    quick_gelu: bool = False
-    quick_gelu_reason: str = ""
-    file_sha256: str | None = None
-    open_clip_version: str = field(default_factory=lambda: open_clip.__version__)
-    options: dict[str, Any] = field(default_factory=dict)  # how a non-CLIP student was built (input size, kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def same_identity(self, other: dict[str, Any]) -> bool:
-        """True when ``other`` (a stored spec) names the same architecture, weights and activation."""
-        keys = ("model_name", "pretrained", "quick_gelu", "file_sha256")
-        return all(other.get(k) == getattr(self, k) for k in keys if other.get(k) is not None or k != "file_sha256")
-
-
-@dataclass
-class Backbone:
-    """A loaded open_clip CLIP plus its tokenizer, preprocessing and identity."""
-
-    model: nn.Module
-    tokenizer: Any
-    spec: BackboneSpec
-    preprocess: PreprocessInfo
-    precision: str = "fp32"
-
-    # --- facts read from the model -------------------------------------------------------------------------------
-    @property
-    def visual(self) -> nn.Module:
-        return self.model.visual
-
-    @property
-    def text_tower(self) -> nn.Module:
-        """open_clip keeps the text tower flat on ``CLIP`` and under ``.text`` on ``CustomTextCLIP``."""
-        return self.model.text if hasattr(self.model, "text") else self.model
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def vision_width(self) -> int:
-        return int(self.visual.conv1.weight.shape[0]) if hasattr(self.visual, "conv1") else int(self.embed_dim)
-
-    @property
-    def vision_layers(self) -> int:
-        return len(self.visual.transformer.resblocks) if hasattr(self.visual, "transformer") else 0
-
-    @property
-    def text_width(self) -> int:
-        return int(self.text_tower.ln_final.weight.shape[0])
-
-    @property
-    def text_layers(self) -> int:
-        return len(self.text_tower.transformer.resblocks)
-
-    @property
-    def embed_dim(self) -> int:
-        proj = getattr(self.text_tower, "text_projection", None)
-        if isinstance(proj, nn.Linear):
-            return int(proj.out_features)
-        if proj is not None:
-            return int(proj.shape[1])
-        return int(self.text_width)
-
-    @property
-    def image_size(self) -> int:
-        size = getattr(self.visual, "image_size", self.preprocess.size)
-        return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-    @property
-    def patch_size(self) -> int:
-        size = getattr(self.visual, "patch_size", (0,))
-        return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        grid = getattr(self.visual, "grid_size", (0, 0))
-        return (int(grid[0]), int(grid[1]))
-
-    @property
-    def context_length(self) -> int:
-        return int(self.text_tower.positional_embedding.shape[0])
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        """exp(logit_scale) as a detached scalar: frozen in every method here."""
-        return self.model.logit_scale.detach().exp()
-
-    def tokenize(self, texts: str | list[str]) -> torch.Tensor:
-        return self.tokenizer([texts] if isinstance(texts, str) else list(texts))
-
-    def autocast(self):
-        """Context for this backbone's compute precision (fp32 master weights, bf16/fp16 autocast)."""
-        return autocast_for(self.precision, self.device)
-
-    def freeze(self) -> Backbone:
-        self.model.eval()
-        for param in self.model.parameters():
-            param.requires_grad_(False)
-        return self
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **self.spec.to_dict(),
-            "vision_width": self.vision_width,
-            "vision_layers": self.vision_layers,
-            "text_width": self.text_width,
-            "text_layers": self.text_layers,
-            "embed_dim": self.embed_dim,
-            "image_size": self.image_size,
-            "patch_size": self.patch_size,
-            "context_length": self.context_length,
-            "preprocess": asdict(self.preprocess),
-        }
-
-
-def autocast_for(precision: str, device: torch.device | str):
-    """Autocast context for a precision name; fp16 on CPU is refused because it is ~17x slower than fp32 here."""
-    device = torch.device(device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        if device.type == "cpu":
-            raise BackboneError("precision fp16 on the CPU is very slow (no fp16 matmul kernels); use bf16 or fp32.")
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    raise BackboneError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}.")
 
 
 # --- name and tag resolution --------------------------------------------------------------------------------------
@@ -335,7 +174,28 @@ class _DropRandomInitNotice(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
-from promptkd.backbones.weights import SHIPPED_TAG as SHIPPED  # noqa: E402  (the shipped world weights' tag)
+
+
+def run_weights(model_name: str | None, pretrained: str | None, *, flag: str = "--pretrained") -> str | None:
+    """The weights a run starts from: the given tag or file; ``random`` (None: random init, asked for); when none
+    is given, the model's shipped weights. A model with neither is refused: a run never trains or evaluates random
+    weights by accident."""
+    if pretrained == RANDOM:
+        logger.warning("%s starts from RANDOM weights (%s random)", model_name, flag)
+        return None
+    if pretrained:
+        return pretrained
+    if model_name and shipped_weights(model_name) is not None:
+        return SHIPPED
+    if model_name is None or model_name.startswith("local-dir:"):
+        return None  # load_backbone refuses a call with neither; a local-dir folder holds its weights
+    if not model_name.startswith("timm:"):
+        check_model_name(model_name)  # a typo gets "did you mean" first
+    raise WeightsNotGivenError(
+        f"{model_name} has no weights promptkd ships, and {flag} was not given. Give {flag} TAG (e.g. openai; "
+        f"`promptkd models` lists tags and what is cached), {flag} FILE, or {flag} random to start from random "
+        "weights on purpose."
+    )
 
 
 def _is_shipped_file(path: str) -> bool:
@@ -457,8 +317,6 @@ def _hub_reachable(host: str = "huggingface.co") -> bool:
 
 
 def _require_cached_or_online(name: str, tag: str, cfg: dict, cache_dir: str | None) -> None:
-    from promptkd.backbones.catalog import is_cached
-
     if is_cached(cfg, cache_dir) or _hub_reachable():
         return
     raise BackboneError(

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from promptkd.backbones.loading import Backbone, BackboneError, BackboneSpec, PreprocessInfo
+from promptkd.backbones.types import Backbone, BackboneError, BackboneSpec, PreprocessInfo
 
 __all__ = ["TIMM_PREFIX", "ImageBackbone", "is_timm_name", "load_timm_backbone"]
 

@@ -40,32 +40,6 @@ def shipped_weights(model_name: str) -> str | None:
 RANDOM = "random"  # `pretrained` value asking for random initialisation on purpose
 
 
-def run_weights(model_name: str | None, pretrained: str | None, *, flag: str = "--pretrained") -> str | None:
-    """The weights a run starts from: the given tag or file; ``random`` (None: random init, asked for); when none
-    is given, the model's shipped weights. A model with neither is refused: a run never trains or evaluates random
-    weights by accident."""
-    if pretrained == RANDOM:
-        logger.warning("%s starts from RANDOM weights (%s random)", model_name, flag)
-        return None
-    if pretrained:
-        return pretrained
-    if model_name and shipped_weights(model_name) is not None:
-        return SHIPPED_TAG
-    if model_name is None:
-        return None  # load_backbone refuses a call with neither
-    if not model_name.startswith(("timm:", "local-dir:")):
-        from promptkd.backbones.loading import check_model_name
-
-        check_model_name(model_name)  # a typo gets "did you mean" first
-    elif model_name.startswith("local-dir:"):
-        return None  # the folder holds its weights
-    raise WeightsNotGivenError(
-        f"{model_name} has no weights promptkd ships, and {flag} was not given. Give {flag} TAG (e.g. openai; "
-        f"`promptkd models` lists tags and what is cached), {flag} FILE, or {flag} random to start from random "
-        "weights on purpose."
-    )
-
-
 class WeightsNotGivenError(PromptKDError, ValueError):
     """A run names a model but no weights, and the model has no shipped weights."""
 

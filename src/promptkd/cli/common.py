@@ -75,7 +75,7 @@ def backbone_from_args(args: argparse.Namespace, *, prefix: str = "", require_we
     """The backbone the arguments name; a run gets the model's shipped weights by default and random weights only
     with ``--pretrained random`` (``require_weights=False``: tools that only read shapes, e.g. convert)."""
     from promptkd.backbones import load_backbone
-    from promptkd.backbones.weights import run_weights
+    from promptkd.backbones.loading import run_weights
 
     dest = f"{prefix}_" if prefix else ""
     model, pretrained = getattr(args, f"{dest}model"), getattr(args, f"{dest}pretrained")

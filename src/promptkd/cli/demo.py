@@ -52,7 +52,7 @@ def _zeroshot_row(args, role: str, model: str, pretrained: str | None, dataset: 
     """Zero-shot base / novel / all accuracy of one CLIP (one pass over the test split), and the backbone."""
     from promptkd.backbones import load_backbone
     from promptkd.cli.common import resolve_device
-    from promptkd.evaluation.datasets import resolve_dataset
+    from promptkd.data.datasets import resolve_dataset
     from promptkd.evaluation.world_report import measure_backbone
 
     backbone = load_backbone(model, pretrained, device=resolve_device(args.device), precision=args.precision).freeze()
@@ -223,8 +223,8 @@ def _device(args: argparse.Namespace) -> str:
 
 def _predict_example(run_dir: Path, dataset: str, data_root, count: int = 6) -> None:
     """``predict`` with the distilled student alone on a few test images, each marked right or wrong."""
+    from promptkd.data.datasets import resolve_dataset
     from promptkd.deploy import load_for_inference, predict, write_predictions_csv
-    from promptkd.evaluation.datasets import resolve_dataset
 
     splits = resolve_dataset(dataset, data_root)
     samples = splits.test[:: max(1, len(splits.test) // count)][:count]

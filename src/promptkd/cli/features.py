@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _zero_shot_teacher(args: argparse.Namespace, recorded: dict):
     from promptkd.backbones import load_backbone
-    from promptkd.backbones.weights import run_weights
+    from promptkd.backbones.loading import run_weights
     from promptkd.distill.teacher import zero_shot_teacher
 
     weights = run_weights(args.teacher_model, args.teacher_pretrained, flag="--teacher-pretrained")

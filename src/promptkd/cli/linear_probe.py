@@ -33,9 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from promptkd.data.datasets import resolve_dataset
     from promptkd.data.sampling import few_shot_splits
     from promptkd.errors import PromptKDError
-    from promptkd.evaluation import evaluate_linear_probe, resolve_dataset
+    from promptkd.evaluation import evaluate_linear_probe
     from promptkd.paths import writable_folder
     from promptkd.results import make_result
 

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from promptkd.cli.common import backbone_from_args, resolve_device
     from promptkd.config import ConfigError
-    from promptkd.evaluation.datasets import resolve_dataset
+    from promptkd.data.datasets import resolve_dataset
     from promptkd.tta.model import build_model
     from promptkd.tta.run import subset_items
     from promptkd.tta.sources import compute_prototypes, compute_stats

@@ -47,8 +47,9 @@ def method_name(templates: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from promptkd.data.datasets import ensemble_for, resolve_dataset
     from promptkd.data.sampling import subsample_classes
-    from promptkd.evaluation import ensemble_for, evaluate_zeroshot, resolve_dataset, resolve_templates
+    from promptkd.evaluation import evaluate_zeroshot, resolve_templates
     from promptkd.paths import writable_folder
     from promptkd.results import make_result
 

@@ -22,9 +22,10 @@ import torch
 import yaml
 
 from promptkd.checkpoints import atomic_write_text
-from promptkd.config import ConfigError, resolve_layered, to_dict
+from promptkd.config import ConfigError, to_dict
 from promptkd.distill.teacher import TeacherError, TeacherFeatures, load_teacher, zero_shot_teacher
 from promptkd.engine.config import TrainConfig
+from promptkd.methods.presets import resolve_layered
 from promptkd.paths import writable_folder
 
 __all__ = ["FEATURES_NAME", "DistillOutcome", "DistillRunConfig", "resolve_distill_config", "run_distillation"]
@@ -138,12 +139,12 @@ def _check_config(config: DistillRunConfig) -> None:
 
 def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setup:
     from promptkd.backbones import load_backbone
+    from promptkd.backbones.loading import run_weights
     from promptkd.backbones.timm_models import is_timm_name, load_timm_backbone
-    from promptkd.backbones.weights import run_weights
+    from promptkd.data.datasets import resolve_dataset
     from promptkd.data.items import check_images
     from promptkd.distill.cache import TeacherCache, ViewRecipe, features_sha256
     from promptkd.distill.data import from_folder, from_splits
-    from promptkd.evaluation.datasets import resolve_dataset
 
     precision = config.train.precision
     # --- classes and unlabelled images -------------------------------------------------------------------------------

@@ -16,11 +16,12 @@ import torch
 import yaml
 
 from promptkd.checkpoints import atomic_write_text
-from promptkd.config import ConfigError, config_hash, resolve_layered, to_dict
+from promptkd.config import ConfigError, config_hash, to_dict
 from promptkd.engine.config import TrainConfig
 from promptkd.engine.distributed import DistInfo, init_distributed
 from promptkd.engine.trainer import Trainer, TrainResult, predict_logits
 from promptkd.errors import PromptKDError
+from promptkd.methods.presets import resolve_layered
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +74,11 @@ class RunOutcome:
 def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutcome:
     """Train and evaluate one (method, dataset, shots, seed) run."""
     from promptkd.backbones import load_backbone
-    from promptkd.backbones.weights import run_weights
+    from promptkd.backbones.loading import run_weights
+    from promptkd.data.datasets import resolve_dataset
     from promptkd.data.items import ImageDataset
     from promptkd.data.sampling import few_shot_splits, subsample_classes
     from promptkd.data.transforms import build_transform, train_transform
-    from promptkd.evaluation.datasets import resolve_dataset
     from promptkd.evaluation.metrics import classification_metrics, harmonic_mean
     from promptkd.methods import get_method
     from promptkd.methods.base import config_from

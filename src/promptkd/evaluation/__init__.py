@@ -4,7 +4,6 @@ Every function takes a :class:`~promptkd.backbones.Backbone` and plain data (:cl
 caption sets) and returns metrics with CLIP_benchmark's keys; :mod:`promptkd.results` turns them into result files.
 """
 
-from promptkd.evaluation.datasets import DatasetNotFoundError, ensemble_for, resolve_dataset, split_folder
 from promptkd.evaluation.features import FeatureSet, extract_features, feature_cache_key, model_identity
 from promptkd.evaluation.linear_probe import (
     COARSE_GRID,
@@ -50,7 +49,6 @@ __all__ = [
     "ECE_BINS",
     "TEMPLATE_MODES",
     "CaptionSet",
-    "DatasetNotFoundError",
     "FeatureSet",
     "LinearProbeError",
     "LinearProbeResult",
@@ -62,7 +60,6 @@ __all__ = [
     "classification_metrics",
     "clear_text_cache",
     "encode_texts",
-    "ensemble_for",
     "evaluate_linear_probe",
     "evaluate_retrieval",
     "evaluate_zeroshot",
@@ -76,11 +73,9 @@ __all__ = [
     "read_captions",
     "read_coco_captions",
     "read_flickr_captions",
-    "resolve_dataset",
     "resolve_templates",
     "retrieval_recall",
     "search_c",
-    "split_folder",
     "topk_accuracy",
     "zeroshot_classifier",
     "zeroshot_logits",

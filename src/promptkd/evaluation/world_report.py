@@ -199,7 +199,7 @@ def measure_pair(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Everything ``promptkd world-report`` shows: both CLIPs on every dataset, their speed and the checks."""
-    from promptkd.evaluation.datasets import resolve_dataset
+    from promptkd.data.datasets import resolve_dataset
 
     report: dict[str, Any] = {"models": {}, "datasets": list(datasets), "checks": {}}
     for role, backbone in (("teacher", teacher), ("student", student)):

@@ -136,12 +136,12 @@ def _jobs(spec: ProtocolSpec, root: Path) -> list[tuple[RunConfig, list[str]]]:
 def _evaluate_targets(config: RunConfig, outcome, targets: Sequence[str], protocol: str) -> None:
     """Score the trained method on each target dataset's test split with the target's class names."""
     from promptkd.backbones import load_backbone
-    from promptkd.backbones.weights import run_weights
+    from promptkd.backbones.loading import run_weights
     from promptkd.config import to_dict
+    from promptkd.data.datasets import resolve_dataset
     from promptkd.data.items import ImageDataset
     from promptkd.data.transforms import build_transform
     from promptkd.engine.trainer import predict_logits
-    from promptkd.evaluation.datasets import resolve_dataset
     from promptkd.evaluation.metrics import classification_metrics
     from promptkd.methods import get_method
     from promptkd.methods.base import config_from

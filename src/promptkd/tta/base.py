@@ -144,15 +144,29 @@ def register_tta_method(cls: type[TTAMethod]) -> type[TTAMethod]:
     return cls
 
 
-def list_tta_methods() -> list[str]:
-    import promptkd.tta.methods  # noqa: F401  (registers the built-in methods)
+#: built-in test-time methods by name -> module (imported on first use; each registers itself)
+BUILTIN_TTA_METHODS: dict[str, str] = {
+    "tpt": "promptkd.tta.methods.tpt",
+    "ctpt": "promptkd.tta.methods.ctpt",
+    "promptalign": "promptkd.tta.methods.promptalign",
+    "promptsync": "promptkd.tta.methods.promptsync",
+}
 
+
+def _load_builtins() -> None:
+    import importlib
+
+    for module in BUILTIN_TTA_METHODS.values():
+        importlib.import_module(module)
+
+
+def list_tta_methods() -> list[str]:
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def get_tta_method(name: str) -> type[TTAMethod]:
-    import promptkd.tta.methods  # noqa: F401
-
+    _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:

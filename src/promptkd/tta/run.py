@@ -105,9 +105,9 @@ def _augmix(setting: str, dataset: str) -> bool:
 def run_tta(config: TTARunConfig) -> TTAOutcome:
     """Adapt and evaluate as ``config`` says; see the module docstring."""
     from promptkd.backbones import load_backbone
-    from promptkd.backbones.weights import run_weights
+    from promptkd.backbones.loading import run_weights
+    from promptkd.data.datasets import resolve_dataset
     from promptkd.engine.distributed import barrier, gather_concat, init_distributed
-    from promptkd.evaluation.datasets import resolve_dataset
     from promptkd.evaluation.metrics import classification_metrics
     from promptkd.paths import writable_folder
     from promptkd.results import make_result, write_result

@@ -1,5 +1,2 @@
-"""The built-in test-time methods; importing this package registers them."""
-
-from promptkd.tta.methods import ctpt, promptalign, promptsync, tpt
-
-__all__ = ["ctpt", "promptalign", "promptsync", "tpt"]
+"""The built-in test-time methods, one module each; :func:`promptkd.tta.base.get_tta_method` imports them by name
+(``BUILTIN_TTA_METHODS``) and each registers itself."""

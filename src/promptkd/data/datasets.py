@@ -1,4 +1,4 @@
-"""One place that turns a dataset name and a data root into :class:`DatasetSplits` for the evaluation commands.
+"""The one dataset lookup: a dataset name and a data root become :class:`DatasetSplits` for every command.
 
 Resolution order:
 
