@@ -174,8 +174,6 @@ class _DropRandomInitNotice(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
-
-
 def run_weights(model_name: str | None, pretrained: str | None, *, flag: str = "--pretrained") -> str | None:
     """The weights a run starts from: the given tag or file; ``random`` (None: random init, asked for); when none
     is given, the model's shipped weights. A model with neither is refused: a run never trains or evaluates random
