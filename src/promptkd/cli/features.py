@@ -34,20 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("features")
 
 
-def _zero_shot_teacher(args: argparse.Namespace, recorded: dict):
-    from promptkd.backbones import load_backbone
-    from promptkd.backbones.loading import run_weights
-    from promptkd.distill.teacher import zero_shot_teacher
-
-    weights = run_weights(args.teacher_model, args.teacher_pretrained, flag="--teacher-pretrained")
-    backbone = load_backbone(args.teacher_model, weights, quick_gelu=args.teacher_quick_gelu, device=args.device)
-    templates = (recorded.get("method_config") or {}).get("templates")
-    return zero_shot_teacher(backbone, templates or None)
-
-
 def run(args: argparse.Namespace) -> int:
     from promptkd.data.userdata import read_classnames
-    from promptkd.distill.teacher import TeacherFeatures, load_teacher, teacher_description
+    from promptkd.distill.teacher import TeacherFeatures, build_teacher, teacher_description
     from promptkd.errors import PromptKDError
 
     stored = TeacherFeatures.load(args.features)
@@ -68,16 +57,14 @@ def run(args: argparse.Namespace) -> int:
             "--teacher-pretrained for a zero-shot CLIP teacher)."
         )
     names = read_classnames(args.classes)
-    if args.teacher:
-        teacher = load_teacher(
-            args.teacher,
-            model=args.teacher_model,
-            pretrained=args.teacher_pretrained,
-            quick_gelu=args.teacher_quick_gelu,
-            device=args.device,
-        )
-    else:
-        teacher = _zero_shot_teacher(args, stored.teacher)
+    teacher = build_teacher(  # a zero-shot teacher gets the templates recorded with the features
+        args.teacher,
+        model=args.teacher_model,
+        pretrained=args.teacher_pretrained,
+        quick_gelu=args.teacher_quick_gelu,
+        templates=None if args.teacher else (stored.teacher.get("method_config") or {}).get("templates"),
+        device=args.device,
+    )
     extended = stored.extend(teacher, names)
     written = extended.save(args.out or stored.source)
     print(

@@ -23,7 +23,7 @@ import yaml
 
 from promptkd.checkpoints import atomic_write_text
 from promptkd.config import ConfigError, to_dict
-from promptkd.distill.teacher import TeacherError, TeacherFeatures, load_teacher, zero_shot_teacher
+from promptkd.distill.teacher import TeacherError, TeacherFeatures, build_teacher
 from promptkd.engine.config import TrainConfig
 from promptkd.methods.presets import resolve_layered
 from promptkd.paths import writable_folder
@@ -178,25 +178,16 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
         if config.eval_dataset:  # scored on a labelled test split; never trained on
             splits = resolve_dataset(config.eval_dataset, config.data_root)
     # --- teacher and its stored features (once, after its prompts are loaded) ----------------------------------------
-    if config.teacher:
-        teacher = load_teacher(
-            config.teacher,
-            model=config.teacher_model,
-            pretrained=config.teacher_pretrained,
-            quick_gelu=config.teacher_quick_gelu,
-            classnames=all_classes,
-            device=device,
-            precision=precision,
-        )
-    else:
-        teacher_backbone = load_backbone(
-            config.teacher_model,
-            run_weights(config.teacher_model, config.teacher_pretrained, flag="--teacher-pretrained"),
-            quick_gelu=config.teacher_quick_gelu,
-            device=device,
-            precision=precision,
-        )
-        teacher = zero_shot_teacher(teacher_backbone, [splits.template] if splits is not None else None)
+    teacher = build_teacher(
+        config.teacher,
+        model=config.teacher_model,
+        pretrained=config.teacher_pretrained,
+        quick_gelu=config.teacher_quick_gelu,
+        classnames=all_classes,
+        templates=[splits.template] if splits is not None else None,
+        device=device,
+        precision=precision,
+    )
     features_path = out / f"{FEATURES_NAME}.safetensors"
     stored: TeacherFeatures | None = None
     if config.teacher_features:

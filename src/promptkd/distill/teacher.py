@@ -43,6 +43,7 @@ __all__ = [
     "TeacherError",
     "TeacherFeatures",
     "TeacherInput",
+    "build_teacher",
     "converted_method_config",
     "file_sha256",
     "load_teacher",
@@ -609,6 +610,39 @@ def load_teacher(
         method.set_classnames(list(classnames))
     logger.info("teacher: %s", teacher_description(identity))
     return teacher
+
+
+def build_teacher(
+    checkpoint: str | Path | None,
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    quick_gelu: bool | None = None,
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> Teacher:
+    """The teacher a run names: a checkpoint (``model``/``pretrained`` override its recorded backbone), or else
+    zero-shot CLIP on ``model`` with ``pretrained`` weights (shipped by default; random only when asked)."""
+    if checkpoint:
+        return load_teacher(
+            checkpoint,
+            model=model,
+            pretrained=pretrained,
+            quick_gelu=quick_gelu,
+            classnames=classnames,
+            device=device,
+            precision=precision,
+        )
+    from promptkd.backbones import load_backbone
+    from promptkd.backbones.loading import run_weights
+
+    if not model:
+        raise TeacherError("give the teacher: a checkpoint (--teacher CKPT), or --teacher-model for zero-shot CLIP")
+    weights = run_weights(model, pretrained, flag="--teacher-pretrained")
+    backbone = load_backbone(model, weights, quick_gelu=quick_gelu, device=device, precision=precision)
+    return zero_shot_teacher(backbone, templates)
 
 
 def zero_shot_teacher(backbone: Backbone, templates: Sequence[str] | None = None) -> Teacher:
