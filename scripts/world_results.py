@@ -57,7 +57,17 @@ def promptkd_runs(root: str, datasets: list[str], seeds: list[int], out: Path) -
         if {r["dataset"] for r in done} != set(datasets):
             parser = ap.ArgumentParser()
             demo.add_arguments(parser)
-            args = ["--world-root", root, "--out", str(folder), "--seed", str(seed), "--datasets", *datasets]
+            args = [
+                "--world-root",
+                root,
+                "--out",
+                str(folder),
+                "--seed",
+                str(seed),
+                "--datasets",
+                *datasets,
+                "--no-progress",
+            ]
             demo.run(parser.parse_args(args))
             done = json.loads(results.read_text())
         rows.extend({**r, "seed": seed} for r in done)

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="runs/world_results/promptkd/seed_1/shapes/teacher/prompts")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--render", type=int, default=RENDERED, help="rendered unlabelled images for timm students")
-    parser.add_argument("--timm-epochs", type=int, default=20)
+    parser.add_argument("--timm-epochs", type=int, default=10)
     parser.add_argument("--only", nargs="+", default=None, help="run only these students")
     args = parser.parse_args()
 

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coop-preset", default="world", help="CoOp preset of the labelled student baseline")
     parser.add_argument("--distill-preset", default="world", help="PromptKD preset of the distilled student")
     parser.add_argument("--zeroshot-only", action="store_true", help="stop after the zero-shot rows")
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars inside the stages"
+    )
     add_runtime_args(parser)
 
 
@@ -142,7 +145,7 @@ def _run_dataset(args: argparse.Namespace, dataset: str, root: str | None, out: 
 
     teacher_w = _weights(args.teacher_model, args.teacher_pretrained)
     student_w = _weights(args.student_model, args.student_pretrained)
-    quiet = ["train.progress=false"]
+    quiet = [] if getattr(args, "progress", True) else ["train.progress=false"]  # bars with an ETA per stage
     print(f"[2/6] {dataset}: zero-shot teacher and student")
     rows, models = [], []
     for role, model, weights in (
