@@ -219,16 +219,18 @@ def test_edited_or_unrecorded_shipped_weights_are_refused(shipped_copy):
 def test_shipped_pair_has_the_real_pairs_properties_on_a_world_subset(tmp_path):
     """The world's train and validation images with half its test images (same seed, so the same images as in the
     README's report): student probe >= its zero-shot + 15 HM and >= the teacher's zero-shot, student zero-shot >= 8
-    HM below the teacher's, teacher zero-shot below its probe, student >= 3x faster. Every dataset, the thresholds of
-    `promptkd world-report`."""
+    HM below the teacher's, teacher zero-shot below its probe, student >= 3x cheaper. Every dataset, the thresholds of
+    `promptkd world-report`. Cost is counted in FLOPs here (images/s depends on what else the machine runs; the
+    report measures images/s)."""
     from promptkd.backbones import load_backbone
-    from promptkd.evaluation.world_report import measure_pair
+    from promptkd.evaluation.world_report import flops_per_image, measure_pair
 
     root = tmp_path / "world"
     world.build_world(root, n_test=15, n_pretrain=1, n_retrieval=1, n_shift_test=1)
     teacher = load_backbone("pkd-world-teacher", "shipped").freeze()
     student = load_backbone("pkd-world-student", "shipped").freeze()
-    report = measure_pair(teacher, student, root, ["shapes", "patterns", "counts"])
+    report = measure_pair(teacher, student, root, ["shapes", "patterns", "counts"], speed=False)
+    assert flops_per_image(teacher) >= 3 * flops_per_image(student)
     failed = {
         dataset: {name: result["details"][name] for name, ok in result["checks"].items() if not ok}
         for dataset, result in report["checks"].items()

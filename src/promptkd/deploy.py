@@ -173,15 +173,12 @@ def export_student(
         except ImportError as error:
             raise DeployError("ONNX export needs onnx and onnxruntime: pip install 'promptkd[onnx]'") from error
         target = out / "student.onnx"
-        torch.onnx.export(
-            module,
-            (probe[:1],),
-            str(target),
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # the fused inference kernel has no ONNX form
+        try:
+            _export_onnx(module, probe, target)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
         session = ort.InferenceSession(str(target))
         got = torch.from_numpy(session.run(None, {"images": probe.numpy()})[0])
     else:
@@ -204,6 +201,19 @@ def export_student(
     }
     atomic_write_text(out / "export.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _export_onnx(module: torch.nn.Module, probe: torch.Tensor, target: Path) -> None:
+    """The legacy (TorchScript-based) exporter: it handles the prompted towers; batch size stays dynamic."""
+    torch.onnx.export(
+        module,
+        (probe[:1],),
+        str(target),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+    )
 
 
 def _probe_images(method, check_images: Sequence[str] | None, size: int) -> torch.Tensor:

@@ -114,6 +114,18 @@ def encoder_of(model: Any, *, batch_size: int = 256) -> Callable[[], None]:
     return run
 
 
+def flops_per_image(backbone: Any) -> int:
+    """Floating-point operations of one image through the image tower (torch's FLOP counter): a cost that, unlike
+    images/s, does not depend on what else the machine is doing (the test of the pair's properties uses it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=backbone.device)
+    backbone.model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        backbone.model.encode_image(x)
+    return int(counter.get_total_flops())
+
+
 def images_per_second(
     models: Sequence[Any], *, batch_size: int = 256, rounds: int = 5, min_seconds: float = 0.5
 ) -> list[float]:
