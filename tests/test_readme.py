@@ -43,3 +43,17 @@ def test_howto_blocks_run_as_written(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "runs/my-student/predictions.csv").is_file()
     assert "predicted: " in result.stdout
+
+
+@pytest.mark.slow
+def test_pretrain_block_runs_as_written(tmp_path):
+    """Pre-training on the world's corpus through the engine, then the model it wrote, used by another command."""
+    (block,) = readme_blocks("pretrain")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "runs/my-clip/open_clip_model.safetensors").is_file()
+    assert "zero-shot clean/held_out" in result.stdout and "acc1" in result.stdout

@@ -44,6 +44,13 @@ def add_backbone_args(
     )
 
 
+def add_overrides_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, example: str) -> None:
+    """``--set KEY=VALUE ...``: config overrides applied after the preset and the options (``args.overrides``)."""
+    parser.add_argument(
+        "--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE", help=f"overrides, e.g. {example}"
+    )
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli.common import add_overrides_arg
+
 HELP = "distil a prompted teacher into a small student on unlabelled images (PromptKD), then evaluate base/novel"
 
 _EPILOG = """\
@@ -134,14 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     run.add_argument("--out", default=None, help="run folder (an unfinished run there is resumed)")
     run.add_argument("--no-eval", dest="evaluate", action="store_false", default=None, help="skip the evaluation")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="overrides, e.g. train.epochs=5 train.lr=0.01 method.kd_weight=1000 method.kd_normalization=logits",
-    )
+    add_overrides_arg(run, "train.epochs=5 train.lr=0.01 method.kd_weight=1000 method.kd_normalization=logits")
     run.add_argument("--list-presets", action="store_true", help="list the presets and exit")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from promptkd.cli.common import add_overrides_arg
+
 HELP = "run a protocol over datasets x seeds (resumable; finished runs are skipped) and write its report"
 
 
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="runs/protocols")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    add_overrides_arg(parser, "train.epochs=5 method.n_ctx=8")
 
 
 def run(args: argparse.Namespace) -> int:

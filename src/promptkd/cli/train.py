@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli.common import add_overrides_arg
+
 HELP = "train a prompt-learning method on a dataset (few-shot, base classes or all), then evaluate on test"
 
 
@@ -27,14 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", default=None, help="backbone weights (tag or file)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     parser.add_argument("--out", default=None, help="run folder (an existing run there is resumed)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="overrides, e.g. train.lr=0.002 train.epochs=5 method.n_ctx=8",
-    )
+    add_overrides_arg(parser, "train.lr=0.002 train.epochs=5 method.n_ctx=8")
     parser.add_argument("--list-presets", action="store_true", help="list the method's presets and exit")
 
 

@@ -29,14 +29,14 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from PIL import Image
 
 from promptkd.data.items import DataError, is_image_file
 
-__all__ = ["ShardLanes", "ShardSample", "decode_image", "expand_shards"]
+__all__ = ["ShardLanes", "ShardSample", "decode_image", "expand_shards", "sample_stem"]
 
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _EXPECTED = "WebDataset-style .tar shards (e.g. shards/train-{000000..000009}.tar)"
@@ -87,11 +87,20 @@ def decode_image(data: bytes, where: str) -> Image.Image:
 
 @dataclass(frozen=True)
 class ShardSample:
-    """One image member: its stable key, its encoded bytes, and where it came from (for messages)."""
+    """One image member: its stable key, its encoded bytes, where it came from (for messages) and, when the lanes
+    read companions, the other members of its WebDataset sample by extension (``{"txt": b"a caption", ...}``)."""
 
     key: str
     data: bytes
     where: str
+    extras: dict[str, bytes] = field(default_factory=dict)
+
+
+def sample_stem(name: str) -> str:
+    """WebDataset's sample key of a member: its path up to the first dot of its file name (``a/b.x.png``: ``a/b``)."""
+    folder, _, base = name.rpartition("/")
+    stem = base.split(".", 1)[0]
+    return f"{folder}/{stem}" if folder else stem
 
 
 def _seeded_order(items: Sequence[int], *parts: object) -> list[int]:
@@ -113,11 +122,32 @@ def _truncated(shard: str, after: str | None, error: BaseException) -> DataError
     )
 
 
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(member)
+    data = handle.read() if handle is not None else b""
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"member data ends after {len(data)} of {member.size} bytes")
+    return data
+
+
+def _with_extras(sample: ShardSample, extras: dict[str, bytes]) -> ShardSample:
+    return ShardSample(sample.key, sample.data, sample.where, dict(extras))
+
+
 class ShardLanes:
     """The lanes of a shard list (see the module docstring); ``lanes=0`` means one lane per shard."""
 
-    def __init__(self, shards: str | Sequence[str], *, lanes: int = 0, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        *,
+        lanes: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        companions: Sequence[str] = (),
+    ) -> None:
         self.shards = expand_shards(shards)
+        self.companions = tuple(c.lower().lstrip(".") for c in companions)  # e.g. ("txt", "json", "cls")
         self.lanes = lanes or len(self.shards)
         if self.lanes < 1:
             raise ValueError(f"lanes must be positive, got {self.lanes}")
@@ -163,15 +193,29 @@ class ShardLanes:
                 # An uncompressed archive is read by seeking over member data, which does not notice a file cut
                 # short; its size is checked against each member instead (compressed data fails as it is read).
                 plain_size = os.path.getsize(path) if isinstance(tar.fileobj, io.BufferedReader) else None
+                pending: tuple[str, ShardSample] | None = None  # an image waiting for its following companions
+                current, extras = "", {}  # the sample key the collected companions belong to
                 while True:
                     member = tar.next()
                     if member is None:
                         if plain_size is not None and tar.offset >= plain_size:  # no end-of-archive blocks
                             raise tarfile.ReadError("the file ends without the tar end-of-archive marker")
-                        break
-                    if plain_size is not None and member.offset_data + member.size > plain_size:
+                    elif plain_size is not None and member.offset_data + member.size > plain_size:
                         raise tarfile.ReadError(f"member {member.name!r} ends past the end of the file")
-                    if not (member.isfile() and is_image_file(member.name)):
+                    if pending is not None and (member is None or sample_stem(member.name) != pending[0]):
+                        yield _with_extras(pending[1], extras)
+                        pending, extras = None, {}
+                    if member is None:
+                        break
+                    if not member.isfile():
+                        continue
+                    if not is_image_file(member.name):
+                        extension = member.name.rsplit(".", 1)[-1].lower() if "." in member.name else ""
+                        if read and extension in self.companions:
+                            stem = sample_stem(member.name)
+                            if stem != current:
+                                current, extras = stem, {}
+                            extras[extension] = _read_member(tar, member)
                         continue
                     last = member.name
                     seen += 1
@@ -180,11 +224,14 @@ class ShardLanes:
                     if not read:
                         yield ShardSample(f"{name}/{member.name}", b"", f"{path}:{member.name}")
                         continue
-                    handle = tar.extractfile(member)
-                    data = handle.read() if handle is not None else b""
-                    if len(data) != member.size:
-                        raise tarfile.ReadError(f"member data ends after {len(data)} of {member.size} bytes")
-                    yield ShardSample(f"{name}/{member.name}", data, f"{path}:{member.name}")
+                    sample = ShardSample(f"{name}/{member.name}", _read_member(tar, member), f"{path}:{member.name}")
+                    if not self.companions:
+                        yield sample
+                        continue
+                    stem = sample_stem(member.name)
+                    if stem != current:
+                        current, extras = stem, {}
+                    pending = (stem, sample)  # its companions may follow it (WebDataset keeps a sample together)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
             raise _truncated(path, last, error) from None
 

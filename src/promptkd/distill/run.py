@@ -25,6 +25,7 @@ from promptkd.checkpoints import atomic_write_text
 from promptkd.config import ConfigError, to_dict
 from promptkd.distill.teacher import TeacherError, TeacherFeatures, build_teacher
 from promptkd.engine.config import TrainConfig
+from promptkd.engine.run import attach_run_log, detach_run_log
 from promptkd.methods.presets import resolve_layered
 from promptkd.paths import writable_folder
 
@@ -252,22 +253,6 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
     return setup
 
 
-def _log_to(out: Path, info: Any) -> logging.Handler | None:
-    if not info.is_main:
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("promptkd").addHandler(handler)
-    return handler
-
-
-def _unlog(handler: logging.Handler | None) -> None:
-    if handler is not None:
-        logging.getLogger("promptkd").removeHandler(handler)
-        handler.close()
-
-
 def run_distillation(config: DistillRunConfig) -> DistillOutcome:
     """Train a PromptKD student as ``config`` says; see the module docstring."""
     from promptkd.data.items import ImageDataset, load_rgb
@@ -286,7 +271,7 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
     method_cls = get_method(student_method(config.student_model))
     info, device = init_distributed(config.device)
     out = writable_folder(config.out) if info.is_main else Path(config.out)
-    handler = _log_to(out, info)
+    handler = attach_run_log(out, info.is_main)
     try:
         setup = _setup(config, info, device, out)
         source, recipe, cache, student, stored = setup.source, setup.recipe, setup.cache, setup.student, setup.stored
@@ -360,7 +345,7 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
         )
         return DistillOutcome(out, outcome.checkpoint, setup.features_path, outcome.selection, results, outcome.history)
     finally:
-        _unlog(handler)
+        detach_run_log(handler)
 
 
 def fill_teacher_cache(config: DistillRunConfig, *, batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
@@ -381,7 +366,7 @@ def fill_teacher_cache(config: DistillRunConfig, *, batch_size: int = 64, progre
         raise ConfigError("give the cache folder to fill: --teacher-cache DIR")
     info, device = init_distributed(config.device)
     out = writable_folder(config.out) if info.is_main else Path(config.out)
-    handler = _log_to(out, info)
+    handler = attach_run_log(out, info.is_main)
     try:
         setup = _setup(config, info, device, out)
         recipe, cache, teacher = setup.recipe, setup.cache, setup.teacher
@@ -438,7 +423,7 @@ def fill_teacher_cache(config: DistillRunConfig, *, batch_size: int = 64, progre
             atomic_write_text(out / "teacher_cache.json", json.dumps(summary, indent=2) + "\n")
         return summary
     finally:
-        _unlog(handler)
+        detach_run_log(handler)
 
 
 def _evaluate(

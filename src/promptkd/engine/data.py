@@ -39,6 +39,8 @@ class SeededDataset(Dataset):
         image, label = item[0], item[1]
         if len(item) > 2 and isinstance(item[2], str):  # a named sample (e.g. a stored view of the teacher cache)
             return image, label, index, item[2]
+        if len(item) > 2 and isinstance(item[2], torch.Tensor):  # a captioned image: (image, label, caption tokens)
+            return image, label, index, None, item[2]
         return image, label, index
 
 
@@ -91,8 +93,9 @@ def collate(samples: Sequence[tuple]) -> Batch:
     images = torch.stack([s[0] for s in samples])
     labels = torch.tensor([int(s[1]) for s in samples], dtype=torch.long)
     index = torch.tensor([int(s[2]) for s in samples], dtype=torch.long)
-    keys = [s[3] for s in samples] if len(samples[0]) > 3 else None
-    return Batch(images, labels, index, keys)
+    keys = [s[3] for s in samples] if len(samples[0]) > 3 and samples[0][3] is not None else None
+    texts = torch.stack([s[4] for s in samples]) if len(samples[0]) > 4 else None
+    return Batch(images, labels, index, keys, texts)
 
 
 def make_loader(

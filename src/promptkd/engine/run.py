@@ -53,15 +53,32 @@ def resolve_run_config(method: str, preset: str | None, overrides: list[str], ba
     """Preset (method + train sections) < command-line values < ``--set key=value`` overrides; all strict."""
     from promptkd.methods import get_method
 
-    name = get_method(method).name
-    return resolve_layered(RunConfig, name, preset, overrides, {**base, "method": name}, "run config")
+    method_cls = get_method(method)
+    if method_cls.task != "classification":
+        raise ConfigError(
+            f"method {method_cls.name!r} pre-trains a whole CLIP on captioned images; run it with `promptkd pretrain`."
+        )
+    return resolve_layered(
+        RunConfig, method_cls.name, preset, overrides, {**base, "method": method_cls.name}, "run config"
+    )
 
 
-def _log_to_file(out: Path) -> logging.Handler:
+def attach_run_log(out: Path, enabled: bool = True) -> logging.Handler | None:
+    """Copy the package's log records to ``<out>/train.log`` while a run lasts (the main process only); give the
+    returned handler to :func:`detach_run_log` when the run ends."""
+    if not enabled:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("promptkd").addHandler(handler)
     return handler
+
+
+def detach_run_log(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger("promptkd").removeHandler(handler)
+        handler.close()
 
 
 @dataclass
@@ -98,7 +115,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
     resolved = to_dict(config)
     if info.is_main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        handler = _log_to_file(out)
+    handler = attach_run_log(out, info.is_main)
     try:
         splits = resolve_dataset(config.dataset, config.data_root, classnames=config.classnames)
         if config.shots > 0:
@@ -177,9 +194,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
                     write_result(result, out)
         return RunOutcome(out, outcome, results)
     finally:
-        if info.is_main:
-            logging.getLogger("promptkd").removeHandler(handler)
-            handler.close()
+        detach_run_log(handler)
 
 
 def run_hash(config: RunConfig) -> str:

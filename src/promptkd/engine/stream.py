@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from promptkd.data.items import DataError
-from promptkd.data.shards import ShardLanes, decode_image
+from promptkd.data.shards import ShardLanes, ShardSample, decode_image
 from promptkd.data.transforms import seeded_cpu_rng
 from promptkd.methods.base import Batch
 
@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 #: ``prepare(image, key, position) -> (tensor, key)``: what a sample becomes (e.g. a seeded random crop, or one of
 #: the stored views of the image for the teacher cache, whose key then names the view).
 Prepare = Callable[[Any, str, int], tuple[torch.Tensor, str]]
+#: ``companion(sample, position) -> (label, caption tokens or None)``: what a sample's other members say (its
+#: ``.cls`` label, its ``.txt`` caption); a DataError names the member (or, with ``skip_bad``, skips the sample).
+Companion = Callable[[ShardSample, int], tuple[int, torch.Tensor | None]]
 
 
 @dataclass
@@ -48,6 +51,7 @@ class StreamSource:
         transform: the training transform, run under a generator seeded by (seed, position); or ``prepare``.
         epoch_samples: samples per epoch (default: every image member of the shards once).
         skip_bad: leave undecodable members out (counted in ``skipped``) instead of stopping.
+        companion: reads a sample's label and caption from its companion members (the lanes must read them).
     """
 
     lanes: ShardLanes
@@ -56,6 +60,7 @@ class StreamSource:
     epoch_samples: int = 0
     skip_bad: bool = False
     prepare: Prepare | None = None
+    companion: Companion | None = None
     skipped: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -85,7 +90,8 @@ class StreamSource:
 
 
 class _Positions(IterableDataset):
-    """The positions ``p >= start`` with ``p % slots == slot`` of one (rank, worker): (tensor | None, p, key, where)."""
+    """The positions ``p >= start`` with ``p % slots == slot`` of one (rank, worker):
+    (tensor | None, p, key, where, label, caption tokens | None)."""
 
     def __init__(self, source: StreamSource, start: int, rank: int, world_size: int) -> None:
         super().__init__()
@@ -112,13 +118,16 @@ class _Positions(IterableDataset):
             sample = next(streams[position % total])
             try:
                 image = decode_image(sample.data, sample.where)
+                label, text = (
+                    self.source.companion(sample, position) if self.source.companion is not None else (-1, None)
+                )
             except DataError:
                 if not self.source.skip_bad:
                     raise
-                yield None, position, sample.key, sample.where
+                yield None, position, sample.key, sample.where, -1, None
             else:
                 tensor, key = self.source.prepare_sample(image, sample.key, position)
-                yield tensor, position, key, sample.where
+                yield tensor, position, key, sample.where, label, text
             position += slots
 
 
@@ -143,9 +152,9 @@ def stream_batches(
     )
     items = iter(loader)
     while True:
-        images, positions, keys = [], [], []
+        images, positions, keys, labels, texts = [], [], [], [], []
         for _ in range(per_rank):
-            tensor, position, key, where = next(items)
+            tensor, position, key, where, label, text = next(items)
             if tensor is None:
                 source.skipped.append(where)
                 logger.warning("skipping unreadable tar member %s", where)
@@ -153,6 +162,8 @@ def stream_batches(
             images.append(tensor)
             positions.append(int(position))
             keys.append(key)
+            labels.append(int(label))
+            texts.append(text)
         if not images:
             raise DataError(
                 f"every sample of a batch is unreadable (the last: {where})",
@@ -161,7 +172,8 @@ def stream_batches(
             )
         yield Batch(
             torch.stack(images),
-            torch.full((len(images),), -1, dtype=torch.long),
+            torch.tensor(labels, dtype=torch.long),
             torch.tensor(positions, dtype=torch.long),
             keys,
+            torch.stack(texts) if texts[0] is not None else None,
         )

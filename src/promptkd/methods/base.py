@@ -36,12 +36,14 @@ class MethodConfig:
 @dataclass
 class Batch:
     """One training or evaluation batch. ``labels`` is None for unlabeled data (distillation); ``keys`` names each
-    sample where the source has stable names (image keys of streamed shards, stored views of the teacher cache)."""
+    sample where the source has stable names (image keys of streamed shards, stored views of the teacher cache);
+    ``texts`` holds each image's caption tokens where the data is captioned (pre-training)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None = None
     index: torch.Tensor | None = None
     keys: list[str] | None = None
+    texts: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -49,6 +51,7 @@ class Batch:
             None if self.labels is None else self.labels.to(device, non_blocking=True),
             None if self.index is None else self.index.to(device),
             self.keys,
+            None if self.texts is None else self.texts.to(device, non_blocking=True),
         )
 
 
@@ -67,6 +70,9 @@ class Method(nn.Module):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     uses_labels: ClassVar[bool] = True
     trains: ClassVar[bool] = True  # False for training-free methods (zero-shot, Tip-Adapter without -F)
+    #: What the method learns from: "classification" (labelled or unlabelled images and a class list) or
+    #: "pretraining" (captioned images; run by `promptkd pretrain`, refused by the classification commands).
+    task: ClassVar[str] = "classification"
 
     def __init__(self, backbone: Backbone, classnames: list[str], config: MethodConfig | None = None):
         super().__init__()
@@ -99,6 +105,11 @@ class Method(nn.Module):
     def on_train_end(self) -> None:
         """Called once after the last epoch, before the final checkpoint is written."""
 
+    def epoch_metrics(self, epoch: int, total_epochs: int) -> dict[str, float]:
+        """Measurements to record with epoch ``epoch`` (1-based), e.g. a pre-trained CLIP's zero-shot accuracy; the
+        engine calls it on the main process after :meth:`on_epoch_end` and logs what it returns."""
+        return {}
+
     def resume_state(self) -> dict[str, torch.Tensor]:
         """Extra tensors a resumed run needs (e.g. a GPA accumulator); not part of the final checkpoint."""
         return {}
@@ -119,6 +130,11 @@ class Method(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.learner.parameters() if p.requires_grad]
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups; one group with the run's weight decay unless a method needs more (e.g.
+        pre-training exempts gains, biases and the logit scale from decay)."""
+        return [{"params": self.trainable_parameters(), "weight_decay": weight_decay}]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return trainable_state(self.learner)
