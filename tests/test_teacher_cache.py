@@ -218,3 +218,16 @@ def test_teacher_cache_command_fills_ahead_and_distill_then_never_runs_the_teach
     for key in reference:  # logits computed ahead in other batches differ from the live ones by float rounding only
         assert torch.allclose(filled[key], reference[key], rtol=1e-5, atol=1e-7), key
     assert main(["teacher-cache", *common, "--out", str(tmp_path / "f2"), "--batch-size", "0"]) == 2
+
+
+def test_random_teacher_and_student_are_functions_of_the_seed(toy, tmp_path):
+    """`--teacher-pretrained random` twice with one seed is one teacher: its cache serves the second run (random
+    weights drawn without a seed would change the stored features, and the cache would rightly refuse them)."""
+    random_pair = ["--teacher-model", "pkd-tiny-wide", "--teacher-pretrained", "random", *toy[:2]]
+    random_pair += ["--student-pretrained", "random", *toy[4:], "--teacher-cache", str(tmp_path / "cache")]
+    assert _cli([*random_pair, "--views", "2", "--out", str(tmp_path / "a"), *SETS]) == 0
+    assert _cli([*random_pair, "--views", "2", "--out", str(tmp_path / "b"), *SETS]) == 0
+    first, second = _prompts(tmp_path / "a"), _prompts(tmp_path / "b")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    result = json.loads(next((tmp_path / "b").glob("promptkd-*-base-*.json")).read_text())
+    assert result["teacher_cache"]["misses"] == 0

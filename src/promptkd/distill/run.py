@@ -179,6 +179,7 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
         if config.eval_dataset:  # scored on a labelled test split; never trained on
             splits = resolve_dataset(config.eval_dataset, config.data_root)
     # --- teacher and its stored features (once, after its prompts are loaded) ----------------------------------------
+    torch.manual_seed(config.seed)  # random weights (--teacher-pretrained random) are a function of the seed
     teacher = build_teacher(
         config.teacher,
         model=config.teacher_model,
@@ -209,6 +210,7 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
         stored.save(features_path)
     # --- student -------------------------------------------------------------------------------------------------
     if is_timm_name(config.student_model):  # sees what the teacher sees: its input size and statistics
+        torch.manual_seed(config.seed)  # random weights are a function of the seed
         student = load_timm_backbone(
             config.student_model,
             config.student_pretrained,
@@ -222,6 +224,7 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
     else:
         if config.student_kwargs:
             raise ConfigError("--student-kwargs applies to timm students (--student-model timm:NAME) only")
+        torch.manual_seed(config.seed)  # so are a random student's
         student = load_backbone(
             config.student_model,
             run_weights(config.student_model, config.student_pretrained, flag="--student-pretrained"),
