@@ -77,7 +77,7 @@ def _distill(queue, config: dict, overrides: list[str], floor: bool) -> None:
     result = next(r for r in outcome.results) if outcome.results else {}
     queue.put(
         {
-            "train_seconds": result.get("train_seconds"),
+            "train_seconds": outcome.train_seconds,
             "epochs": cfg.train.epochs,
             "wall_seconds": time.perf_counter() - start,
             "hm": result.get("hm"),

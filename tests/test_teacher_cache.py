@@ -88,6 +88,8 @@ def test_full_logits_round_trip_exactly_and_topk_keeps_the_top_probabilities(tmp
     best = logits.topk(2, dim=-1).indices
     assert torch.allclose(p.gather(1, best), q.gather(1, best), atol=2e-3)  # the stored top-2 keep their mass
     assert torch.allclose(q.sum(-1), torch.ones(6))
+    # What a run trains on when it computes logits itself is exactly what a later read returns.
+    assert torch.equal(top.as_stored(logits), approx) and torch.equal(full.as_stored(logits), logits)
 
 
 def test_cache_refuses_another_teacher_features_classes_recipe_or_storage(tmp_path):
@@ -231,3 +233,16 @@ def test_random_teacher_and_student_are_functions_of_the_seed(toy, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     result = json.loads(next((tmp_path / "b").glob("promptkd-*-base-*.json")).read_text())
     assert result["teacher_cache"]["misses"] == 0
+
+
+def test_a_lossy_cache_trains_the_same_student_cold_as_warm(teacher_ckpt, toy, tmp_path):  # noqa: F811
+    """Top-k fp16: the run that fills the cache trains on the stored form, so the run that reads it (or a run
+    resumed half-way through filling it) trains the same student; and the student differs from full logits'."""
+    common = ["--teacher", str(teacher_ckpt), *toy, "--views", "3", *SETS]
+    lossy = ["--teacher-cache", str(tmp_path / "top"), "--teacher-cache-topk", "2", "--teacher-cache-dtype", "fp16"]
+    assert _cli([*common, *lossy, "--out", str(tmp_path / "cold")]) == 0
+    assert _cli([*common, *lossy, "--out", str(tmp_path / "warm")]) == 0
+    assert _cli([*common, "--teacher-cache", str(tmp_path / "full"), "--out", str(tmp_path / "full-run")]) == 0
+    cold, warm, full = (_prompts(tmp_path / name) for name in ("cold", "warm", "full-run"))
+    assert all(torch.equal(cold[k], warm[k]) for k in cold)
+    assert not all(torch.equal(cold[k], full[k]) for k in cold)

@@ -297,6 +297,16 @@ class TeacherCache:
         if len(self._pending) >= self.flush_every:
             self.flush()
 
+    def as_stored(self, logits: torch.Tensor) -> torch.Tensor:
+        """What a later read of these logits returns (fp16 rounding, top-k reconstruction; full fp32: the same
+        values). A run trains on this even when it computes the logits itself, so a cold run, a warm run and a run
+        resumed half-way through filling the cache see the same soft labels."""
+        rows = logits.detach().float().cpu()
+        if self.storage == "full" and self.dtype == "fp32":
+            return rows
+        encoded = self._encode(rows)
+        return torch.stack([self._decode(encoded, r) for r in range(len(rows))]) if len(rows) else rows
+
     def _encode(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         dtype = torch.float16 if self.dtype == "fp16" else torch.float32
         if self.storage == "full":

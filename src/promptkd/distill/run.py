@@ -92,6 +92,7 @@ class DistillOutcome:
     selection: dict[str, Any]
     results: list[dict[str, Any]]
     history: list[dict[str, Any]]
+    train_seconds: float = 0.0  # the engine's training time (also without an evaluation)
 
 
 def _read_classnames(path: str | None) -> list[str]:
@@ -346,7 +347,9 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
         results = _evaluate(
             config, method, student, splits, setup.mode, eval_tf, resolved, outcome, setup.teacher.identity, info
         )
-        return DistillOutcome(out, outcome.checkpoint, setup.features_path, outcome.selection, results, outcome.history)
+        return DistillOutcome(
+            out, outcome.checkpoint, setup.features_path, outcome.selection, results, outcome.history, outcome.seconds
+        )
     finally:
         detach_run_log(handler)
 

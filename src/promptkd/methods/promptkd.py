@@ -372,7 +372,7 @@ class PromptKD(Method):
             )
             cache.put([keys[int(i)] for i in missing], live)
             cached = cached.to(images.device)
-            cached[missing.to(images.device)] = live.float()
+            cached[missing.to(images.device)] = cache.as_stored(live).to(images.device)
             return cached
 
     def attach_cache(self, cache: Any | None) -> None:
