@@ -10,7 +10,7 @@ its history and loss curve; a finished folder made with the same settings and ar
 interrupted one resumes), then writes
 ``<out>/<model>.safetensors`` (fp16, to keep the package small; loaded into fp32) with its record
 ``<out>/<model>.json``: model config, SHA-256, world version, the pre-training settings and zero-shot summary.
-Same machine, same bytes. On a quiet 2-core CPU the teacher takes about 40 minutes and the student 12.
+Same machine, same bytes. On a quiet 2-core CPU the teacher takes about 50 minutes and the student 15.
 """
 
 from __future__ import annotations
