@@ -271,6 +271,10 @@ class CaptionViews:
     zoom: tuple[float, float] = (1.0, 1.0)
     noise: float = 0.0
 
+    def __post_init__(self) -> None:
+        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)  # once, not per image
+        self._std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+
     @property
     def input_size(self) -> int:  # read by ImageDataset to warn about (and count) far smaller images
         return self.size
@@ -290,9 +294,7 @@ class CaptionViews:
             x = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
         if self.noise:
             x = (x + self.noise * torch.randn(x.shape)).clamp(0, 255)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return (x / 255.0 - mean) / std
+        return (x / 255.0 - self._mean) / self._std
 
 
 class _TokenCache:

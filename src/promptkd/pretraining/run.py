@@ -87,8 +87,9 @@ class PretrainOutcome:
 def _is_world(path: Path) -> bool:
     from promptkd.data.world import MANIFEST_NAME
 
-    candidates = [path] if path.is_dir() else [path.parent.parent]
-    return any((p / MANIFEST_NAME).is_file() for p in candidates)
+    if path.is_dir():
+        return (path / MANIFEST_NAME).is_file()
+    return path.suffix == ".jsonl" and (path.parent.parent / MANIFEST_NAME).is_file()  # <root>/pretrain/captions
 
 
 def _train_data(config: PretrainRunConfig, backbone: Any, views: Any) -> tuple[Any, list[str], dict[str, Any]]:
@@ -188,7 +189,7 @@ def run_pretraining(config: PretrainRunConfig, *, overwrite: bool = False) -> Pr
             )
         method = ContrastivePretraining(backbone, classnames, method_config)
         data_path = Path(config.data).expanduser()
-        if config.eval == "world" or (config.eval == "auto" and not _is_shards(config) and _is_world(data_path)):
+        if config.eval == "world" or (config.eval == "auto" and _is_world(data_path)):
             method.evaluate = WorldZeroShot(world_zero_shot_sets(backbone.image_size, per_class=config.eval_per_class))
             method.eval_every = config.eval_every or config.train.epochs
         trainer = Trainer(method, config.train, out, device=device, info=info, run_config=resolved)
@@ -202,12 +203,6 @@ def run_pretraining(config: PretrainRunConfig, *, overwrite: bool = False) -> Pr
         return PretrainOutcome(out, history)
     finally:
         detach_run_log(handler)
-
-
-def _is_shards(config: PretrainRunConfig) -> bool:
-    from promptkd.data.captions import is_shard_pattern
-
-    return is_shard_pattern(config.data)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -226,7 +221,7 @@ def _history(
     train_set: Any,
 ) -> dict[str, Any]:
     """What the run did: settings, losses, zero-shot per evaluated epoch, timings (``pretrain_history.json``)."""
-    steps = [r for r in _read_jsonl(out / "metrics.jsonl")]
+    steps = _read_jsonl(out / "metrics.jsonl")
     epochs = _read_jsonl(out / "epochs.jsonl")
     evaluations = [
         {"epoch": e["epoch"], **{k.split("/", 1)[1]: v for k, v in e.items() if k.startswith("zero_shot/")}}
