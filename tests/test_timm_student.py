@@ -111,6 +111,55 @@ def test_timm_student_last_groups_from_pretrained_weights(teacher, tmp_path):
     assert all(m.training for m in backbone.model.visual.modules() if any(p.requires_grad for p in m.parameters()))
 
 
+def _distill_config(*argv):
+    import argparse
+
+    from promptkd.cli import distill
+
+    parser = argparse.ArgumentParser()
+    distill.add_arguments(parser)
+    return distill.config_from_args(parser.parse_args(["--preset", "world", "--dataset", "shapes", *argv]))
+
+
+def test_timm_student_config_keys_are_its_own():
+    """--set method.train_layers reaches a timm student (the promptkd preset's keys alone refused it); a CLIP
+    student's keys are refused for a timm student and the reverse, each naming the student it belongs to."""
+    from promptkd.config import ConfigError
+
+    timm = ["--student", "timm:test_convnext3", "--student-pretrained", "random"]
+    for value in ("all", "last:2", "none"):
+        config = _distill_config(*timm, "--set", f"method.train_layers={value}", "method.kd_weight=2")
+        assert config.method_config["train_layers"] == value and config.method_config["kd_weight"] == 2
+    with pytest.raises(ConfigError, match="train_layers must be"):
+        _distill_config(*timm, "--set", "method.train_layers=last:x")
+    with pytest.raises(ConfigError, match="method.lora_rank applies to CLIP students"):
+        _distill_config(*timm, "--set", "method.lora_rank=4")
+    with pytest.raises(ConfigError, match="method.train_layers applies to timm students"):
+        _distill_config("--student-model", "pkd-tiny", "--set", "method.train_layers=all")
+    assert _distill_config("--student-model", "pkd-tiny", "--set", "method.lora_rank=4").method_config["lora_rank"]
+
+
+def test_timm_student_last_groups_keep_dropout_and_droppath_of_trained_stages_training(teacher, tmp_path):
+    """With last:N, parameter-free modules (Dropout, DropPath) inside the trained stages train like the rest of
+    them; those of frozen stages stay in eval mode."""
+    from timm.layers import DropPath
+
+    kwargs = {"drop_path_rate": 0.2, "drop_rate": 0.1}
+    base = timm_student(kwargs=kwargs)
+    weights = tmp_path / "convnext.safetensors"
+    save_file({k: v.contiguous() for k, v in base.model.visual.state_dict().items()}, str(weights))
+    backbone = load_timm_backbone("timm:test_convnext3", str(weights), image_size=32, kwargs=kwargs)
+    student = TimmKD(backbone, CLASSES, TimmKDConfig(train_layers="last:2"), teacher=teacher).train()
+    modules = dict(backbone.model.visual.named_modules())
+    free = {n: m for n, m in modules.items() if isinstance(m, DropPath | torch.nn.Dropout)}
+    inside = {n for n in free if n.startswith(("stages.3.", "head."))}  # the last two coarse groups
+    assert inside and len(inside) < len(free)
+    assert all(free[n].training for n in inside), [n for n in inside if not free[n].training]
+    assert not any(m.training for n, m in free.items() if n not in inside)
+    student.eval()
+    assert not any(m.training for m in free.values())
+
+
 @pytest.mark.slow
 def test_timm_student_cli_predict_and_verified_exports(teacher, tmp_path):
     """distill --student timm:NAME on a folder, then predict, TorchScript and ONNX (onnxruntime equals torch)."""
@@ -131,7 +180,7 @@ def test_timm_student_cli_predict_and_verified_exports(teacher, tmp_path):
     argv += ["--student", "timm:test_vit", "--student-pretrained", "random", "--student-kwargs", "patch_size=4"]
     argv += ["--unlabeled-folder", str(folder), "--classnames", str(tmp_path / "classes.txt"), "--no-eval"]
     argv += ["--out", str(tmp_path / "run"), "--set", "train.epochs=2", "train.batch_size=4", "train.progress=false"]
-    assert cli(argv) == 0
+    assert cli([*argv, "method.train_layers=all"]) == 0
     config = json.loads((tmp_path / "run" / "prompts.json").read_text())
     assert config["method"] == "promptkd_timm" and config["backbone"]["options"]["kwargs"] == {"patch_size": 4}
     assert cli(["predict", str(tmp_path / "run" / "prompts"), str(folder), "--out", str(tmp_path / "p.csv")]) == 0

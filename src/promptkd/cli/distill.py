@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
 from promptkd.cli.common import add_overrides_arg
 
 HELP = "distil a prompted teacher into a small student on unlabelled images (PromptKD), then evaluate base/novel"
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("teacher")
     group.add_argument(
         "--teacher",
+        type=v.checkpoint,
         default=None,
         metavar="CKPT",
         help="promptkd checkpoint of the teacher (any method: coop, ivlp, maple, promptsrc, zeroshot, ..., or one "
@@ -42,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--teacher-features",
+        type=v.checkpoint,
         default=None,
         metavar="FILE",
         help="reuse stored teacher features (checked against the class list and the teacher) instead of computing",
@@ -51,34 +54,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--student-kwargs",
         nargs="+",
+        type=v.text,
         default=None,
         metavar="KEY=VALUE",
         help="timm students: arguments of timm.create_model, e.g. patch_size=4 depth=4 (values read as YAML)",
     )
     data = parser.add_argument_group("unlabelled images")
-    data.add_argument("--dataset", default=None, help="world/benchmark dataset or split-JSON folder (labels dropped)")
-    data.add_argument("--data-root", default=None, help="folder holding the datasets")
-    data.add_argument("--unlabeled-folder", default=None, metavar="DIR", help="a folder of images (any depth)")
+    data.add_argument(
+        "--dataset", type=v.text, default=None, help="world/benchmark dataset or split-JSON folder (labels dropped)"
+    )
+    data.add_argument("--data-root", type=v.input_folder, default=None, help="folder holding the datasets")
+    data.add_argument(
+        "--unlabeled-folder", type=v.input_folder, default=None, metavar="DIR", help="a folder of images (any depth)"
+    )
     data.add_argument(
         "--unlabeled-shards",
+        type=v.text,
         default=None,
         metavar="PATTERN",
         help="WebDataset tar shards (.tar or .tar.gz), streamed, e.g. 'data/{000..099}.tar' (quote the braces)",
     )
     data.add_argument(
         "--lanes",
-        type=int,
+        type=v.count0,
         default=None,
         metavar="L",
         help="shards: parallel read lanes (default one per shard); a multiple of processes x workers; fix it to get "
         "the same result on any number of processes",
     )
     data.add_argument(
-        "--epoch-samples", type=int, default=None, metavar="N", help="shards: samples per epoch (default all once)"
+        "--epoch-samples", type=v.count0, default=None, metavar="N", help="shards: samples per epoch (default all once)"
     )
-    data.add_argument("--classnames", default=None, metavar="FILE", help="class names (folder/shard sources)")
+    data.add_argument(
+        "--classnames", type=v.text_file, default=None, metavar="FILE", help="class names (folder/shard sources)"
+    )
     data.add_argument(
         "--eval-dataset",
+        type=v.text,
         default=None,
         metavar="NAME",
         help="folder/shard sources: score the student on this labelled dataset's test split (never trained on)",
@@ -101,40 +113,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="leave unreadable images out (counted in the run's config.yaml) instead of stopping",
     )
-    data.add_argument("--max-per-class", type=int, default=None, metavar="K", help="at most K images per class")
-    data.add_argument("--max-images", type=int, default=None, metavar="N", help="at most N images in total")
+    data.add_argument("--max-per-class", type=v.count0, default=None, metavar="K", help="at most K images per class")
+    data.add_argument("--max-images", type=v.count0, default=None, metavar="N", help="at most N images in total")
     cache = parser.add_argument_group("teacher cache (FKD: the teacher runs once per stored view)")
     cache.add_argument(
         "--teacher-cache",
+        type=v.output_folder,
         default=None,
         metavar="DIR",
         help="store the teacher's logits of each view here and read them back in later epochs, resumed runs, other "
         "seeds and sweeps; training then visits a fixed set of views per image (see --views)",
     )
-    cache.add_argument("--views", type=int, default=None, metavar="K", help="stored views per image (default 10)")
-    cache.add_argument("--view-seed", type=int, default=None, help="seed of the views' crops (default 0)")
+    cache.add_argument("--views", type=v.count, default=None, metavar="K", help="stored views per image (default 10)")
+    cache.add_argument("--view-seed", type=v.seed, default=None, help="seed of the views' crops (default 0)")
     cache.add_argument(
         "--teacher-cache-topk",
-        type=int,
+        type=v.count0,
         default=None,
         metavar="K",
         help="store FKD's top-k (values, indices, log-sum-exp) instead of full logits (needed above 4096 classes)",
     )
     cache.add_argument("--teacher-cache-dtype", choices=["fp32", "fp16"], default=None, help="stored values (fp32)")
     cache.add_argument(
-        "--teacher-cache-max-gb", type=float, default=None, metavar="GB", help="stop storing beyond this size"
+        "--teacher-cache-max-gb",
+        type=v.non_negative_float,
+        default=None,
+        metavar="GB",
+        help="stop storing beyond this size",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--preset", default=None, help="promptkd preset (world, vit_b16_c2_ep20_batch8_4+4ctx, ...)")
+    run.add_argument(
+        "--preset", type=v.text, default=None, help="promptkd preset (world, vit_b16_c2_ep20_batch8_4+4ctx, ...)"
+    )
     run.add_argument(
         "--protocol",
         choices=["base2new", "all"],
         default=None,
         help="evaluation: base and novel halves + HM (default), or all classes (cross-dataset)",
     )
-    run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
-    run.add_argument("--out", default=None, help="run folder (an unfinished run there is resumed)")
+    run.add_argument("--seed", type=v.seed, default=None)
+    run.add_argument("--device", type=v.text, default=None, help="cpu, cuda, ... (default: auto)")
+    run.add_argument(
+        "--out", type=v.output_folder, default=None, help="run folder (an unfinished run there is resumed)"
+    )
     run.add_argument("--no-eval", dest="evaluate", action="store_false", default=None, help="skip the evaluation")
     add_overrides_arg(run, "train.epochs=5 train.lr=0.01 method.kd_weight=1000 method.kd_normalization=logits")
     run.add_argument("--list-presets", action="store_true", help="list the presets and exit")
@@ -159,6 +180,7 @@ def _key_values(items: list[str] | None) -> dict | None:
 def config_from_args(args: argparse.Namespace):
     """The distillation config these arguments describe (shared with `promptkd teacher-cache`)."""
     from promptkd.distill.run import resolve_distill_config
+    from promptkd.methods.promptkd_timm import apply_student_overrides, split_student_overrides
 
     base = {
         "teacher": args.teacher,
@@ -195,7 +217,10 @@ def config_from_args(args: argparse.Namespace):
         "evaluate": args.evaluate,
         "mode": args.mode,
     }
-    return resolve_distill_config(args.preset, args.overrides, base)
+    overrides, student_own = split_student_overrides(args.student_model, args.overrides or [])
+    config = resolve_distill_config(args.preset, overrides, base)  # checked against the CLIP student's keys
+    config.method_config = apply_student_overrides(config.method_config, student_own)  # a timm student's own
+    return config
 
 
 def run(args: argparse.Namespace) -> int:

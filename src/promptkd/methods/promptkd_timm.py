@@ -14,6 +14,7 @@ weights (``student.*``), so it rebuilds without the weights it started from.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -21,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from promptkd.config import ConfigError, apply_overrides, from_dict
 from promptkd.errors import PromptKDError
 from promptkd.methods import MethodConfig, register_method
-from promptkd.methods.promptkd import DeployableStudent, PromptKD, StudentKDConfig
+from promptkd.methods.promptkd import DeployableStudent, PromptKD, PromptKDConfig, StudentKDConfig
 
-__all__ = ["TimmKD", "TimmKDConfig"]
+__all__ = ["TimmKD", "TimmKDConfig", "apply_student_overrides", "frozen_modules", "split_student_overrides"]
 
 
 @dataclass
@@ -88,7 +90,7 @@ class TimmKD(PromptKD):
             names = {n for group in groups[-last:] for n in group}
             for name, param in tower.named_parameters():
                 param.requires_grad_(name in names)
-            self._frozen_modules = [m for m in tower.modules() if not any(p.requires_grad for p in m.parameters())]
+            self._frozen_modules = frozen_modules(tower)
         self.student_dim = self.backbone.embed_dim
 
     def train(self, mode: bool = True) -> TimmKD:
@@ -122,3 +124,78 @@ class TimmKD(PromptKD):
         return (
             f"{super().extra_repr()}, student={self.backbone.spec.model_name}, train_layers={self.config.train_layers}"
         )
+
+
+def frozen_modules(tower: nn.Module) -> list[nn.Module]:
+    """The modules that stay in eval mode while a partly trained tower trains: those whose parameters all stay
+    frozen (their BatchNorm statistics too), and parameter-free ones (Dropout, DropPath) whose nearest ancestor with
+    parameters is not trained entirely, i.e. that lie outside the trained stages (inside them they must train)."""
+    frozen: list[nn.Module] = []
+    trained: dict[str, bool] = {}  # module name -> every parameter in it trains (modules with parameters)
+    for name, module in tower.named_modules():  # parents before children
+        params = list(module.parameters())
+        if params:
+            trained[name] = all(p.requires_grad for p in params)
+            if not any(p.requires_grad for p in params):
+                frozen.append(module)
+            continue
+        ancestor = name
+        while ancestor and ancestor not in trained:
+            ancestor = ancestor.rpartition(".")[0]
+        if not trained.get(ancestor, False):
+            frozen.append(module)
+    return frozen
+
+
+def _student_keys() -> tuple[set[str], set[str]]:
+    """(keys only a CLIP student takes, keys only a timm student takes) of the method config."""
+    clip = {f.name for f in dataclasses.fields(PromptKDConfig)}
+    timm = {f.name for f in dataclasses.fields(TimmKDConfig)}
+    return clip - timm, timm - clip
+
+
+def _method_key(item: str) -> str | None:
+    key = item.partition("=")[0].strip()
+    for prefix in ("method.", "method_config."):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return None
+
+
+def split_student_overrides(student_model: str | None, overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``--set`` overrides → (those the promptkd preset layer checks, a timm student's own method keys).
+
+    The distill config is layered on the CLIP student's (promptkd) presets, whose keys a timm student does not all
+    share: its own keys (``train_layers``) are applied afterwards by :func:`apply_student_overrides`, and a key of
+    the other kind of student is refused here, naming the student it belongs to."""
+    clip_only, timm_only = _student_keys()
+    is_timm = str(student_model or "").startswith("timm:")
+    rest: list[str] = []
+    own: list[str] = []
+    for item in overrides:
+        key = _method_key(item)
+        if is_timm and key in clip_only:
+            raise ConfigError(
+                f"--set {item}: method.{key} applies to CLIP students (promptkd: prompts, LoRA, unfrozen blocks); "
+                f"the timm student {student_model} takes method.train_layers=all|last:N|none instead."
+            )
+        if not is_timm and key in timm_only:
+            raise ConfigError(
+                f"--set {item}: method.{key} applies to timm students (--student timm:NAME); the CLIP student "
+                f"{student_model or '(none given)'} trains its prompts, plus method.lora_rank=R or "
+                "method.unfreeze_blocks=N."
+            )
+        (own if key in timm_only else rest).append(item)
+    return rest, own
+
+
+def apply_student_overrides(method_config: dict, own: list[str]) -> dict:
+    """``method_config`` with a timm student's own ``--set`` keys applied, checked against :class:`TimmKDConfig`
+    (the promptkd preset's prompt settings in it are left for the run to drop)."""
+    if not own:
+        return method_config
+    renamed = ["method." + item.partition(".")[2] for item in own]
+    data = apply_overrides({"method": dict(method_config)}, renamed)["method"]
+    known = {f.name for f in dataclasses.fields(TimmKDConfig)}
+    from_dict(TimmKDConfig, {k: v for k, v in data.items() if k in known}, where="promptkd_timm config")
+    return data
