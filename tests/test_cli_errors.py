@@ -56,17 +56,20 @@ def test_outputs_that_cannot_be_written_fail_before_any_work(world, tmp_path, im
     code, err = run(["zeroshot", *world, "--model", "pkd-world-student", "--out", str(blocker)], capsys)
     assert code == 2 and "is a file, not a folder" in err
     code, err = run(["demo", "--out", str(blocker / "sub")], capsys)
-    assert code == 2 and "cannot write to --out" in err
-    code, err = run(["predict", "no-checkpoint", str(images), "--out", str(images)], capsys)
+    assert code == 2 and "argument --out:" in err and "a_file is a file, not a folder" in err
+    checkpoint = tmp_path / "ck.safetensors"
+    checkpoint.write_bytes(b"")  # never read: the output is refused first
+    code, err = run(["predict", str(checkpoint), str(images), "--out", str(images)], capsys)
     assert code == 2 and "is a folder; give a file name" in err  # checked before the checkpoint is even read
 
 
 def test_counts_devices_tags_and_paths(world, tmp_path, images, capsys):
-    code, err = run(["predict", "ck", str(images), "--top-k", "0", "--out", str(tmp_path / "p.csv")], capsys)
-    assert code == 2 and "--top-k must be at least 1, got 0" in err
+    (tmp_path / "ck.safetensors").write_bytes(b"")
+    code, err = run(["predict", str(tmp_path / "ck.safetensors"), str(images), "--top-k", "0"], capsys)
+    assert code == 2 and "argument --top-k: must be a whole number of at least 1, got 0" in err
     code, err = run(["linear-probe", *world, "--model", "pkd-world-student", "--shots", "-2",
                      "--out", str(tmp_path)], capsys)  # fmt: skip
-    assert code == 2 and "--shots must be 0" in err
+    assert code == 2 and "argument --shots: must be a whole number of at least 0, got -2" in err
     if not torch.cuda.is_available():
         code, err = run(["zeroshot", *world, "--model", "pkd-world-student", "--device", "cuda",
                          "--out", str(tmp_path)], capsys)  # fmt: skip

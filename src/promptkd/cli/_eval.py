@@ -6,11 +6,14 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
+from promptkd.cli import validate as v
+
 
 def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset",
+        type=v.text,
         required=required,
         help="benchmark name (dtd, eurosat, imagenet, ...), embedded-world dataset (shapes, patterns, counts, "
         "shapes_sketch, shapes_noise), a folder holding a split_zhou_<Name>.json, your folder of class folders, or "
@@ -18,12 +21,14 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) -> 
     )
     group.add_argument(
         "--data-root",
+        type=v.input_folder,
         default=None,
         help="folder holding the dataset folders (default: the world cache for world datasets, else $PROMPTKD_DATA "
         "or the current folder)",
     )
     group.add_argument(
         "--classnames",
+        type=v.text_file,
         default=None,
         metavar="FILE",
         help="your data: class names (one per line, or JSON), matched to class folders by name",
@@ -35,12 +40,22 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) -> 
 
 def add_eval_args(parser: argparse.ArgumentParser, *, default_out: str) -> None:
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--out", default=default_out, help=f"folder for the result JSON and runs.jsonl ({default_out})")
-    group.add_argument("--method", default=None, help="method name recorded in the result (groups rows in reports)")
-    group.add_argument("--batch-size", type=int, default=64, help="images per forward pass (64)")
-    group.add_argument("--workers", type=int, default=2, help="data-loading worker processes (2; 0 = in-process)")
     group.add_argument(
-        "--cache-dir", default=None, help="cache image and text features here (keyed by model, files and transform)"
+        "--out",
+        type=v.output_folder,
+        default=default_out,
+        help=f"folder for the result JSON and runs.jsonl ({default_out})",
+    )
+    group.add_argument(
+        "--method", type=v.text, default=None, help="method name recorded in the result (groups rows in reports)"
+    )
+    group.add_argument("--batch-size", type=v.count, default=64, help="images per forward pass (64)")
+    group.add_argument("--workers", type=v.count0, default=2, help="data-loading worker processes (2; 0 = in-process)")
+    group.add_argument(
+        "--cache-dir",
+        type=v.output_folder,
+        default=None,
+        help="cache image and text features here (keyed by model, files and transform)",
     )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from promptkd.cli import validate as v
 from promptkd.precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ def add_backbone_args(
         f"{dash}model",
         *([f"--{prefix}"] if alias and prefix else []),
         dest=f"{dest}model",
+        type=v.text,
         default=default_model,
         help="open_clip model name (ViT-B-16, ViT-L-14, pkd-tiny, ...) or local-dir:<folder>; "
         "omit to infer it from a weight file",
@@ -32,6 +34,7 @@ def add_backbone_args(
     group.add_argument(
         f"{dash}pretrained",
         dest=f"{dest}pretrained",
+        type=v.text,
         default=None,
         help="pretrained tag (openai, laion2b_s34b_b88k, ...) or a weight file (.pt/.bin/.safetensors)",
     )
@@ -47,13 +50,21 @@ def add_backbone_args(
 def add_overrides_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, example: str) -> None:
     """``--set KEY=VALUE ...``: config overrides applied after the preset and the options (``args.overrides``)."""
     parser.add_argument(
-        "--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE", help=f"overrides, e.g. {example}"
+        "--set",
+        dest="overrides",
+        nargs="*",
+        type=v.text,
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"overrides, e.g. {example}",
     )
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    group.add_argument(
+        "--device", type=v.text, default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
     group.add_argument(
         "--precision",
         default="fp32",

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
+
 HELP = "convert a reference (Dassl) prompt checkpoint into promptkd's format and report what was mapped"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from promptkd.cli.common import add_backbone_args
 
-    parser.add_argument("checkpoint", help="reference checkpoint, e.g. model-best.pth.tar or model.pth.tar-20")
-    parser.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
     parser.add_argument(
-        "--classnames", default=None, help="text file with one class name per line, bound to the checkpoint (optional)"
+        "checkpoint", type=v.input_file, help="reference checkpoint, e.g. model-best.pth.tar or model.pth.tar-20"
+    )
+    parser.add_argument(
+        "--out", type=v.output_file, required=True, help="output stem: writes OUT.safetensors and OUT.json"
+    )
+    parser.add_argument(
+        "--classnames",
+        type=v.text_file,
+        default=None,
+        help="text file with one class name per line, bound to the checkpoint (optional)",
     )
     add_backbone_args(parser)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
+
 HELP = "convert CLIP weights (e.g. OpenAI's TorchScript ViT-B-16.pt) into a safe open_clip local-dir folder"
 
 
@@ -11,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from promptkd.cli.common import add_backbone_args
 
     add_backbone_args(parser)
-    parser.add_argument("--out", required=True, help="output folder (loads later with --model local-dir:OUT)")
+    parser.add_argument(
+        "--out", type=v.output_folder, required=True, help="output folder (loads later with --model local-dir:OUT)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

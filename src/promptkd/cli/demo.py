@@ -17,6 +17,8 @@ import argparse
 import time
 from pathlib import Path
 
+from promptkd.cli import validate as v
+
 HELP = "run the whole pipeline on the embedded world: zero-shot, PromptSRC teacher, CoOp and PromptKD students"
 
 DEFAULT_DATASETS = ("shapes",)
@@ -25,19 +27,33 @@ DEFAULT_DATASETS = ("shapes",)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from promptkd.cli.common import add_runtime_args
 
-    parser.add_argument("--world-root", default=None, help="where the embedded world is built (default: cache)")
-    parser.add_argument("--data-root", default=None, help="datasets folder for non-world --datasets")
-    parser.add_argument("--out", default="runs/demo", help="output folder for results, chart and runs")
-    parser.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS), help="datasets to use")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--shots", type=int, default=16, help="labelled shots per base class for stage 1 / CoOp")
-    parser.add_argument("--teacher-model", default="pkd-world-teacher", help="teacher backbone (model name)")
-    parser.add_argument("--teacher-pretrained", default=None, help="teacher weights (tag or file)")
-    parser.add_argument("--student-model", default="pkd-world-student", help="student backbone (model name)")
-    parser.add_argument("--student-pretrained", default=None, help="student weights (tag or file)")
-    parser.add_argument("--teacher-preset", default="world", help="PromptSRC preset of the teacher")
-    parser.add_argument("--coop-preset", default="world", help="CoOp preset of the labelled student baseline")
-    parser.add_argument("--distill-preset", default="world", help="PromptKD preset of the distilled student")
+    parser.add_argument(
+        "--world-root", type=v.output_folder, default=None, help="where the embedded world is built (default: cache)"
+    )
+    parser.add_argument(
+        "--data-root", type=v.input_folder, default=None, help="datasets folder for non-world --datasets"
+    )
+    parser.add_argument(
+        "--out", type=v.output_folder, default="runs/demo", help="output folder for results, chart and runs"
+    )
+    parser.add_argument("--datasets", nargs="+", type=v.text, default=list(DEFAULT_DATASETS), help="datasets to use")
+    parser.add_argument("--seed", type=v.seed, default=1)
+    parser.add_argument("--shots", type=v.count0, default=16, help="labelled shots per base class for stage 1 / CoOp")
+    parser.add_argument(
+        "--teacher-model", type=v.text, default="pkd-world-teacher", help="teacher backbone (model name)"
+    )
+    parser.add_argument("--teacher-pretrained", type=v.text, default=None, help="teacher weights (tag or file)")
+    parser.add_argument(
+        "--student-model", type=v.text, default="pkd-world-student", help="student backbone (model name)"
+    )
+    parser.add_argument("--student-pretrained", type=v.text, default=None, help="student weights (tag or file)")
+    parser.add_argument("--teacher-preset", type=v.text, default="world", help="PromptSRC preset of the teacher")
+    parser.add_argument(
+        "--coop-preset", type=v.text, default="world", help="CoOp preset of the labelled student baseline"
+    )
+    parser.add_argument(
+        "--distill-preset", type=v.text, default="world", help="PromptKD preset of the distilled student"
+    )
     parser.add_argument("--zeroshot-only", action="store_true", help="stop after the zero-shot rows")
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bars inside the stages"

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
+
 HELP = "export a distilled student (image tower + prompts + projector + stored features) and verify it"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a promptkd student checkpoint")
-    parser.add_argument("--features", default=None, help="stored teacher features (default: next to the student)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("checkpoint", type=v.checkpoint, help="a promptkd student checkpoint")
+    parser.add_argument(
+        "--features", type=v.checkpoint, default=None, help="stored teacher features (default: next to the student)"
+    )
+    parser.add_argument("--out", type=v.output_folder, required=True, help="output folder")
     parser.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"])
     parser.add_argument(
         "--check-images",
         nargs="*",
+        type=v.input_path,
         default=None,
         help="images (files/folders) to compare predictions on (default: random inputs)",
     )

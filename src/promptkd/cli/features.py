@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
+
 HELP = "stored teacher features: add classes after distillation (extend), or show what a file holds (show)"
 
 _EPILOG = """\
@@ -24,14 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     extend = actions.add_parser("extend", help="append the teacher's features of new class names")
-    extend.add_argument("features", help="stored teacher features (teacher_features.safetensors or its stem)")
-    extend.add_argument("--teacher", default=None, metavar="CKPT", help="the teacher's checkpoint")
+    extend.add_argument(
+        "features", type=v.checkpoint, help="stored teacher features (teacher_features.safetensors or its stem)"
+    )
+    extend.add_argument("--teacher", type=v.checkpoint, default=None, metavar="CKPT", help="the teacher's checkpoint")
     add_backbone_args(extend, prefix="teacher")
-    extend.add_argument("--classes", required=True, metavar="FILE", help="new class names (.txt one per line, .json)")
-    extend.add_argument("--out", default=None, help="write here instead of replacing FEATURES (atomically)")
-    extend.add_argument("--device", default="cpu")
+    extend.add_argument(
+        "--classes", type=v.text_file, required=True, metavar="FILE", help="new class names (.txt one per line, .json)"
+    )
+    extend.add_argument(
+        "--out", type=v.output_file, default=None, help="write here instead of replacing FEATURES (atomically)"
+    )
+    extend.add_argument("--device", type=v.text, default="cpu")
     show = actions.add_parser("show", help="classes, teacher and extensions of a features file")
-    show.add_argument("features")
+    show.add_argument("features", type=v.checkpoint)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ import argparse
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from promptkd.cli import validate as v
+
 if TYPE_CHECKING:
     import torch
 
@@ -21,11 +23,11 @@ CONTEXT_KEY = "text.ctx"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a promptkd checkpoint (.safetensors with its .json)")
+    parser.add_argument("checkpoint", type=v.checkpoint, help="a promptkd checkpoint (.safetensors with its .json)")
     parser.add_argument("--json", action="store_true", help="print the JSON config as well")
     parser.add_argument(
         "--nearest",
-        type=int,
+        type=v.count,
         nargs="?",
         const=3,
         default=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from promptkd.cli import validate as v
 from promptkd.cli._eval import add_data_args, add_eval_args, load_frozen_backbone, write_and_print
 
 HELP = "linear probe (CoOp lpclip): logistic regression on frozen image features, C chosen on validation"
@@ -15,17 +16,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_data_args(parser)
     group = parser.add_argument_group("linear probe")
-    group.add_argument("--shots", type=int, default=16, help="training images per class (16; 0 = the full train split)")
-    group.add_argument("--seed", type=int, default=1, help="seed of the few-shot sample (1)")
     group.add_argument(
-        "--C", dest="C", type=float, default=None, help="fixed inverse regularisation strength (skips the search)"
+        "--shots", type=v.count0, default=16, help="training images per class (16; 0 = the full train split)"
+    )
+    group.add_argument("--seed", type=v.seed, default=1, help="seed of the few-shot sample (1)")
+    group.add_argument(
+        "--C",
+        dest="C",
+        type=v.positive_float,
+        default=None,
+        help="fixed inverse regularisation strength (skips the search)",
     )
     group.add_argument(
-        "--refine-steps", type=int, default=6, help="halving refinement steps in log10(C) after the coarse sweep (6)"
+        "--refine-steps",
+        type=v.count0,
+        default=6,
+        help="halving refinement steps in log10(C) after the coarse sweep (6)",
     )
-    group.add_argument("--max-iter", type=int, default=1000, help="lbfgs iterations per fit (1000)")
+    group.add_argument("--max-iter", type=v.count, default=1000, help="lbfgs iterations per fit (1000)")
     group.add_argument(
-        "--few-shot-cache", default=None, help="store the few-shot selection here (outside the data folder)"
+        "--few-shot-cache",
+        type=v.output_folder,
+        default=None,
+        help="store the few-shot selection here (outside the data folder)",
     )
     add_backbone_args(parser)
     add_runtime_args(parser)

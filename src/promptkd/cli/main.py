@@ -7,6 +7,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from promptkd._version import __version__
 
@@ -36,10 +37,18 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (``error: argument --views: must be ...``) like every other refusal, not the
+    whole usage block; subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only ``command``'s arguments are added (all of them when None), so `promptkd --help` and
     argument errors do not import torch (each command imports what it needs when it runs)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="promptkd",
         description="Prompt learning, prompt distillation (PromptKD) and test-time prompt tuning for CLIP models.",
     )
@@ -66,7 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_in(argv)
     parser = build_parser(command) if command else build_parser("")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version and argument errors (exit 2, one line on stderr)
+        return stop.code if isinstance(stop.code, int) else 2
     # open_clip logs its model-building steps at INFO on the root logger: keep those for --verbose only.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("promptkd").setLevel(logging.DEBUG if args.verbose else logging.INFO)

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
+
 HELP = "list model names and pretrained tags, and which are available offline"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("filter", nargs="?", default="", help="only models whose name contains this text")
+    parser.add_argument(
+        "filter", nargs="?", type=v.text, default=None, help="only models whose name contains this text"
+    )
     parser.add_argument("--offline", action="store_true", help="only what loads without a download")
-    parser.add_argument("--cache-dir", default=None, help="Hugging Face / open_clip cache folder to look in")
+    parser.add_argument(
+        "--cache-dir", type=v.output_folder, default=None, help="Hugging Face / open_clip cache folder to look in"
+    )
     parser.add_argument(
         "--download",
         nargs=2,
+        type=v.text,
         metavar=("MODEL", "TAG"),
         help="download MODEL/TAG into the cache (on a connected machine) and exit",
     )
@@ -32,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         backbone = load_backbone(args.download[0], args.download[1], cache_dir=args.cache_dir)
         print(f"downloaded {backbone.spec.model_name} / {backbone.spec.pretrained}; it now loads offline.")
         return 0
-    entries = [e for e in catalog(args.filter, args.cache_dir) if e.offline or not args.offline]
+    entries = [e for e in catalog(args.filter or "", args.cache_dir) if e.offline or not args.offline]
     if args.json:
         print_json([asdict(e) for e in entries])
         return 0

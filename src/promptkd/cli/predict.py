@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
+
 HELP = "predict top-k classes for images (folder, list file or files) and write a CSV"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="promptkd checkpoint (e.g. a distilled student's prompts.safetensors)")
-    parser.add_argument("images", nargs="+", help="image files, folders (any nesting) or .txt lists of paths")
-    parser.add_argument("--features", default=None, help="stored teacher features (default: next to the student)")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--out", default="predictions.csv", help="CSV to write")
+    parser.add_argument(
+        "checkpoint", type=v.checkpoint, help="promptkd checkpoint (e.g. a distilled student's prompts.safetensors)"
+    )
+    parser.add_argument(
+        "images", nargs="+", type=v.input_path, help="image files, folders (any nesting) or .txt lists of paths"
+    )
+    parser.add_argument(
+        "--features", type=v.checkpoint, default=None, help="stored teacher features (default: next to the student)"
+    )
+    parser.add_argument("--top-k", type=v.count, default=5)
+    parser.add_argument("--batch-size", type=v.count, default=64)
+    parser.add_argument("--out", type=v.output_file, default="predictions.csv", help="CSV to write")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed at the end)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=v.text, default="cpu")
     parser.add_argument("--no-progress", action="store_true")
 
 

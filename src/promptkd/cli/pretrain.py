@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
 from promptkd.cli.common import add_overrides_arg
 
 HELP = "pre-train a small CLIP contrastively on captioned images (e.g. the embedded world's corpus)"
@@ -31,6 +32,7 @@ _RUN_OPTIONS = ("eval", "eval_every", "eval_per_class", "lanes", "epoch_samples"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
+        type=v.text,
         required=True,
         help="world (the embedded world's corpus, built on first use), a world root, a captions.jsonl "
         "(one {image, caption, label?, classname?} a line), a COCO captions .json, or WebDataset shards "
@@ -43,21 +45,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
+        type=v.text,
         default="pkd-world-student",
         help="open_clip model name (pkd-world-student, pkd-world-teacher, pkd-tiny, ViT-B-16, ...) or "
         "local-dir:<folder> (default: %(default)s)",
     )
     parser.add_argument(
         "--pretrained",
+        type=v.text,
         default="random",
         help="random (from scratch, the default) or a tag / weight file to continue pre-training from",
     )
     parser.add_argument(
-        "--out", required=True, help="run folder: the model (open_clip local-dir), history, curve, logs"
+        "--out",
+        type=v.output_folder,
+        required=True,
+        help="run folder: the model (open_clip local-dir), history, curve, logs",
     )
     parser.add_argument("--overwrite", action="store_true", help="train again over a finished model in --out")
     parser.add_argument(
         "--preset",
+        type=v.text,
         default=None,
         help="recipe from configs/contrastive/ (default: 'default', the world-notes probe; 'world': the shipped "
         "world CLIPs) or a .yaml path",
@@ -66,28 +74,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     train = parser.add_argument_group("training (defaults: the preset)")
     train.add_argument("--objective", choices=("clip", "itl"), help="clip: image-text InfoNCE; itl: image-text-label")
-    train.add_argument("--epochs", type=int, help="passes over the data (shards: of --epoch-samples)")
-    train.add_argument("--batch-size", type=int, help="image-caption pairs per step, over all processes")
-    train.add_argument("--lr", type=float, help="peak learning rate (linear warm-up, cosine decay per step)")
-    train.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (not gains, biases, scale)")
-    train.add_argument("--warmup-epochs", type=int, help="epochs of linear warm-up")
-    train.add_argument("--grad-clip", type=float, help="max global gradient norm")
-    train.add_argument("--hflip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
-    train.add_argument("--translate", type=float, help="random shifts up to this fraction of the image side")
+    train.add_argument("--epochs", type=v.count, help="passes over the data (shards: of --epoch-samples)")
+    train.add_argument("--batch-size", type=v.count, help="image-caption pairs per step, over all processes")
+    train.add_argument("--lr", type=v.positive_float, help="peak learning rate (linear warm-up, cosine decay per step)")
     train.add_argument(
-        "--zoom", type=float, nargs=2, metavar=("LOW", "HIGH"), help="random content scale range, e.g. 0.5 1.0"
+        "--weight-decay", type=v.non_negative_float, help="AdamW decay on matrices (not gains, biases, scale)"
     )
-    train.add_argument("--noise", type=float, help="std of Gaussian pixel noise in 0-255 units")
-    train.add_argument("--seed", type=int, help="initialisation, data order and augmentation")
+    train.add_argument("--warmup-epochs", type=v.count0, help="epochs of linear warm-up")
+    train.add_argument("--grad-clip", type=v.positive_float, help="max global gradient norm")
+    train.add_argument("--hflip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
+    train.add_argument(
+        "--translate", type=v.non_negative_float, help="random shifts up to this fraction of the image side"
+    )
+    train.add_argument(
+        "--zoom",
+        type=v.positive_float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="random content scale range, e.g. 0.5 1.0",
+    )
+    train.add_argument("--noise", type=v.non_negative_float, help="std of Gaussian pixel noise in 0-255 units")
+    train.add_argument("--seed", type=v.seed, help="initialisation, data order and augmentation")
     train.add_argument(
         "--precision",
         choices=("fp32", "bf16", "fp16"),
         help="bf16 autocast pays off on GPUs and CPUs with AVX512-BF16/AMX; fp16 on GPUs only",
     )
-    train.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    train.add_argument("--num-workers", type=int, help="data-loader worker processes")
-    train.add_argument("--lanes", type=int, help="shards: lanes of the stream (default one per shard)")
-    train.add_argument("--epoch-samples", type=int, help="shards: samples per epoch (default every image once)")
+    train.add_argument("--device", type=v.text, default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    train.add_argument("--num-workers", type=v.count0, help="data-loader worker processes")
+    train.add_argument("--lanes", type=v.count0, help="shards: lanes of the stream (default one per shard)")
+    train.add_argument("--epoch-samples", type=v.count0, help="shards: samples per epoch (default every image once)")
     train.add_argument("--skip-bad", action="store_true", help="skip and count unreadable images / captionless samples")
 
     report = parser.add_argument_group("evaluation and logging")
@@ -97,10 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="zero-shot accuracy on the world's compositions (seen / held out), rendered in memory; "
         "auto (default) = when --data is an embedded world",
     )
-    report.add_argument("--eval-every", type=int, help="epochs between evaluations, 0 = only after the last")
-    report.add_argument("--eval-per-class", type=int, help="images per class and style (default 10)")
-    report.add_argument("--log-every", type=int, help="steps per loss record")
-    report.add_argument("--checkpoint-every", type=int, help="also save the resume point every N steps")
+    report.add_argument("--eval-every", type=v.count0, help="epochs between evaluations, 0 = only after the last")
+    report.add_argument("--eval-per-class", type=v.count, help="images per class and style (default 10)")
+    report.add_argument("--log-every", type=v.count, help="steps per loss record")
+    report.add_argument("--checkpoint-every", type=v.count0, help="also save the resume point every N steps")
     report.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     report.add_argument("--json", action="store_true", help="print the final summary as JSON")
 

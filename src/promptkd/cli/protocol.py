@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from promptkd.cli import validate as v
 from promptkd.cli.common import add_overrides_arg
 
 HELP = "run a protocol over datasets x seeds (resumable; finished runs are skipped) and write its report"
@@ -14,23 +15,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from promptkd.protocols import PROTOCOLS
 
     parser.add_argument("protocol", choices=PROTOCOLS)
-    parser.add_argument("--method", required=True)
-    parser.add_argument("--preset", default=None, help="the method's YAML preset (e.g. world)")
-    parser.add_argument("--datasets", nargs="+", required=True, help="training datasets (the source for transfer)")
-    parser.add_argument("--targets", nargs="*", default=None, help="cross-dataset / DG evaluation datasets")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--method", type=v.text, required=True)
+    parser.add_argument("--preset", type=v.text, default=None, help="the method's YAML preset (e.g. world)")
+    parser.add_argument(
+        "--datasets", nargs="+", type=v.text, required=True, help="training datasets (the source for transfer)"
+    )
+    parser.add_argument(
+        "--targets", nargs="*", type=v.text, default=None, help="cross-dataset / DG evaluation datasets"
+    )
+    parser.add_argument("--seeds", nargs="+", type=v.seed, default=[1, 2, 3])
     parser.add_argument(
         "--shots",
         nargs="+",
-        type=int,
+        type=v.count,
         default=None,
         help="few-shot K values (default 1 2 4 8 16); other protocols use 16",
     )
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--pretrained", default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", default="runs/protocols")
+    parser.add_argument("--data-root", type=v.input_folder, default=None)
+    parser.add_argument("--model", type=v.text, default=None)
+    parser.add_argument("--pretrained", type=v.text, default=None)
+    parser.add_argument("--device", type=v.text, default=None)
+    parser.add_argument("--out", type=v.output_folder, default="runs/protocols")
     add_overrides_arg(parser, "train.epochs=5 method.n_ctx=8")
 
 

@@ -5,13 +5,24 @@ from __future__ import annotations
 import argparse
 import os
 
+from promptkd.cli import validate as v
+
 HELP = "aggregate result files into a Markdown table, report.json and bar charts (HM from seed-averaged B and N)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="result folders (searched recursively) or files")
     parser.add_argument(
-        "--out", default=None, help="folder for report.md, report.json and the PNG charts (default: the first RUN_DIR)"
+        "run_dirs",
+        nargs="+",
+        type=v.input_path,
+        metavar="RUN_DIR",
+        help="result folders (searched recursively) or files",
+    )
+    parser.add_argument(
+        "--out",
+        type=v.output_folder,
+        default=None,
+        help="folder for report.md, report.json and the PNG charts (default: the first RUN_DIR)",
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the bar charts")
 

@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import asdict
 
+from promptkd.cli import validate as v
 from promptkd.cli._eval import add_eval_args, load_frozen_backbone, write_and_print
 from promptkd.errors import PromptKDError
 
@@ -20,17 +21,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--annotations",
+        type=v.input_file,
         default=None,
         help="COCO captions JSON, or Flickr30k results.csv / results_20130124.token",
     )
-    group.add_argument("--images", default=None, help="image folder (default: images/ or flickr30k-images/ beside it)")
+    group.add_argument(
+        "--images",
+        type=v.input_folder,
+        default=None,
+        help="image folder (default: images/ or flickr30k-images/ beside it)",
+    )
     group.add_argument(
         "--data-root",
+        type=v.input_folder,
         default=None,
         help=f"an embedded-world root: uses <root>/{WORLD_ANNOTATIONS} when --annotations is not given",
     )
-    group.add_argument("--dataset", default=None, help="name recorded in the result (default: from the file)")
-    group.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10], help="K values of recall@K (1 5 10)")
+    group.add_argument(
+        "--dataset", type=v.text, default=None, help="name recorded in the result (default: from the file)"
+    )
+    group.add_argument("--recall-k", type=v.count, nargs="+", default=[1, 5, 10], help="K values of recall@K (1 5 10)")
     group.add_argument("--skip-bad", action="store_true", help="skip unreadable images (and their captions)")
     add_backbone_args(parser)
     add_runtime_args(parser)

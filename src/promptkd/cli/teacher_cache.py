@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
+
 HELP = "compute and store the teacher's logits of every stored view of every unlabelled image (FKD), for distill"
 
 _EPILOG = """\
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     distill.add_arguments(parser)
     parser.epilog = _EPILOG
-    parser.add_argument("--batch-size", type=int, default=64, help="views per teacher forward (default 64)")
+    parser.add_argument("--batch-size", type=v.count, default=64, help="views per teacher forward (default 64)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

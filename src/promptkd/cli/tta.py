@@ -4,31 +4,51 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
+
 HELP = "test-time prompt tuning of each test image (tpt, ctpt, promptalign, promptsync), with accuracy and ECE"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from promptkd.cli.common import add_backbone_args, add_runtime_args
 
-    parser.add_argument("--method", default="tpt", help="tpt, ctpt, promptalign or promptsync")
-    parser.add_argument("--preset", default=None, help="settings preset of the method (e.g. default, world)")
-    parser.add_argument("--datasets", nargs="+", default=None, help="datasets to adapt on (their test split)")
-    parser.add_argument("--data-root", default=None, help="datasets folder (world datasets: the world's folder)")
-    parser.add_argument("--split", default=None, help="split to adapt on (test)")
-    parser.add_argument("--base", default=None, help="CoOp or MaPLe checkpoint to start from (default: --init text)")
-    parser.add_argument("--init", default=None, help="hand-written context without --base ('a photo of a')")
-    parser.add_argument("--stats", default=None, help="token statistics file (promptalign; `promptkd tta-stats`)")
-    parser.add_argument("--prototypes", default=None, help="class prototype file (promptsync; `promptkd tta-stats`)")
-    parser.add_argument("--batch-size", type=int, default=None, help="test images adapted together (8)")
-    parser.add_argument("--max-images", type=int, default=None, help="adapt at most N images per dataset (0 = all)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the views (per image path)")
+    parser.add_argument("--method", type=v.text, default="tpt", help="tpt, ctpt, promptalign or promptsync")
+    parser.add_argument(
+        "--preset", type=v.text, default=None, help="settings preset of the method (e.g. default, world)"
+    )
+    parser.add_argument(
+        "--datasets", nargs="+", type=v.text, default=None, help="datasets to adapt on (their test split)"
+    )
+    parser.add_argument(
+        "--data-root", type=v.input_folder, default=None, help="datasets folder (world datasets: the world's folder)"
+    )
+    parser.add_argument("--split", type=v.text, default=None, help="split to adapt on (test)")
+    parser.add_argument(
+        "--base", type=v.checkpoint, default=None, help="CoOp or MaPLe checkpoint to start from (default: --init text)"
+    )
+    parser.add_argument(
+        "--init", type=v.text, default=None, help="hand-written context without --base ('a photo of a')"
+    )
+    parser.add_argument(
+        "--stats", type=v.checkpoint, default=None, help="token statistics file (promptalign; `promptkd tta-stats`)"
+    )
+    parser.add_argument(
+        "--prototypes", type=v.checkpoint, default=None, help="class prototype file (promptsync; `promptkd tta-stats`)"
+    )
+    parser.add_argument("--batch-size", type=v.count, default=None, help="test images adapted together (8)")
+    parser.add_argument(
+        "--max-images", type=v.count0, default=None, help="adapt at most N images per dataset (0 = all)"
+    )
+    parser.add_argument("--seed", type=v.seed, default=None, help="seed of the views (per image path)")
     parser.add_argument(
         "--allow-small-images", action="store_true", default=None, help="upsample images too small for the crops"
     )
-    parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes (0)")
-    parser.add_argument("--out", default=None, help="output folder (runs/tta)")
+    parser.add_argument("--workers", type=v.count0, default=None, help="data-loading worker processes (0)")
+    parser.add_argument("--out", type=v.output_folder, default=None, help="output folder (runs/tta)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override settings (method.lr=...)")
+    parser.add_argument(
+        "--set", nargs="*", type=v.text, default=[], metavar="KEY=VALUE", help="override settings (method.lr=...)"
+    )
     add_backbone_args(parser)
     add_runtime_args(parser)
 

@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
+
 HELP = "compute PromptAlign token statistics and PromptSync class prototypes on a proxy source set"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from promptkd.cli.common import add_backbone_args, add_runtime_args
 
-    parser.add_argument("--dataset", required=True, help="proxy source dataset (e.g. imagenet; its train split)")
-    parser.add_argument("--data-root", default=None, help="datasets folder")
+    parser.add_argument(
+        "--dataset", type=v.text, required=True, help="proxy source dataset (e.g. imagenet; its train split)"
+    )
+    parser.add_argument("--data-root", type=v.input_folder, default=None, help="datasets folder")
     parser.add_argument("--split", default="train", choices=("train", "val"), help="split of the proxy set")
-    parser.add_argument("--base", default=None, help="the MaPLe / CoOp checkpoint the test-time run starts from")
-    parser.add_argument("--init", default="a photo of a", help="hand-written context without --base")
-    parser.add_argument("--stats", default=None, help="write token statistics here (PromptAlign)")
-    parser.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2], help="visual block inputs (0 1 2)")
-    parser.add_argument("--prototypes", default=None, help="write class prototypes here (PromptSync)")
-    parser.add_argument("--augmented", type=int, default=8, help="augmented views per proxy image (prototypes)")
-    parser.add_argument("--views-per-class", type=int, default=16, help="stored view features per class")
-    parser.add_argument("--max-images", type=int, default=0, help="use at most N proxy images (0 = all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument(
+        "--base", type=v.checkpoint, default=None, help="the MaPLe / CoOp checkpoint the test-time run starts from"
+    )
+    parser.add_argument("--init", type=v.text, default="a photo of a", help="hand-written context without --base")
+    parser.add_argument("--stats", type=v.output_file, default=None, help="write token statistics here (PromptAlign)")
+    parser.add_argument("--layers", type=v.count0, nargs="+", default=[0, 1, 2], help="visual block inputs (0 1 2)")
+    parser.add_argument(
+        "--prototypes", type=v.output_file, default=None, help="write class prototypes here (PromptSync)"
+    )
+    parser.add_argument("--augmented", type=v.count, default=8, help="augmented views per proxy image (prototypes)")
+    parser.add_argument("--views-per-class", type=v.count, default=16, help="stored view features per class")
+    parser.add_argument("--max-images", type=v.count0, default=0, help="use at most N proxy images (0 = all)")
+    parser.add_argument("--seed", type=v.seed, default=0)
+    parser.add_argument("--batch-size", type=v.count, default=64)
+    parser.add_argument("--workers", type=v.count0, default=0)
     add_backbone_args(parser)
     add_runtime_args(parser)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
+
 HELP = "render N unlabelled images of a world dataset's domain (seeded; never a train/val/test image)"
 
 _EPILOG = """\
@@ -20,12 +22,12 @@ Images are written flat (numbered, no class in the name); classnames.txt holds t
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = _EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--dataset", required=True, help="world dataset (shapes, patterns, counts, ...)")
-    parser.add_argument("--count", type=int, required=True, metavar="N", help="images to render")
-    parser.add_argument("--out", required=True, help="an empty or new folder")
-    parser.add_argument("--seed", type=int, default=1, help="another seed, other images (default 1)")
+    parser.add_argument("--dataset", type=v.text, required=True, help="world dataset (shapes, patterns, counts, ...)")
+    parser.add_argument("--count", type=v.count, required=True, metavar="N", help="images to render")
+    parser.add_argument("--out", type=v.output_folder, required=True, help="an empty or new folder")
+    parser.add_argument("--seed", type=v.seed, default=1, help="another seed, other images (default 1)")
     parser.add_argument("--classes", choices=["all", "base"], default="all", help="classes drawn (default all)")
-    parser.add_argument("--workers", type=int, default=None, help="render processes (default: up to 4)")
+    parser.add_argument("--workers", type=v.count, default=None, help="render processes (default: up to 4)")
 
 
 def run(args: argparse.Namespace) -> int:

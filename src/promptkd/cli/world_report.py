@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from promptkd.cli import validate as v
+
 HELP = "measure the embedded world's teacher and student CLIPs: zero-shot, linear probe, speed, pair properties"
 
 DEFAULT_DATASETS = ("shapes", "patterns", "counts")
@@ -19,15 +21,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from promptkd.cli.common import add_runtime_args
 
     parser.add_argument(
-        "--world-root", default=None, help="the embedded world (default: promptkd's cache; built if absent)"
+        "--world-root",
+        type=v.output_folder,
+        default=None,
+        help="the embedded world (default: promptkd's cache; built if absent)",
     )
-    parser.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS), help="world datasets to measure")
-    parser.add_argument("--teacher-model", default="pkd-world-teacher")
-    parser.add_argument("--teacher-pretrained", default="shipped", help="teacher weights (default: shipped)")
-    parser.add_argument("--student-model", default="pkd-world-student")
-    parser.add_argument("--student-pretrained", default="shipped", help="student weights (default: shipped)")
-    parser.add_argument("--out", default="runs/world-report", help="folder for world_report.json / .md")
-    parser.add_argument("--readme", default=None, help="README to update between its world-report markers")
+    parser.add_argument(
+        "--datasets", nargs="+", type=v.text, default=list(DEFAULT_DATASETS), help="world datasets to measure"
+    )
+    parser.add_argument("--teacher-model", type=v.text, default="pkd-world-teacher")
+    parser.add_argument(
+        "--teacher-pretrained", type=v.text, default="shipped", help="teacher weights (default: shipped)"
+    )
+    parser.add_argument("--student-model", type=v.text, default="pkd-world-student")
+    parser.add_argument(
+        "--student-pretrained", type=v.text, default="shipped", help="student weights (default: shipped)"
+    )
+    parser.add_argument(
+        "--out", type=v.output_folder, default="runs/world-report", help="folder for world_report.json / .md"
+    )
+    parser.add_argument(
+        "--readme", type=v.input_file, default=None, help="README to update between its world-report markers"
+    )
     parser.add_argument("--no-probe", action="store_true", help="zero-shot only (no linear probe, no checks)")
     parser.add_argument("--no-speed", action="store_true", help="skip the inference-speed measurement")
     add_runtime_args(parser)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from promptkd.cli import validate as v
 from promptkd.cli._eval import add_data_args, add_eval_args, load_frozen_backbone, write_and_print
 from promptkd.errors import PromptKDError
 
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate (test)")
     group.add_argument(
         "--templates",
+        type=v.text,
         default="dataset",
         help="single ('a photo of a {}.'), dataset (the dataset's template; default), ensemble (CoOp's "
         "ZeroshotCLIP2 set, or a world dataset's own templates), openai (80 ImageNet templates), or a JSON file "

@@ -1,0 +1,241 @@
+"""The one set of argument checks every subcommand uses, as argparse ``type=`` callables.
+
+A bad value (``--views 0``, ``--lr nan``, ``--max-images -5``, a file where a folder belongs, a class list that is not
+UTF-8) is refused while the command line is parsed, before any model or image is loaded, with one message naming
+the option and the value (argparse exits 2). Each check carries a ``kind`` so tests can walk the parsers and feed
+every option the edge values of its kind; an option without one of these types is an option nobody validated.
+Nothing here imports torch: ``promptkd --help`` and argument errors stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "KINDS",
+    "checkpoint",
+    "count",
+    "count0",
+    "finite_float",
+    "input_file",
+    "input_folder",
+    "input_path",
+    "kind_of",
+    "non_negative_float",
+    "output_file",
+    "output_folder",
+    "positive_float",
+    "probability",
+    "seed",
+    "text",
+    "text_file",
+]
+
+#: Counts above this are refused: no run has 2**31 images, views or steps, and larger values overflow tensors.
+MAX_COUNT = 2**31 - 1
+#: Seeds must fit every generator they reach (numpy takes 0 .. 2**32 - 1).
+MAX_SEED = 2**32 - 1
+
+Check = Callable[[str], Any]
+
+
+def _kind(name: str, meaning: str) -> Callable[[Check], Check]:
+    """Tag a check with its kind (walked by the tests) and a readable name (argparse's 'invalid <name> value')."""
+
+    def tag(check: Check) -> Check:
+        check.kind = name  # type: ignore[attr-defined]
+        check.meaning = meaning  # type: ignore[attr-defined]
+        check.__name__ = meaning
+        return check
+
+    return tag
+
+
+def kind_of(check: Any) -> str | None:
+    """The kind of a check made here, None for anything else (a raw ``int``, ``float`` or no type at all)."""
+    return getattr(check, "kind", None)
+
+
+def _integer(value: str, low: int, high: int, meaning: str) -> int:
+    try:
+        number = int(value.strip().replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {meaning}, got {value!r}") from None
+    if not low <= number <= high:
+        raise argparse.ArgumentTypeError(f"must be {meaning}, got {number}")
+    return number
+
+
+def _real(value: str, low: float, high: float, meaning: str, *, open_low: bool = False) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {meaning}, got {value!r}") from None
+    if not math.isfinite(number) or number < low or number > high or (open_low and number == low):
+        raise argparse.ArgumentTypeError(f"must be {meaning}, got {value}")
+    return number
+
+
+@_kind("count", "a whole number of at least 1")
+def count(value: str) -> int:
+    """Sizes that cannot be zero: batch sizes, views, K of top-k, epochs."""
+    return _integer(value, 1, MAX_COUNT, "a whole number of at least 1")
+
+
+@_kind("count0", "a whole number of at least 0")
+def count0(value: str) -> int:
+    """Counts where 0 has a documented meaning (0 = all images, 0 = in-process loading, 0 = one lane per shard)."""
+    return _integer(value, 0, MAX_COUNT, "a whole number of at least 0")
+
+
+@_kind("seed", f"a seed between 0 and {MAX_SEED}")
+def seed(value: str) -> int:
+    return _integer(value, 0, MAX_SEED, f"a seed between 0 and {MAX_SEED}")
+
+
+@_kind("positive_float", "a finite number above 0")
+def positive_float(value: str) -> float:
+    return _real(value, 0.0, math.inf, "a finite number above 0", open_low=True)
+
+
+@_kind("non_negative_float", "a finite number of at least 0")
+def non_negative_float(value: str) -> float:
+    return _real(value, 0.0, math.inf, "a finite number of at least 0")
+
+
+@_kind("finite_float", "a finite number")
+def finite_float(value: str) -> float:
+    return _real(value, -math.inf, math.inf, "a finite number")
+
+
+@_kind("probability", "a number between 0 and 1")
+def probability(value: str) -> float:
+    return _real(value, 0.0, 1.0, "a number between 0 and 1")
+
+
+@_kind("text", "a non-empty text")
+def text(value: str) -> str:
+    """Names, tags, devices, patterns: checked by what reads them, here only for being there at all."""
+    if not value.strip() or "\x00" in value:
+        raise argparse.ArgumentTypeError(f"must be {text.meaning}, got {value!r}")  # type: ignore[attr-defined]
+    return value
+
+
+def _path(value: str) -> Path:
+    text(value)
+    return Path(value).expanduser()
+
+
+@_kind("input_path", "an existing file or folder")
+def input_path(value: str) -> str:
+    if not _path(value).exists():
+        raise argparse.ArgumentTypeError(f"{value}: no such file or folder")
+    return value
+
+
+@_kind("input_file", "an existing file")
+def input_file(value: str) -> str:
+    path = _path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a folder; give a file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{value}: no such file")
+    return value
+
+
+@_kind("input_folder", "an existing folder")
+def input_folder(value: str) -> str:
+    path = _path(value)
+    if path.is_file():
+        raise argparse.ArgumentTypeError(f"{value} is a file; give a folder")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: no such folder")
+    return value
+
+
+@_kind("text_file", "an existing UTF-8 text file")
+def text_file(value: str) -> str:
+    """Class lists and template files: read as UTF-8 everywhere, so a Latin-1 file is refused here, by name."""
+    input_file(value)
+    try:
+        Path(value).expanduser().read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise argparse.ArgumentTypeError(
+            f"{value} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); save it "
+            "as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"{value}: cannot be read ({error.strerror or error})") from None
+    return value
+
+
+@_kind("checkpoint", "a promptkd checkpoint (.safetensors, .json or their stem)")
+def checkpoint(value: str) -> str:
+    """A checkpoint given as its .safetensors, its .json or the stem they share."""
+    path = _path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a folder; give a checkpoint file (e.g. {path / 'prompts'})")
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    if not (path.is_file() or stem.with_suffix(".safetensors").is_file() or stem.with_suffix(".json").is_file()):
+        raise argparse.ArgumentTypeError(f"{value}: no such checkpoint (no {stem.with_suffix('.safetensors')})")
+    return value
+
+
+def _writable_ancestor(path: Path, value: str) -> None:
+    """The nearest existing folder above ``path`` must be a folder this process can write (nothing is created)."""
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{value}: cannot write in {parent}; choose a folder you can write to")
+
+
+@_kind("output_folder", "a folder to write in")
+def output_folder(value: str) -> str:
+    path = _path(value)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a file, not a folder; name a folder for the outputs")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"cannot write in {value}; choose a folder you can write to")
+        return value
+    _writable_ancestor(path, value)
+    return value
+
+
+@_kind("output_file", "a file to write")
+def output_file(value: str) -> str:
+    path = _path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {value}; choose a file you can write")
+    _writable_ancestor(path, value)
+    return value
+
+
+#: Every kind defined here (the edge-value test has values for each).
+KINDS: tuple[str, ...] = (
+    "count",
+    "count0",
+    "seed",
+    "positive_float",
+    "non_negative_float",
+    "finite_float",
+    "probability",
+    "text",
+    "input_path",
+    "input_file",
+    "input_folder",
+    "text_file",
+    "checkpoint",
+    "output_folder",
+    "output_file",
+)
