@@ -77,10 +77,13 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
-    """RGB image from encoded bytes; a DataError naming ``where`` (shard and member) when they do not decode."""
+    """RGB image from encoded bytes; a DataError naming ``where`` (shard and member) when they do not decode.
+    The bytes stay on the image (``info["promptkd.encoded"]``, a reference): the teacher cache fingerprints them."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+            image = im.convert("RGB")
+            image.info["promptkd.encoded"] = data
+            return image
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot decode image member ({type(error).__name__}: {error})", path=where) from error
 

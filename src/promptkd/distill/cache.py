@@ -8,18 +8,24 @@ per image and store the teacher's logits for each, then train any number of stud
   function of (recipe seed, image key, view number). A run visits them as view ``(epoch + o) % views`` with
   ``o`` drawn from (run seed, image key): every image cycles through its views, and other seeds, learning rates,
   temperatures, prompt depths or projectors draw from the same stored views.
-- :class:`TeacherCache`: a folder of teacher logits keyed by ``<image key>#<view>``, bound to one teacher (its
-  identity), one set of stored class features (their hash), one class list and one recipe (``cache.json``); any
-  other is refused with what differs. Entries are full logits (fp32 or fp16) or FKD's top-k form (values, indices
-  and the log-sum-exp, from which the other classes share the remaining probability mass). Each write is one
-  chunk file, renamed into place when complete and carrying a SHA-256 of its tensors, checked before any of its
-  rows is served: a run killed mid-write, or a damaged file, costs a recomputation, never a wrong soft label.
-  A cache that cannot be written (read-only, disk full, over its size limit) stops storing with one warning and
-  the run goes on with the live teacher.
+- :class:`TeacherCache`: a folder of teacher logits keyed by ``<image key>#<view>`` **and the fingerprint of the
+  image's content** (BLAKE2b of its encoded bytes, taken from the one read that decodes it), bound to one teacher
+  (its identity by content: :func:`~promptkd.distill.teacher.teacher_identity`), one set of stored class features
+  (their hash), the class list its logits cover and one recipe (``cache.json``); another is refused with what
+  differs. Another image under a stored name (a folder with the same file names, an edited file) is a miss: its
+  views are recomputed, stored beside the old rows (nothing stored is lost) and counted. Entries are full logits
+  (fp32 or fp16) or FKD's top-k form (values, indices and the log-sum-exp, from which the other classes share the
+  remaining probability mass). Each write is one chunk file, renamed into place when complete and carrying a
+  SHA-256 of its tensors, checked before any of its rows is served: a run killed mid-write, or a damaged file,
+  costs a recomputation, never a wrong soft label.
+  A damaged chunk is set aside (renamed ``damaged-*``) and its rows are stored again when recomputed, so a fill
+  repairs the cache. A cache that cannot be written (read-only, disk full, over its size limit) stops storing
+  with one warning and the run goes on with the live teacher.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,18 +39,33 @@ from typing import Any, Literal
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from promptkd.data.transforms import interpolation_mode, seeded_cpu_rng
 from promptkd.errors import PromptKDError
 
-__all__ = ["CACHE_FORMAT", "TeacherCache", "TeacherCacheError", "ViewRecipe", "features_sha256"]
+__all__ = [
+    "CACHE_FORMAT",
+    "ENCODED_INFO",
+    "TeacherCache",
+    "TeacherCacheError",
+    "ViewRecipe",
+    "content_fingerprint",
+    "features_sha256",
+    "image_fingerprint",
+    "split_name",
+    "view_name",
+]
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "promptkd-teacher-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: every entry bound to its image's content fingerprint
+#: where :func:`promptkd.data.shards.decode_image` leaves a member's encoded bytes on the decoded image
+ENCODED_INFO = "promptkd.encoded"
+_SEP = "\x1f"  # between a view entry's name and its content fingerprint (never in a file or member name)
 #: Full logits are stored up to this many classes by default; beyond it, FKD's top-k form keeps the cache small.
 FULL_MAX_CLASSES = 4096
 
@@ -56,6 +77,31 @@ class TeacherCacheError(PromptKDError, ValueError):
 def _digest(*parts: object) -> int:
     text = "\x1f".join(str(p) for p in parts)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def content_fingerprint(data: bytes) -> str:
+    """128-bit BLAKE2b of an image's encoded bytes (~1 GB/s): binds a cache entry to the image it was computed on."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def image_fingerprint(image: Image.Image) -> str:
+    """The content fingerprint of a decoded image: of the encoded bytes its decoder left in ``info`` (shard
+    members), else of its pixels (slower, but never wrong)."""
+    data = image.info.get(ENCODED_INFO)
+    if isinstance(data, (bytes, bytearray)):
+        return content_fingerprint(bytes(data))
+    return "px-" + content_fingerprint(f"{image.mode}{image.size}".encode() + image.tobytes())
+
+
+def view_name(key: str, view: int, content: str) -> str:
+    """The cache entry of view ``view`` of image ``key`` whose content fingerprint is ``content``."""
+    return f"{key}#{view}{_SEP}{content}"
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(``<key>#<view>``, content fingerprint) of an entry name ("" when the name carries none)."""
+    entry, sep, content = name.rpartition(_SEP)
+    return (entry, content) if sep else (name, "")
 
 
 def features_sha256(features: torch.Tensor) -> str:
@@ -118,15 +164,17 @@ class ViewRecipe:
 
         def prepare(image: Image.Image, key: str, position: int) -> tuple[torch.Tensor, str]:
             view = self.view_number(key, epoch_of(position), run_seed)
-            return self.crop(image, key, view), f"{key}#{view}"
+            return self.crop(image, key, view), view_name(key, view, image_fingerprint(image))
 
         return prepare
 
 
 class StoredViews(torch.utils.data.Dataset):
-    """Images of a sized source seen through a recipe's stored views: ``[i]`` → (view, -1, "<key>#<view>").
+    """Images of a sized source seen through a recipe's stored views: ``[i]`` → (view, -1, entry name).
 
-    The engine sets the epoch (``set_epoch``) before each pass, so the view of an image follows the run's cycle.
+    ``load(item) -> (image, content fingerprint)`` reads each file once (see
+    :func:`promptkd.distill.data.read_image`). The engine sets the epoch (``set_epoch``) before each pass, so the
+    view of an image follows the run's cycle.
     """
 
     def __init__(self, items: Sequence[Any], keys: Sequence[str], recipe: ViewRecipe, run_seed: int, load) -> None:
@@ -145,7 +193,8 @@ class StoredViews(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         key = self.keys[index]
         view = self.recipe.view_number(key, self.epoch, self.run_seed)
-        return self.recipe.crop(self.load(self.items[index]), key, view), -1, f"{key}#{view}"
+        image, content = self.load(self.items[index])
+        return self.recipe.crop(image, key, view), -1, view_name(key, view, content)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -163,17 +212,36 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+class _DamagedChunk(Exception):
+    """A chunk whose header or tensors do not hold what it says (its rows are recomputed, never served)."""
+
+
+#: what reading a chunk raises when the file is damaged (torn, truncated, flipped bits, unreadable); anything else
+#: is a programming error and propagates
+_DAMAGED = (_DamagedChunk, SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError)
+
+Location = tuple[str, int]
+Entry = tuple[str, str]  # (<image key>#<view>, fingerprint of the image's content)
+
+
 class TeacherCache:
-    """Teacher logits per ``<image key>#<view>`` in ``folder`` (see the module docstring).
+    """Teacher logits per view entry in ``folder``, each bound to its image's content (see the module docstring).
+
+    Entries are named ``view_name(key, view, content)``: a lookup finds a row only when the image's content
+    fingerprint matches the one stored with it, so another image under the same name is a miss (recomputed, stored
+    beside the old row and counted as ``content_changed``).
 
     Args:
         folder: the cache folder (created if missing).
-        identity: what the logits depend on: ``teacher`` (identity dict), ``features_sha256``,
-            ``classnames_sha256``, ``num_classes``, ``logit_scale`` and ``recipe`` (``ViewRecipe.describe()``).
+        identity: what the logits depend on: ``teacher`` (:func:`~promptkd.distill.teacher.teacher_identity`),
+            ``features_sha256`` (of the rows used), ``classnames_sha256`` and ``num_classes`` (the classes the
+            logits cover), ``logit_scale`` and ``recipe`` (``ViewRecipe.describe()``).
         storage: ``full`` logits or ``topk`` (values, indices, log-sum-exp); ``topk`` is the ``k`` of it.
         dtype: ``fp32`` or ``fp16`` values (top-k indices are int32, the log-sum-exp fp32).
         max_gb: stop writing beyond this size (0: no limit).
         writer: a name for this process's chunk files (ranks write their own).
+        must_write: a cache that cannot store (unwritable, full, over ``max_gb``) is a TeacherCacheError rather
+            than a warning (``promptkd teacher-cache``, whose only product is what it stores).
     """
 
     def __init__(
@@ -188,8 +256,10 @@ class TeacherCache:
         writer: str = "0",
         flush_every: int = 512,
         memory_mb: int = 512,
+        must_write: bool = False,
     ) -> None:
         self.folder = Path(folder).expanduser()
+        self.must_write = must_write
         num_classes = int(identity["num_classes"])
         if storage == "full" and num_classes > FULL_MAX_CLASSES:
             raise TeacherCacheError(
@@ -210,57 +280,82 @@ class TeacherCache:
         self.flush_every = flush_every
         self.memory = memory_mb * 2**20
         self.writable = True
-        self._pending: dict[str, torch.Tensor] = {}
+        self.unwritable_reason = ""
+        self._pending: dict[Entry, torch.Tensor] = {}
         self._chunks_written = 0
-        self._index: dict[str, tuple[str, int]] = {}
+        self._index: dict[Entry, Location] = {}
+        self._spare: dict[Entry, list[Location]] = {}  # further copies of an entry (a repaired row), in file order
+        self._content: dict[str, str] = {}  # view entry -> the content fingerprint last indexed for it
+        self._changed: set[Entry] = set()
         self._loaded: OrderedDict[str, dict[str, torch.Tensor] | None] = OrderedDict()
         self._loaded_bytes = 0
-        self.stats = {"hits": 0, "misses": 0, "written": 0, "bad_chunks": 0}
+        self.stats = {"hits": 0, "misses": 0, "written": 0, "bad_chunks": 0, "content_changed": 0}
         self._open()
 
     # --- identity ----------------------------------------------------------------------------------------------------
     def _open(self) -> None:
         record = self.folder / "cache.json"
         if record.is_file():
-            try:
-                found = json.loads(record.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as error:
-                raise TeacherCacheError(f"{record}: unreadable cache record ({error}); delete the folder") from None
-            self._check(found)
+            self._check(self._read_record(record))
         else:
             self._try(lambda: self._create(record))
         self._scan()
         if self.writable:
             self._try(self._probe)
 
-    def _create(self, record: Path) -> None:
-        from promptkd.checkpoints import atomic_write_text
+    def _read_record(self, record: Path) -> dict[str, Any]:
+        try:
+            return json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise TeacherCacheError(f"{record}: unreadable cache record ({error}); delete the folder") from None
 
+    def _create(self, record: Path) -> None:
+        """Write ``cache.json`` unless another process (a rank of the same run) did first: the record appears
+        whole or not at all (a hard link of a complete file), and whoever loses the race checks the winner's."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        if any(self.folder.iterdir()):
+        if not record.is_file() and any(not p.name.startswith(".") for p in self.folder.iterdir()):
             raise TeacherCacheError(f"{self.folder} is not empty and holds no teacher cache; use an empty folder")
-        atomic_write_text(record, json.dumps(self.identity, indent=2, default=str) + "\n")
+        tmp = self.folder / f".cache.json.{self.writer}.tmp"
+        try:
+            tmp.write_text(json.dumps(self.identity, indent=2, default=str) + "\n", encoding="utf-8")
+            try:
+                os.link(tmp, record)  # fails if the record exists: never overwrites another process's
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links
+                if not record.is_file():
+                    os.replace(tmp, record)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._check(self._read_record(record))
 
     def _check(self, found: dict[str, Any]) -> None:
+        from promptkd.distill.teacher import teacher_differences
+
         if found.get("format") != CACHE_FORMAT:
             raise TeacherCacheError(f"{self.folder} is not a teacher cache (no {CACHE_FORMAT} record)")
+        if found.get("version") != CACHE_VERSION:
+            raise TeacherCacheError(
+                f"{self.folder} was made by another promptkd (cache version {found.get('version')}, this one reads "
+                f"{CACHE_VERSION}: entries bound to each image's content); use another --teacher-cache folder"
+            )
         reasons = {
-            "teacher": "another teacher (method, weights or prompts)",
             "features_sha256": "other stored class features",
-            "classnames_sha256": "another class list",
+            "classnames_sha256": "another class list (the classes its logits cover)",
             "num_classes": "another number of classes",
             "logit_scale": "another logit scale",
             "recipe": "another view recipe (size, crop range, flip, views per image or seed)",
             "storage": "another storage form (full or top-k, dtype)",
-            "version": "another cache version",
         }
         ours = json.loads(json.dumps(self.identity, default=str))
-        differ = [key for key in reasons if found.get(key) != ours.get(key)]
+        differ = [f"{reasons[k]} ({k})" for k in reasons if found.get(k) != ours.get(k)]
+        teacher = teacher_differences(found.get("teacher"), ours.get("teacher"))
+        if teacher:
+            differ.insert(0, f"another teacher ({'; '.join(teacher)}; stored vs this run)")
         if differ:
-            detail = "; ".join(f"{reasons[k]} ({k})" for k in differ)
             raise TeacherCacheError(
-                f"{self.folder} caches the logits of {detail}, not of this run's; use another --teacher-cache "
-                "folder (or delete this one to start over)"
+                f"{self.folder} caches the logits of {'; '.join(differ)}, not of this run's; use another "
+                "--teacher-cache folder (or delete this one to start over)"
             )
 
     # --- writing -----------------------------------------------------------------------------------------------------
@@ -271,13 +366,20 @@ class TeacherCache:
         try:
             action()
         except OSError as error:
-            self.writable = False
-            self._pending.clear()
-            logger.warning(
-                "teacher cache %s cannot be written (%s): continuing with the live teacher; nothing more is stored",
-                self.folder,
-                error.strerror or error,
+            self._stop(f"cannot be written ({error.strerror or error})")
+
+    def _stop(self, reason: str) -> None:
+        if self.must_write:
+            raise TeacherCacheError(
+                f"teacher cache {self.folder} {reason}: {self.stats['written']} views stored, the rest cannot be; "
+                "give a writable --teacher-cache folder with room (or a larger --teacher-cache-max-gb)"
             )
+        self.writable = False
+        self.unwritable_reason = reason
+        self._pending.clear()
+        logger.warning(
+            "teacher cache %s %s: continuing with the live teacher; nothing more is stored", self.folder, reason
+        )
 
     def _probe(self) -> None:
         probe = self.folder / f".probe-{self.writer}"
@@ -287,13 +389,28 @@ class TeacherCache:
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("chunk-*.safetensors"))
 
-    def put(self, keys: Sequence[str], logits: torch.Tensor) -> None:
-        """Store the teacher's logits [n, C] of ``keys`` (written in chunks of ``flush_every`` rows)."""
+    def contains(self, name: str) -> bool:
+        """True when the view entry ``name`` (with its content fingerprint) is stored or waiting to be (no count)."""
+        entry = split_name(name)
+        if entry in self._index or entry in self._pending:
+            return True
+        self._note_changed(entry)
+        return False
+
+    def _note_changed(self, entry: Entry) -> None:
+        """Count an entry missing because its name is stored for other image content (once per entry)."""
+        if self._content.get(entry[0], entry[1]) != entry[1] and entry not in self._changed:
+            self._changed.add(entry)
+            self.stats["content_changed"] += 1
+
+    def put(self, names: Sequence[str], logits: torch.Tensor) -> None:
+        """Store the teacher's logits [n, C] of the view entries ``names`` (written in chunks of ``flush_every``)."""
         if not self.writable:
             return
-        for key, row in zip(keys, logits.detach().float().cpu()):
-            if key not in self._index:
-                self._pending[key] = row
+        for name, row in zip(names, logits.detach().float().cpu()):
+            entry = split_name(name)
+            if entry not in self._index:
+                self._pending[entry] = row
         if len(self._pending) >= self.flush_every:
             self.flush()
 
@@ -318,19 +435,11 @@ class TeacherCache:
         """Write the pending rows as one chunk file (atomically)."""
         if not self._pending or not self.writable:
             return
-        keys = list(self._pending)
-        tensors = self._encode(torch.stack([self._pending[k] for k in keys]))
-        if self.max_bytes and self.size_bytes() + sum(t.numel() * t.element_size() for t in tensors.values()) > (
-            self.max_bytes
-        ):
-            self.writable = False
-            self._pending.clear()
-            logger.warning(
-                "teacher cache %s reached its size limit (%.2f GB): continuing with the live teacher; nothing more "
-                "is stored",
-                self.folder,
-                self.max_bytes / 1e9,
-            )
+        entries = list(self._pending)
+        tensors = self._encode(torch.stack([self._pending[e] for e in entries]))
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.max_bytes and self.size_bytes() + size > self.max_bytes:
+            self._stop(f"reached its size limit ({self.max_bytes / 1e9:.2f} GB)")
             return
 
         def write() -> None:
@@ -339,33 +448,61 @@ class TeacherCache:
             from promptkd.checkpoints import atomic_path
 
             name = f"chunk-{self.writer}-{self._chunks_written:06d}.safetensors"
-            metadata = {"keys": json.dumps(keys), "sha256": _tensor_digest(tensors)}
+            metadata = {
+                "keys": json.dumps([e[0] for e in entries]),
+                "content": json.dumps([e[1] for e in entries]),
+                "sha256": _tensor_digest(tensors),
+            }
             with atomic_path(self.folder / name) as tmp:
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
             self._chunks_written += 1
-            for row, key in enumerate(keys):
-                self._index[key] = (name, row)
+            for row, entry in enumerate(entries):
+                self._index[entry] = (name, row)
+                self._content[entry[0]] = entry[1]
             self._remember(name, tensors)
-            self.stats["written"] += len(keys)
+            self.stats["written"] += len(entries)
 
         self._try(write)
         self._pending.clear()
 
     # --- reading -----------------------------------------------------------------------------------------------------
     def _scan(self) -> None:
-        """Index every complete chunk by its keys (headers only; tensors are read and verified on first use)."""
+        """Index every complete chunk by its entries (headers only; tensors are read and verified on first use)."""
         from safetensors import safe_open
 
         for path in sorted(self.folder.glob("chunk-*.safetensors")):
             try:
                 with safe_open(str(path), "pt") as handle:
-                    keys = json.loads((handle.metadata() or {})["keys"])
-            except Exception as error:  # a damaged header: never served
-                self.stats["bad_chunks"] += 1
-                logger.warning("teacher cache: ignoring unreadable chunk %s (%s)", path.name, error)
+                    meta = handle.metadata() or {}
+                keys, content = json.loads(meta["keys"]), json.loads(meta["content"])
+                if len(keys) != len(content):
+                    raise _DamagedChunk("its entries and their content fingerprints differ in number")
+            except (*_DAMAGED, KeyError, TypeError) as error:  # a damaged header: never served
+                self._set_aside(path.name, f"unreadable header: {error}")
                 continue
-            for row, key in enumerate(keys):
-                self._index.setdefault(key, (path.name, row))
+            for row, entry in enumerate(zip(keys, content)):
+                if entry in self._index:
+                    self._spare.setdefault(entry, []).append((path.name, row))
+                else:
+                    self._index[entry] = (path.name, row)
+                self._content[entry[0]] = entry[1]
+
+    def _set_aside(self, name: str, why: str) -> None:
+        """A damaged chunk: counted, its entries forgotten (so their recomputed rows are stored again, which
+        repairs the cache) and, where the folder is writable, renamed ``damaged-*`` so it is not read again."""
+        self.stats["bad_chunks"] += 1
+        logger.warning("teacher cache: ignoring damaged chunk %s (%s); its views are recomputed", name, why)
+        for entry in [e for e, where in self._index.items() if where[0] == name]:
+            spares = [s for s in self._spare.pop(entry, []) if s[0] != name]
+            if spares:
+                self._index[entry] = spares.pop(0)
+                if spares:
+                    self._spare[entry] = spares
+            else:
+                del self._index[entry]
+        if self.writable:
+            with contextlib.suppress(OSError):
+                os.replace(self.folder / name, self.folder / f"damaged-{name}")
 
     def _remember(self, name: str, tensors: dict[str, torch.Tensor] | None) -> None:
         self._loaded[name] = tensors
@@ -380,17 +517,15 @@ class TeacherCache:
             return self._loaded[name]
         from safetensors import safe_open
 
-        tensors: dict[str, torch.Tensor] | None
         try:
             with safe_open(str(self.folder / name), "pt") as handle:
                 expected = (handle.metadata() or {}).get("sha256")
                 tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (a safetensors handle)
             if expected != _tensor_digest(tensors):
-                raise ValueError("its tensors do not match their SHA-256")
-        except Exception as error:
-            self.stats["bad_chunks"] += 1
-            logger.warning("teacher cache: ignoring damaged chunk %s (%s); its views are recomputed", name, error)
-            tensors = None
+                raise _DamagedChunk("its tensors do not match their SHA-256")
+        except _DAMAGED as error:
+            self._set_aside(name, str(error))
+            return None
         self._remember(name, tensors)
         return tensors
 
@@ -405,22 +540,30 @@ class TeacherCache:
         out[tensors["indices"][row].long()] = values
         return out
 
-    def get(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(found [n] bool, logits [n, C] float32 with the found rows filled) for ``keys``."""
-        n, num_classes = len(keys), int(self.identity["num_classes"])
+    def _lookup(self, entry: Entry) -> torch.Tensor | None:
+        """The stored row of ``entry``, or None (not stored, or only in a damaged chunk)."""
+        while (where := self._index.get(entry)) is not None:
+            tensors = self._chunk(where[0])
+            if tensors is not None:
+                return self._decode(tensors, where[1])
+        pending = self._pending.get(entry)
+        return self._decode(self._encode(pending[None]), 0) if pending is not None else None
+
+    def get(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(found [n] bool, logits [n, C] float32 with the found rows filled) for the view entries ``names``.
+
+        An entry stored for other image content (same name, another fingerprint) is a miss, counted once in
+        ``content_changed``."""
+        n, num_classes = len(names), int(self.identity["num_classes"])
         found = torch.zeros(n, dtype=torch.bool)
         out = torch.zeros(n, num_classes)
-        for i, key in enumerate(keys):
-            where = self._index.get(key)
-            if where is None:
-                pending = self._pending.get(key)
-                if pending is not None:
-                    out[i], found[i] = self._decode(self._encode(pending[None]), 0), True
-                continue
-            tensors = self._chunk(where[0])
-            if tensors is None:
-                continue
-            out[i], found[i] = self._decode(tensors, where[1]), True
+        for i, name in enumerate(names):
+            entry = split_name(name)
+            row = self._lookup(entry)
+            if row is not None:
+                out[i], found[i] = row, True
+            else:
+                self._note_changed(entry)
         hits = int(found.sum())
         self.stats["hits"] += hits
         self.stats["misses"] += n - hits
@@ -434,3 +577,12 @@ class TeacherCache:
             "writable": self.writable,
             **self.stats,
         }
+
+    def report(self) -> str | None:
+        """One line on what was recomputed because the cache held something else (None when nothing was)."""
+        parts = []
+        if self.stats["content_changed"]:
+            parts.append(f"{self.stats['content_changed']} entries recomputed: image content changed")
+        if self.stats["bad_chunks"]:
+            parts.append(f"{self.stats['bad_chunks']} damaged chunks set aside, their views recomputed")
+        return f"teacher cache {self.folder}: " + "; ".join(parts) if parts else None

@@ -17,6 +17,7 @@ explicitly (``split="test"``), and the source then says so in its notes.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -28,7 +29,16 @@ from PIL import Image
 
 from promptkd.data.items import DataError, DatasetSplits, Datum, ImageDataset
 
-__all__ = ["UnlabeledSource", "cap_items", "from_folder", "from_splits", "unlabeled_dataset"]
+__all__ = [
+    "UnlabeledSource",
+    "cap_items",
+    "decode_rgb",
+    "from_folder",
+    "from_splits",
+    "read_bytes",
+    "read_image",
+    "unlabeled_dataset",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +172,45 @@ def unlabeled_dataset(
 ) -> ImageDataset:
     """(image, -1) pairs for the engine: plain paths, so no label exists to be read."""
     return ImageDataset(source.paths, transform, skip_bad=skip_bad)
+
+
+# --- images read once, with the fingerprint of their content (teacher cache) -----------------------------------------
+def read_bytes(path: str) -> bytes:
+    """A file's encoded bytes; a DataError naming it when it is missing or unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError as error:
+        raise DataError(
+            "image file does not exist",
+            path=path,
+            expected="a readable image file",
+            fix="restore the file or remove it from the split / list file",
+        ) from error
+    except OSError as error:
+        raise DataError(f"cannot read image ({error.strerror or error})", path=path) from error
+
+
+def decode_rgb(data: bytes, path: str) -> Image.Image:
+    """The image in ``data`` fully decoded in RGB, exactly as :func:`promptkd.data.items.load_rgb` decodes a file."""
+    from promptkd.data.items import _LOAD_ERRORS, _to_rgb
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return _to_rgb(im)
+    except _LOAD_ERRORS as error:
+        raise DataError(
+            f"cannot read image ({type(error).__name__}: {error})",
+            path=path,
+            expected="a readable JPEG/PNG/... image",
+            fix="replace the corrupt file, or skip and count unreadable images (--skip-bad; skip_bad=True in Python)",
+        ) from error
+
+
+def read_image(path: str) -> tuple[Image.Image, str]:
+    """(RGB image, fingerprint of its encoded bytes) from one read of the file: what binds a teacher-cache entry
+    to the image it was computed on, at the cost of hashing bytes already in memory."""
+    from promptkd.distill.cache import content_fingerprint
+
+    data = read_bytes(path)
+    return decode_rgb(data, path), content_fingerprint(data)

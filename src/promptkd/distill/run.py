@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from promptkd.checkpoints import atomic_write_text
+from promptkd.checkpoints import atomic_write_text, classnames_hash
 from promptkd.config import ConfigError, to_dict
 from promptkd.distill.teacher import TeacherError, TeacherFeatures, build_teacher
 from promptkd.engine.config import TrainConfig
@@ -123,6 +123,12 @@ class _Setup:
     recipe: Any = None
     cache: Any = None
 
+    @property
+    def logit_classes(self) -> list[str]:
+        """The classes the student's (and the cached teacher's) logits cover: the source's (the base half in
+        inductive mode), or every class for streamed shards."""
+        return list(self.source.classnames) if self.source is not None else list(self.all_classes)
+
 
 def _check_config(config: DistillRunConfig) -> None:
     sources = [s for s in (config.dataset, config.unlabeled_folder, config.unlabeled_shards) if s]
@@ -139,7 +145,7 @@ def _check_config(config: DistillRunConfig) -> None:
         raise ConfigError("tar shards stream: give the epoch length with --epoch-samples instead of --max-images")
 
 
-def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setup:
+def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path, *, must_write: bool = False) -> _Setup:
     from promptkd.backbones import load_backbone
     from promptkd.backbones.loading import run_weights
     from promptkd.backbones.timm_models import is_timm_name, load_timm_backbone
@@ -190,6 +196,7 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
         templates=[splits.template] if splits is not None else None,
         device=device,
         precision=precision,
+        seed=config.seed,
     )
     features_path = out / f"{FEATURES_NAME}.safetensors"
     stored: TeacherFeatures | None = None
@@ -238,13 +245,14 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
         setup.recipe = ViewRecipe.for_student(
             student.preprocess, config.train.crop_scale, config.views, config.view_seed
         )
+        classes = setup.logit_classes  # the base half in inductive mode: the cache holds what the student scores
         setup.cache = TeacherCache(
             config.teacher_cache,
             {
                 "teacher": teacher.identity,
-                "features_sha256": features_sha256(stored.features),
-                "classnames_sha256": stored.classnames_sha256,
-                "num_classes": len(stored.classnames),
+                "features_sha256": features_sha256(stored.rows(classes)),
+                "classnames_sha256": classnames_hash(classes),
+                "num_classes": len(classes),
                 "logit_scale": float(stored.logit_scale),
                 "recipe": setup.recipe.describe(),
             },
@@ -253,18 +261,19 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path) -> _Setu
             dtype=config.teacher_cache_dtype,
             max_gb=config.teacher_cache_max_gb,
             writer=str(info.rank),
+            must_write=must_write,
         )
     return setup
 
 
 def run_distillation(config: DistillRunConfig) -> DistillOutcome:
     """Train a PromptKD student as ``config`` says; see the module docstring."""
-    from promptkd.data.items import ImageDataset, load_rgb
+    from promptkd.data.items import ImageDataset
     from promptkd.data.sampling import subsample_classes
     from promptkd.data.shards import ShardLanes
     from promptkd.data.transforms import build_transform, train_transform
     from promptkd.distill.cache import StoredViews
-    from promptkd.distill.data import unlabeled_dataset
+    from promptkd.distill.data import read_image, unlabeled_dataset
     from promptkd.engine.distributed import init_distributed
     from promptkd.engine.stream import StreamSource
     from promptkd.engine.trainer import Trainer
@@ -296,10 +305,10 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
         eval_tf = build_transform(student.preprocess, train=False)
         if source is not None:
             if recipe is not None:
-                train_set = StoredViews(source.paths, source.keys(), recipe, config.seed, load_rgb)
+                train_set = StoredViews(source.paths, source.keys(), recipe, config.seed, read_image)
             else:
                 train_set = unlabeled_dataset(source, train_tf, skip_bad=config.skip_bad)
-            classes = source.classnames
+            classes = setup.logit_classes
             data_summary = source.summary()
         else:
             lanes = ShardLanes(config.unlabeled_shards, lanes=config.lanes, seed=config.seed)
@@ -313,7 +322,7 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
                 skip_bad=config.skip_bad,
                 prepare=prepare,
             )
-            classes = setup.all_classes
+            classes = setup.logit_classes
             data_summary = {**train_set.summary(), "classes": len(classes), "mode": setup.mode}
         if recipe is not None:
             data_summary["views"] = {"per_image": recipe.views, "seed": recipe.seed}
@@ -338,6 +347,8 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
             cache.flush()
             resolved["teacher_cache"] = cache.summary()
             logger.info("teacher cache: %s", cache.summary())
+            if cache.report():
+                logger.warning("%s", cache.report())
         if isinstance(train_set, StreamSource) and train_set.skipped:
             resolved["skipped_members"] = list(train_set.skipped)
         if info.is_main and (cache is not None or "skipped_members" in resolved):  # what training found, recorded
@@ -354,16 +365,41 @@ def run_distillation(config: DistillRunConfig) -> DistillOutcome:
         detach_run_log(handler)
 
 
+def _fill_sources(config: DistillRunConfig, setup: _Setup, info: Any) -> Any:
+    """This rank's images for a fill: (key, where, read() -> encoded bytes, decode(bytes) -> RGB image); every
+    W-th image of a dataset or folder, or its own shards (streamed)."""
+    from promptkd.data.shards import ShardLanes, decode_image
+    from promptkd.distill.data import decode_rgb, read_bytes
+
+    if setup.source is not None:
+        keys, paths = setup.source.keys(), setup.source.paths
+        for index in range(info.rank, len(keys), info.world_size):
+            path = paths[index]
+            yield keys[index], path, lambda p=path: read_bytes(p), lambda data, p=path: decode_rgb(data, p)
+        return
+    lanes = ShardLanes(config.unlabeled_shards, lanes=config.lanes, seed=config.seed)
+    for lane in range(info.rank, lanes.lanes, info.world_size):
+        for shard in lanes.lane_shards(lane):
+            for sample in lanes.members(shard):
+                yield (
+                    sample.key,
+                    sample.where,
+                    lambda s=sample: s.data,
+                    lambda data, s=sample: decode_image(data, s.where),
+                )
+
+
 def fill_teacher_cache(config: DistillRunConfig, *, batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
     """Compute and store the teacher's logits of every stored view of every image (``promptkd teacher-cache``).
 
-    Views already stored are skipped, so a killed fill resumes; under torchrun each rank takes every W-th image
-    (of a dataset or folder) or its own shards (streamed) and writes its own chunks.
+    Views already stored for the image's current content are skipped, so a killed fill resumes and a fill repairs
+    a cache (rows of damaged chunks, images whose content changed); under torchrun each rank takes its own images
+    and writes its own chunks. A cache that cannot store what was asked is a TeacherCacheError (exit 2).
     """
     from tqdm.auto import tqdm
 
-    from promptkd.data.items import DataError, load_rgb
-    from promptkd.data.shards import ShardLanes, decode_image
+    from promptkd.data.items import DataError
+    from promptkd.distill.cache import content_fingerprint, view_name
     from promptkd.distill.teacher import TeacherInput
     from promptkd.engine.distributed import barrier, init_distributed
 
@@ -374,24 +410,11 @@ def fill_teacher_cache(config: DistillRunConfig, *, batch_size: int = 64, progre
     out = writable_folder(config.out) if info.is_main else Path(config.out)
     handler = attach_run_log(out, info.is_main)
     try:
-        setup = _setup(config, info, device, out)
+        setup = _setup(config, info, device, out, must_write=True)
         recipe, cache, teacher = setup.recipe, setup.cache, setup.teacher
         convert = TeacherInput(setup.student.preprocess, teacher.preprocess)
         scale = float(setup.stored.logit_scale)
-        text = setup.stored.rows(setup.all_classes).float().to(device)
-
-        def images() -> Any:
-            if setup.source is not None:
-                keys = setup.source.keys()
-                for index in range(info.rank, len(keys), info.world_size):
-                    yield keys[index], lambda i=index: load_rgb(setup.source.paths[i]), setup.source.paths[index]
-                return
-            lanes = ShardLanes(config.unlabeled_shards, lanes=config.lanes, seed=config.seed)
-            for lane in range(info.rank, lanes.lanes, info.world_size):  # each rank its own shards
-                for shard in lanes.lane_shards(lane):
-                    for sample in lanes.members(shard):
-                        yield sample.key, lambda s=sample: decode_image(s.data, s.where), sample.where
-
+        text = setup.stored.rows(setup.logit_classes).float().to(device)
         pending: list[tuple[str, torch.Tensor]] = []
         skipped: list[str] = []
 
@@ -399,32 +422,33 @@ def fill_teacher_cache(config: DistillRunConfig, *, batch_size: int = 64, progre
             stacked = torch.stack([view for _, view in batch]).to(device)
             with torch.no_grad():
                 logits = teacher.logits(convert(stacked), text, scale)
-            cache.put([key for key, _ in batch], logits)
+            cache.put([name for name, _ in batch], logits)
+            bar.update(len(batch))
 
         with tqdm(desc="teacher views", unit="view", disable=not (progress and info.is_main)) as bar:
-            for key, load, where in images():
-                wanted = [v for v in range(recipe.views) if not cache.get([f"{key}#{v}"])[0][0]]
-                if not wanted:
-                    continue
+            for key, where, read, decode in _fill_sources(config, setup, info):
                 try:
-                    image = load()
+                    data = read()
+                    content = content_fingerprint(data)
+                    wanted = [v for v in range(recipe.views) if not cache.contains(view_name(key, v, content))]
+                    image = decode(data) if wanted else None
                 except DataError:
                     if not config.skip_bad:
                         raise
                     skipped.append(where)
                     continue
                 for view in wanted:
-                    pending.append((f"{key}#{view}", recipe.crop(image, key, view)))
+                    pending.append((view_name(key, view, content), recipe.crop(image, key, view)))
                     if len(pending) == batch_size:
                         run(pending)
-                        bar.update(len(pending))
                         pending = []
             if pending:
                 run(pending)
-                bar.update(len(pending))
         cache.flush()
         barrier(info)
         summary = {**cache.summary(), "skipped_images": skipped}
+        if cache.report():
+            logger.warning("%s", cache.report())
         if info.is_main:
             atomic_write_text(out / "teacher_cache.json", json.dumps(summary, indent=2) + "\n")
         return summary

@@ -48,7 +48,10 @@ __all__ = [
     "file_sha256",
     "load_teacher",
     "same_teacher",
+    "state_sha256",
     "teacher_description",
+    "teacher_differences",
+    "teacher_identity",
     "zero_shot_teacher",
 ]
 
@@ -66,7 +69,9 @@ _REFUSED = {
     "promptkd": "a PromptKD student has no text features of its own (it reuses its teacher's)",
     "promptkd_timm": "a distilled student has no text features of its own (it reuses its teacher's)",
 }
-_BACKBONE_KEYS = ("model_name", "pretrained", "quick_gelu", "file_sha256")
+_FILE_HASHES: dict[tuple[str, int, int, int], str] = {}
+#: how identities are recorded: 2 = by content (weight and checkpoint hashes; paths only under ``about``)
+IDENTITY_VERSION = 2
 
 
 class TeacherError(PromptKDError, ValueError):
@@ -74,52 +79,131 @@ class TeacherError(PromptKDError, ValueError):
 
 
 def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, remembered per (path, size, mtime, inode): a large weight file is hashed once."""
+    resolved = Path(path).expanduser().resolve()
+    stat = resolved.stat()
+    memo = (str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if memo not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(resolved, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _FILE_HASHES[memo] = digest.hexdigest()
+    return _FILE_HASHES[memo]
+
+
+def state_sha256(module: nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes, bytes): the content of weights that have no file of
+    their own (an open_clip tag's, or random weights)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{data.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
     return digest.hexdigest()
 
 
-# --- identity -------------------------------------------------------------------------------------------------------
-def _backbone_identity(backbone: Backbone) -> dict[str, Any]:
-    spec = backbone.spec.to_dict()
-    return {k: spec.get(k) for k in _BACKBONE_KEYS}
+def _folder_sha256(folder: Path) -> str:
+    """A local-dir model: the hashes of every file in its folder (config, weights, tokenizer files)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
-def teacher_description(identity: dict[str, Any] | None) -> str:
-    """One line naming a teacher: method, backbone, weights and prompt-file hash."""
-    if not identity:
-        return "an unknown teacher"
-    bb = identity.get("backbone") or {}
-    sha = identity.get("checkpoint_sha256")
-    weights = bb.get("file_sha256") or bb.get("pretrained") or "random weights"
-    if isinstance(weights, str) and len(weights) == 64:
-        weights = f"weights sha256 {weights[:12]}"
-    return f"{identity.get('method')} on {bb.get('model_name')} ({weights}), " + (
-        f"prompts sha256 {sha[:12]}" if sha else "no prompt checkpoint"
-    )
+def _weights(backbone: Backbone) -> tuple[str, str, dict[str, Any]]:
+    """(architecture name, sha256 of the weights' content, what is only information) of a loaded backbone."""
+    from promptkd.backbones.weights import shipped_weights
+
+    spec = backbone.spec
+    name, about = spec.model_name, {"weights": spec.pretrained, "weights_source": spec.source}
+    if spec.source == "local-dir":
+        folder = Path(name.split(":", 1)[1]).expanduser()
+        return "local-dir", _folder_sha256(folder), {**about, "folder": str(folder)}
+    if spec.source == "file":
+        path = shipped_weights(name) if spec.pretrained == "shipped" else spec.pretrained
+        digest = hashlib.sha256(file_sha256(str(path)).encode())
+        for sidecar in (Path(str(path)).with_suffix(".json"), Path(str(path)).parent / "open_clip_config.json"):
+            if sidecar.is_file():  # a config next to the weights can decide the architecture and preprocessing
+                digest.update(f"{sidecar.name}:{file_sha256(sidecar)}".encode())
+        return ("file" if name.startswith("file:") else name), digest.hexdigest(), {**about, "path": str(path)}
+    return name, state_sha256(backbone.model), about  # a tag's weights, or random ones: their loaded content
+
+
+def teacher_identity(
+    method: nn.Module, backbone: Backbone, checkpoint: str | Path | None = None, *, seed: int | None = None
+) -> dict[str, Any]:
+    """A teacher's identity by content, the one record the teacher cache, stored features and ``features extend``
+    compare: method and its config, sha256 of the prompt checkpoint, and the backbone's architecture, activation and
+    weights (sha256 of the weight file, of a local-dir folder's files, or of the loaded state for a tag or random
+    weights). Paths, tags and the seed that drew random weights are kept under ``about`` and never compared: the
+    same teacher named by a relative or absolute path, or moved to another machine, is the same teacher."""
+    name, weights, about = _weights(backbone)
+    if backbone.spec.source == "random":
+        about["seed"] = seed
+    if checkpoint is not None:
+        about["checkpoint"] = str(checkpoint)
+    return {
+        "identity_version": IDENTITY_VERSION,
+        "method": getattr(method, "name", type(method).__name__),
+        "method_config": to_dict(method.config),
+        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint is not None else None,
+        "backbone": {"model_name": name, "quick_gelu": bool(backbone.spec.quick_gelu), "weights_sha256": weights},
+        "about": about,
+    }
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted fields of an identity (nested dicts flattened), leaving out ``about`` (information only)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not prefix and key == "about":
+            continue
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64:  # a sha256
+        return value[:12] + "..."
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def teacher_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[str]:
+    """What differs between two teacher identities, one phrase per field (``backbone.weights_sha256: 3f2a... vs
+    9b1c...``); empty when they name the same teacher. Every field is compared except ``about`` (paths, tags,
+    the seed that drew random weights): same content, same teacher."""
+    a, b = a or {}, b or {}
+    if a.get("identity_version") != b.get("identity_version"):
+        old = a if a.get("identity_version") != IDENTITY_VERSION else b
+        return [
+            f"identity_version: {old.get('identity_version') or 1} vs {IDENTITY_VERSION} (recorded by an older "
+            "promptkd, by paths rather than content)"
+        ]
+    fa, fb = (_flat(json.loads(json.dumps(x, default=str))) for x in (a, b))  # as stored: tuples read as lists
+    differ = sorted(k for k in {*fa, *fb} if fa.get(k) != fb.get(k))
+    return [f"{k}: {_short(fa.get(k))} vs {_short(fb.get(k))}" for k in differ]
 
 
 def same_teacher(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    """True when two identities name the same teacher: method, method config, prompt file and backbone weights.
+    """True when two identities name the same teacher by content (see :func:`teacher_identity`)."""
+    return bool(a) and bool(b) and not teacher_differences(a, b)
 
-    Backbone weights compare by file sha256 when both sides have it (paths differ between machines), else by the
-    ``pretrained`` tag or path.
-    """
-    if not a or not b:
-        return False
-    for key in ("method", "checkpoint_sha256"):
-        if a.get(key) != b.get(key):
-            return False
-    if json.dumps(a.get("method_config"), sort_keys=True) != json.dumps(b.get("method_config"), sort_keys=True):
-        return False
-    ba, bb = a.get("backbone") or {}, b.get("backbone") or {}
-    if ba.get("model_name") != bb.get("model_name") or bool(ba.get("quick_gelu")) != bool(bb.get("quick_gelu")):
-        return False
-    if ba.get("file_sha256") and bb.get("file_sha256"):
-        return ba["file_sha256"] == bb["file_sha256"]
-    return ba.get("pretrained") == bb.get("pretrained")
+
+def teacher_description(identity: dict[str, Any] | None) -> str:
+    """One line naming a teacher: method, backbone, weights and prompt-file hashes."""
+    if not identity:
+        return "an unknown teacher"
+    bb = identity.get("backbone") or {}
+    weights = bb.get("weights_sha256") or bb.get("file_sha256") or bb.get("pretrained") or "unknown weights"
+    weights = f"weights sha256 {weights[:12]}" if isinstance(weights, str) and len(weights) == 64 else weights
+    sha = identity.get("checkpoint_sha256")
+    return f"{identity.get('method')} on {bb.get('model_name')} ({weights}), " + (
+        f"prompts sha256 {sha[:12]}" if sha else "no prompt checkpoint"
+    )
 
 
 def duplicate_names(classnames: Sequence[str]) -> dict[str, int]:
@@ -200,11 +284,13 @@ class TeacherFeatures:
                 f"{classnames_hash(list(classnames))}). Use the features computed for this dataset's class list, "
                 "or drop --teacher-features to compute them."
             )
-        if teacher is not None and not same_teacher(self.teacher, teacher):
+        differ = teacher_differences(self.teacher, teacher) if teacher is not None else []
+        if differ:
             raise TeacherError(
                 f"{self.source}: stored teacher features come from {teacher_description(self.teacher)}, but this "
-                f"run's teacher is {teacher_description(teacher)}. Features of another teacher give the student "
-                "wrong targets; recompute them with this teacher (drop --teacher-features)."
+                f"run's teacher is {teacher_description(teacher)}; they differ in {'; '.join(differ)} (stored vs "
+                "this run). Features of another teacher give the student wrong targets; recompute them with this "
+                "teacher (drop --teacher-features)."
             )
 
     def extends(self, classnames_sha256: str) -> bool:
@@ -220,11 +306,13 @@ class TeacherFeatures:
         new = list(classnames)
         if not new:
             raise TeacherError("no class names to add; give the new names, one per line, with --classes FILE.")
-        if not same_teacher(self.teacher, teacher.identity):
+        differ = teacher_differences(self.teacher, teacher.identity)
+        if differ:
             raise TeacherError(
                 f"{self.source}: stored features come from {teacher_description(self.teacher)}, but the teacher "
-                f"given is {teacher_description(teacher.identity)}. Extend them with the teacher that computed them "
-                "(its checkpoint), or distil again with the new teacher."
+                f"given is {teacher_description(teacher.identity)}; they differ in {'; '.join(differ)} (stored vs "
+                "given). Extend them with the teacher that computed them (its checkpoint and weights), or distil "
+                "again with the new teacher."
             )
         present = sorted(set(new) & set(self.classnames))
         if present:
@@ -307,13 +395,14 @@ class TeacherFeatures:
         teacher = dict(meta.get("teacher") or {})
         extensions = list(meta.get("extensions") or [])
         for record in extensions:
-            if not same_teacher(teacher, record.get("teacher")):
+            differ = teacher_differences(teacher, record.get("teacher"))
+            if differ:
                 start = int(record.get("num_classes_before", 0))
                 raise TeacherError(
                     f"{config_path}: rows {start}..{start + int(record.get('added', 0)) - 1} were added by "
                     f"{teacher_description(record.get('teacher'))}, not by this file's teacher "
-                    f"({teacher_description(teacher)}); a student cannot score them. Recompute the features with one "
-                    "teacher (promptkd features extend refuses another)."
+                    f"({teacher_description(teacher)}; they differ in {'; '.join(differ)}); a student cannot score "
+                    "them. Recompute the features with one teacher (promptkd features extend refuses another)."
                 )
         return cls(
             tensors["features"].float(),
@@ -508,19 +597,24 @@ def converted_method_config(method: str, settings: dict[str, Any]) -> dict[str, 
     raise TeacherError(f"converted checkpoints of method {method!r} cannot be PromptKD teachers.")
 
 
-def _resolve_weights(spec: dict[str, Any]) -> str | None:
-    """The recorded weights, or the package's shipped file for a world model when the recorded path is elsewhere."""
-    pretrained = spec.get("pretrained")
-    source = spec.get("source")
-    if pretrained == "shipped":  # load_backbone resolves it to this installation's copy
-        return pretrained
-    if pretrained and source in ("file", "local-dir") and not Path(pretrained).exists():
-        from promptkd.backbones.weights import shipped_weights
+def _resolve_weights(spec: dict[str, Any], where: Path) -> str | None:
+    """The weights a checkpoint records; a recorded weight file that is missing here is an error, never replaced
+    by other weights (another file gives other soft labels, and the identity would name weights never used)."""
+    from promptkd.backbones.weights import shipped_weights
 
+    pretrained = spec.get("pretrained")
+    if pretrained and pretrained != "shipped" and spec.get("source") == "file" and not Path(pretrained).is_file():
         shipped = shipped_weights(str(spec.get("model_name")))
-        if shipped and (not spec.get("file_sha256") or file_sha256(shipped) == spec["file_sha256"]):
-            logger.info("teacher weights %s not found; using the shipped %s", pretrained, shipped)
-            return shipped
+        hint = (
+            f"; promptkd ships weights for {spec.get('model_name')}: if the teacher was trained on them, pass "
+            "--teacher-pretrained shipped"
+            if shipped
+            else ""
+        )
+        raise TeacherError(
+            f"{where}: the teacher's backbone weights {pretrained} (recorded in its .json) do not exist here. Give "
+            f"the weight file with --teacher-pretrained FILE{hint}."
+        )
     return pretrained
 
 
@@ -534,6 +628,7 @@ def load_teacher(
     backbone: Backbone | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    seed: int | None = None,
 ) -> Teacher:
     """Build the teacher from a promptkd checkpoint of any teacher method and load it strictly.
 
@@ -565,7 +660,7 @@ def load_teacher(
     model_name = model or spec.get("model_name")
     weights = pretrained
     if weights is None and (not model or model == spec.get("model_name")):
-        weights = _resolve_weights(spec)
+        weights = _resolve_weights(spec, tensor_path)
     if backbone is None:
         if not model_name and not weights:
             raise TeacherError(
@@ -598,13 +693,7 @@ def load_teacher(
             f"teacher checkpoint {tensor_path} ({name}) does not fit the teacher backbone "
             f"{backbone.spec.model_name} ({backbone.spec.pretrained or 'random weights'}):\n{error}"
         ) from error
-    identity = {
-        "method": name,
-        "method_config": to_dict(method.config),
-        "backbone": _backbone_identity(backbone),
-        "checkpoint_sha256": file_sha256(tensor_path),
-        "checkpoint": str(tensor_path),
-    }
+    identity = teacher_identity(method, backbone, tensor_path, seed=seed)
     teacher = Teacher(method, identity, loaded=True)
     if classnames is not None and list(classnames) != classes:
         method.set_classnames(list(classnames))
@@ -622,6 +711,7 @@ def build_teacher(
     templates: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    seed: int | None = None,
 ) -> Teacher:
     """The teacher a run names: a checkpoint (``model``/``pretrained`` override its recorded backbone), or else
     zero-shot CLIP on ``model`` with ``pretrained`` weights (shipped by default; random only when asked)."""
@@ -634,6 +724,7 @@ def build_teacher(
             classnames=classnames,
             device=device,
             precision=precision,
+            seed=seed,
         )
     from promptkd.backbones import load_backbone
     from promptkd.backbones.loading import run_weights
@@ -642,22 +733,18 @@ def build_teacher(
         raise TeacherError("give the teacher: a checkpoint (--teacher CKPT), or --teacher-model for zero-shot CLIP")
     weights = run_weights(model, pretrained, flag="--teacher-pretrained")
     backbone = load_backbone(model, weights, quick_gelu=quick_gelu, device=device, precision=precision)
-    return zero_shot_teacher(backbone, templates)
+    return zero_shot_teacher(backbone, templates, seed=seed)
 
 
-def zero_shot_teacher(backbone: Backbone, templates: Sequence[str] | None = None) -> Teacher:
-    """Zero-shot CLIP as the teacher (paper Table 6, "CLIP" row): no checkpoint, hand-crafted text features."""
+def zero_shot_teacher(
+    backbone: Backbone, templates: Sequence[str] | None = None, *, seed: int | None = None
+) -> Teacher:
+    """Zero-shot CLIP as the teacher (paper Table 6, "CLIP" row): no checkpoint, hand-crafted text features.
+    ``seed``: the one that drew random weights, recorded with the identity (for information)."""
     from promptkd.methods import get_method
     from promptkd.methods.base import config_from
 
     cls = get_method("zeroshot")
     cfg = config_from(cls, {"templates": list(templates)} if templates else {})
     method = cls(backbone, ["object"], cfg)
-    identity = {
-        "method": "zeroshot",
-        "method_config": to_dict(method.config),
-        "backbone": _backbone_identity(backbone),
-        "checkpoint_sha256": None,
-        "checkpoint": None,
-    }
-    return Teacher(method, identity, loaded=True)
+    return Teacher(method, teacher_identity(method, backbone, seed=seed), loaded=True)
