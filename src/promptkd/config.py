@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -52,6 +53,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
                 return _convert(value, arg, where)
             except ConfigError as error:
                 errors.append(str(error))
+        if len(errors) == 1:  # Optional[X]: X's own message says more than "fits none of"
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {value!r} fits none of {annotation}")
     if origin is typing.Literal:
         if value not in args:
@@ -87,10 +90,107 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         try:
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return annotation(value)
-        except (TypeError, ValueError):
+            converted = annotation(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+        if annotation is float and not math.isfinite(converted):  # nan/inf never make a setting, anywhere
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return converted
     return value
+
+
+class Rule(typing.NamedTuple):
+    """What a numeric setting may be: ``low``/``high`` bounds (``open_low``: above ``low``, not equal)."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            return f"{'above' if self.open_low else 'at least'} {self.low:g}"
+        return f"{'above' if self.open_low else 'from'} {self.low:g} {'up ' if self.open_low else ''}to {self.high:g}"
+
+    def allows(self, value: float) -> bool:
+        return (value > self.low if self.open_low else value >= self.low) and value <= self.high
+
+
+POSITIVE = Rule(0.0, open_low=True)
+NON_NEGATIVE = Rule(0.0)
+AT_LEAST_ONE = Rule(1.0)
+FRACTION = Rule(0.0, 1.0, open_low=True)
+SEED = Rule(0.0, 2.0**32 - 1)
+
+#: The bounds of numeric settings, by field name, in every config dataclass (a learning rate, a batch size or a
+#: worker count means the same in each). A field can also carry its own: ``field(metadata={"rule": Rule(...)})``.
+#: ``from_dict`` checks them all, so ``--set train.lr=nan`` or ``method.lora_alpha=0`` stops before any work.
+FIELD_RULES: dict[str, Rule] = {
+    **dict.fromkeys(("lr", "eps", "lora_alpha", "temperature", "kd_weight", "text_memory_mb", "gpa_std"), POSITIVE),
+    **dict.fromkeys(
+        (
+            "batch_size",
+            "views",
+            "n_views",
+            "views_per_class",
+            "n_augmented",
+            "eval_per_class",
+            "eval_text_batch",
+            "log_every",
+            "steps",
+            "reference_size",
+            "alpha_steps",
+            "beta_steps",
+            "reduction",
+        ),
+        AT_LEAST_ONE,
+    ),
+    **dict.fromkeys(
+        (
+            "epochs",  # 0 only for methods that do not train (checked with the method: methods.presets)
+            "warmup_epochs",
+            "warmup_lr",
+            "augment_epochs",
+            "weight_decay",
+            "grad_clip",
+            "max_images",
+            "max_per_class",
+            "lanes",
+            "epoch_samples",
+            "checkpoint_every",
+            "eval_every",
+            "num_workers",
+            "workers",
+            "shots",
+            "teacher_cache_topk",
+            "teacher_cache_max_gb",
+            "lora_rank",
+            "unfreeze_blocks",
+            "init_std",
+            "noise",
+            "translate",
+            "image_loss_weight",
+            "text_loss_weight",
+        ),
+        NON_NEGATIVE,
+    ),
+    "momentum": Rule(0.0, 1.0),
+    "selection": FRACTION,
+    "min_scale": FRACTION,
+    "min_crop_scale": FRACTION,
+    "seed": SEED,
+    "view_seed": SEED,
+}
+
+
+def _check_rules(cls: type, values: dict[str, Any], where: str) -> None:
+    """Refuse a numeric setting outside its rule (field metadata first, then :data:`FIELD_RULES`)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        rule = fields[name].metadata.get("rule") or FIELD_RULES.get(name)
+        if rule is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not rule.allows(value):
+            raise ConfigError(f"{where}.{name}: must be {rule.describe()}, got {value!r}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -109,6 +209,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
             f"{where}: unknown key {key!r}.{_did_you_mean(key, list(types_))} Valid keys: {', '.join(sorted(types_))}."
         )
     kwargs = {k: _convert(v, types_[k], f"{where}.{k}") for k, v in data.items()}
+    _check_rules(cls, kwargs, where)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as error:

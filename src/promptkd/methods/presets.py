@@ -34,4 +34,7 @@ def resolve_layered(
     renamed = [o.replace("method.", "method_config.", 1) if o.startswith("method.") else o for o in overrides]
     config = from_dict(cls, apply_overrides(data, renamed), where=where)
     config_from(method_cls, config.method_config)  # validate method keys now, before any data or model is loaded
+    train = getattr(config, "train", None)
+    if method_cls.trains and train is not None and train.epochs < 1:  # 0 epochs would write an untrained model
+        raise ConfigError(f"{where}.train.epochs: {method_cls.name} trains, so it needs at least 1 epoch, got 0")
     return config
