@@ -191,6 +191,8 @@ def result_filename(result: Mapping[str, Any]) -> str:
     parts = [_slug(result.get("method") or "run"), _slug(result["dataset"])]
     if result.get("subsample") not in (None, "all"):
         parts.append(_slug(result["subsample"]))
+    if result.get("split") not in (None, "test"):  # a val or all-images score never replaces the test score
+        parts.append(_slug(result["split"]))
     if result.get("num_shots"):
         parts.append(f"{int(result['num_shots'])}shot")
     if result.get("seed") is not None:
@@ -207,6 +209,25 @@ def _table_row(result: Mapping[str, Any], filename: str) -> dict[str, Any]:
     row["metrics"] = {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, (int, float))}
     row["skipped_images"] = result.get("skipped_images", 0)
     return row
+
+
+def check_result_free(out_dir: str | os.PathLike[str], result: Mapping[str, Any], *, overwrite: bool = False) -> Path:
+    """The path ``result`` (or the fields that name it) will be written to; refuses, before any work, to replace an
+    earlier result there unless ``overwrite`` (the evaluation commands' --overwrite, like pretrain's)."""
+    path = Path(out_dir) / result_filename(result)
+    if path.exists() and not overwrite:
+        raise ResultError(
+            f"{path} already holds a result of this setting (created {_created(path)}); pass --overwrite to replace "
+            "it, --method NAME to keep both, or another --out."
+        )
+    return path
+
+
+def _created(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8")).get("created") or "?")
+    except (OSError, ValueError, AttributeError):
+        return "?, unreadable"
 
 
 def write_result(result: Mapping[str, Any], out_dir: str | os.PathLike[str], filename: str | None = None) -> Path:

@@ -58,6 +58,9 @@ def add_eval_args(parser: argparse.ArgumentParser, *, default_out: str) -> None:
         help="cache image and text features here (keyed by model, files and transform)",
     )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier result of the same setting in --out (refused)"
+    )
 
 
 def load_frozen_backbone(args: argparse.Namespace) -> Any:
@@ -73,7 +76,7 @@ def write_and_print(
     from promptkd.cli.common import print_table
     from promptkd.results import write_result
 
-    path = write_result(result, out_dir)
+    path = write_result(result, out_dir)  # the command checked before any work that it replaces nothing unasked
     cells = []
     for key, value in shown.items():
         if isinstance(value, float) and key not in ("C",):
@@ -85,5 +88,10 @@ def write_and_print(
     print_table(list(shown), [cells])
     if result.get("skipped_images"):
         print(f"{result['skipped_images']} unreadable images were skipped (listed in the result file).")
+    if result.get("small_images"):
+        print(
+            f"{result['small_images']} images are far smaller than the model's input and were upsampled "
+            "(counted in the result file as small_images)."
+        )
     print(f"result: {path}")
     return str(path), 0

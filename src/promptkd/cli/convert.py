@@ -28,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from promptkd.checkpoints import convert_reference_checkpoint
     from promptkd.cli.common import backbone_from_args
@@ -36,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     backbone = backbone_from_args(args, require_weights=False) if (args.model or args.pretrained) else None
     classnames = None
     if args.classnames:
-        classnames = [line.strip() for line in Path(args.classnames).read_text().splitlines() if line.strip()]
+        from promptkd.data.userdata import read_classnames
+
+        classnames = read_classnames(args.classnames)
     written, report = convert_reference_checkpoint(args.checkpoint, args.out, backbone=backbone, classnames=classnames)
     print(report.summary())
     if backbone is None:

@@ -51,12 +51,15 @@ def run(args: argparse.Namespace) -> int:
     from promptkd.errors import PromptKDError
     from promptkd.evaluation import evaluate_linear_probe
     from promptkd.paths import writable_folder
-    from promptkd.results import make_result
+    from promptkd.results import check_result_free, make_result
 
     writable_folder(args.out)  # before any work
     if args.shots < 0:
         raise PromptKDError(f"--shots must be 0 (the full train split) or a positive K, got {args.shots}.")
     splits = resolve_dataset(args.dataset, args.data_root, classnames=args.classnames)
+    naming = {"method": args.method or "linear-probe", "dataset": splits.name, "task": "linear_probe"}
+    naming |= {"num_shots": args.shots or None, "seed": args.seed if args.shots else None}
+    check_result_free(args.out, naming, overwrite=args.overwrite)
     if args.shots > 0:
         splits = few_shot_splits(splits, args.shots, args.seed, cache_dir=args.few_shot_cache)
     backbone = load_frozen_backbone(args)

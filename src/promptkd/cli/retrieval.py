@@ -66,10 +66,12 @@ def _annotations(args: argparse.Namespace) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     from promptkd.evaluation import evaluate_retrieval, read_captions
     from promptkd.paths import writable_folder
-    from promptkd.results import make_result
+    from promptkd.results import check_result_free, make_result
 
     writable_folder(args.out)  # before any work
     path, dataset = _annotations(args)
+    naming = {"method": args.method or "zeroshot", "dataset": dataset, "task": "zeroshot_retrieval"}
+    check_result_free(args.out, naming, overwrite=args.overwrite)
     captions = read_captions(path, args.images)
     backbone = load_frozen_backbone(args)
     outcome = evaluate_retrieval(

@@ -28,6 +28,7 @@ __all__ = [
     "format_list",
     "is_image_file",
     "load_rgb",
+    "small_images",
 ]
 
 logger = logging.getLogger(__name__)
@@ -246,6 +247,20 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 SMALL_IMAGE_FRACTION = 0.5
 
 
+def small_images(paths: Iterable[str], input_size: int) -> list[str]:
+    """The paths whose shorter side is below ``SMALL_IMAGE_FRACTION`` of ``input_size``, read from the file headers
+    only (no pixel is decoded); unreadable files are left to the readers that report them."""
+    found = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                if min(image.size) < SMALL_IMAGE_FRACTION * input_size:
+                    found.append(path)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return found
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image fully decoded in RGB; raise DataError naming the file if it is missing or unreadable."""
     try:
@@ -291,11 +306,24 @@ class ImageDataset(torch.utils.data.Dataset):
         self.skip_bad = skip_bad
         self.return_index = return_index
         self.skipped: list[str] = []
-        self.small: list[str] = []  # images far smaller than the model's input (upsampled; counted in results)
+        self._small: tuple[int, list[str]] | None = None  # (items scanned, small paths), see :attr:`small`
+        self._warned_small = False
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def small(self) -> list[str]:
+        """Images far smaller than the model's input (upsampled), found from the image headers of every item, so
+        the count is right whatever the loader's worker processes saw (they cannot report back) or a feature
+        cache skipped; empty when the transform does not name an input size."""
+        size = getattr(self.transform, "input_size", None)
+        if not size:
+            return []
+        if self._small is None or self._small[0] != len(self.items):
+            self._small = (len(self.items), small_images([self.path(i) for i in range(len(self.items))], size))
+        return list(self._small[1])
 
     def path(self, index: int) -> str:
         """Image path of item ``index``."""
@@ -341,16 +369,15 @@ class ImageDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self.items)} items")
         image, j = self._load(index)
         size = getattr(self.transform, "input_size", None)
-        if size and min(image.size) < SMALL_IMAGE_FRACTION * size and self.path(j) not in self.small:
-            if not self.small:
-                logger.warning(
-                    "%s is %dx%d px, far smaller than the model's %d px input: it is upsampled and details are "
-                    "invented (every such image is counted in the results)",
-                    self.path(j),
-                    *image.size,
-                    size,
-                )
-            self.small.append(self.path(j))
+        if size and min(image.size) < SMALL_IMAGE_FRACTION * size and not self._warned_small:
+            self._warned_small = True
+            logger.warning(
+                "%s is %dx%d px, far smaller than the model's %d px input: it is upsampled and details are "
+                "invented (every such image is counted in the results, as small_images)",
+                self.path(j),
+                *image.size,
+                size,
+            )
         out = self.transform(image) if self.transform is not None else image
         if self.return_index:
             return out, self.label(j), j

@@ -25,6 +25,7 @@ __all__ = [
     "image_list",
     "make_splits",
     "read_classnames",
+    "read_text",
     "unlabeled_folder",
 ]
 
@@ -46,6 +47,27 @@ class LabeledData(NamedTuple):
     skipped_rows: list[str]
 
 
+def read_text(path: str, what: str) -> str:
+    """A user's text file (class list, template list) as UTF-8; any other encoding is one DataError naming the byte,
+    never a UnicodeDecodeError traceback (one reader, so every command says the same)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{what} cannot be read ({e.strerror or e})", path=path, fix="check the file") from e
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{what} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})",
+            path=path,
+            line=line,
+            expected="UTF-8 text",
+            fix=f"save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > fixed.txt",
+        ) from None
+
+
 def read_classnames(source: ClassNames) -> list[str]:
     """Class names from a sequence, a text file (one name per line) or a JSON file (a list of strings)."""
     if isinstance(source, str | os.PathLike):
@@ -57,10 +79,10 @@ def read_classnames(source: ClassNames) -> list[str]:
                 expected="a text file with one class name per line, or a JSON list of names",
                 fix="check the path of the class-name file",
             )
+        content = read_text(path, "class-name file")
         if path.lower().endswith(".json"):
             try:
-                with open(path, encoding="utf-8") as f:
-                    names = json.load(f)
+                names = json.loads(content)
             except ValueError as e:
                 raise DataError(
                     f"class-name file is not valid JSON ({e})",
@@ -77,8 +99,7 @@ def read_classnames(source: ClassNames) -> list[str]:
                     fix="rewrite the file as a list of names in label order",
                 )
         else:
-            with open(path, encoding="utf-8") as f:
-                names = [line.strip() for line in f if line.strip()]
+            names = [line.strip() for line in content.splitlines() if line.strip()]
         where = path
     else:
         names = [str(n) for n in source]
@@ -121,8 +142,10 @@ def _match_folders(folders: list[str], classnames: ClassNames, root: str) -> tup
     ids). Labels follow the list's order; names without a folder stay classes (scored, no images)."""
     source = os.fspath(classnames) if isinstance(classnames, str | os.PathLike) else None
     if source and source.lower().endswith(".json") and os.path.isfile(source):
-        with open(source, encoding="utf-8") as f:
-            mapping = json.load(f)
+        try:
+            mapping = json.loads(read_text(source, "class-name file"))
+        except ValueError:
+            mapping = None  # read_classnames below names the JSON problem
         if isinstance(mapping, dict):
             unknown = [f for f in folders if f not in mapping]
             if unknown:
@@ -463,6 +486,8 @@ def make_splits(
     root = os.path.commonpath(paths) if paths else ""
     if root and os.path.isfile(root):
         root = os.path.dirname(root)
+    shares = "/".join(f"{round(100 * f)}" for f in (1 - val_fraction - test_fraction, val_fraction, test_fraction))
+    note = f"images split per class {shares} into train/val/test by promptkd (CoOp's rule, seeded)"
     return DatasetSplits(
-        name=name, classnames=classnames, train=train, val=val, test=test, template=template, root=root
+        name=name, classnames=classnames, train=train, val=val, test=test, template=template, root=root, notes=[note]
     )

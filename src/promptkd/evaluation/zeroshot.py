@@ -108,11 +108,11 @@ def read_template_file(path: str | os.PathLike[str], dataset: str | None = None)
 
     With a dict, ``dataset`` selects the entry (falling back to the only entry, then to ``imagenet1k``).
     """
+    from promptkd.data.userdata import read_text
+
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise TemplateError(f"cannot read template file {path}: {error}") from error
+        data = json.loads(read_text(str(path), "template file"))
     except json.JSONDecodeError as error:
         raise TemplateError(f"{path}:{error.lineno}: template file is not valid JSON ({error.msg})") from error
     if isinstance(data, list):
@@ -314,6 +314,7 @@ class ZeroShotResult:
     num_classes: int
     templates: list[str] | dict[str, list[str]]
     skipped: list[str] = field(default_factory=list)
+    small: list[str] = field(default_factory=list)  # images far below the input size (upsampled)
     logits: torch.Tensor | None = None
     labels: torch.Tensor | None = None
 
@@ -347,12 +348,12 @@ def evaluate_zeroshot(
         weights = zeroshot_classifier(backbone, classnames, templates, cache_dir=cache_dir, progress=progress)
     if weights.shape[1] != len(classnames):
         raise ValueError(f"classifier has {weights.shape[1]} classes but {len(classnames)} class names were given")
+    dataset = (
+        data
+        if isinstance(data, ImageDataset)
+        else ImageDataset(list(data), eval_transform(backbone.preprocess), skip_bad=skip_bad)
+    )
     if features is None:
-        dataset = (
-            data
-            if isinstance(data, ImageDataset)
-            else ImageDataset(list(data), eval_transform(backbone.preprocess), skip_bad=skip_bad)
-        )
         features = extract_features(
             backbone,
             dataset,
@@ -370,6 +371,7 @@ def evaluate_zeroshot(
         num_classes=len(classnames),
         templates=describe_templates(templates),
         skipped=list(features.skipped),
+        small=[p for p in dataset.small if p not in set(features.skipped)],
         logits=logits if keep_logits else None,
         labels=features.labels if keep_logits else None,
     )
