@@ -125,3 +125,31 @@ def test_config_is_sorted_json(tmp_path):
     text = (tmp_path / "c.json").read_text()
     assert json.loads(text)["format"] == "promptkd-checkpoint"
     assert text.index('"b"') < text.index('"method"')
+
+
+def test_damaged_tensor_file_is_refused_not_loaded_as_other_numbers(tmp_path):
+    """safetensors has no checksum: bytes flipped inside a tensor load as other values unless the JSON's digest is
+    checked."""
+    save_checkpoint(tmp_path / "ck", {"w": torch.arange(64, dtype=torch.float32)}, {"method": "toy"})
+    tensors, _ = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(tensors["w"], torch.arange(64, dtype=torch.float32))
+    path = tmp_path / "ck.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF  # inside the tensor's bytes, the header untouched
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged or altered"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_digested_files_round_trip_and_refuse_damage(tmp_path):
+    from promptkd.checkpoints import read_with_digest, write_with_digest
+
+    write_with_digest(tmp_path / "f", b"payload" * 100)
+    assert read_with_digest(tmp_path / "f") == b"payload" * 100
+    (tmp_path / "old").write_bytes(b"written before digests")
+    assert read_with_digest(tmp_path / "old") == b"written before digests"
+    data = bytearray((tmp_path / "f").read_bytes())
+    data[-3] ^= 1
+    (tmp_path / "f").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged"):
+        read_with_digest(tmp_path / "f")

@@ -7,10 +7,13 @@ from promptkd.checkpoints.format import (
     check_state_fits,
     checkpoint_paths,
     classnames_hash,
+    file_sha256,
     load_checkpoint,
     load_trainable_state,
+    read_with_digest,
     save_checkpoint,
     trainable_state,
+    write_with_digest,
 )
 from promptkd.checkpoints.reference import (
     ConversionReport,
@@ -29,9 +32,12 @@ __all__ = [
     "classnames_hash",
     "convert_reference_checkpoint",
     "convert_reference_state_dict",
+    "file_sha256",
     "load_checkpoint",
     "load_trainable_state",
     "read_reference_checkpoint",
+    "read_with_digest",
     "save_checkpoint",
     "trainable_state",
+    "write_with_digest",
 ]

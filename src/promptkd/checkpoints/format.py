@@ -91,8 +91,44 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], confi
         meta["classnames_sha256"] = classnames_hash(list(meta["classnames"]))
     with atomic_path(tensor_path) as tmp:
         save_file(clean, str(tmp), metadata={"format": "pt", "promptkd": FORMAT_NAME})
+        meta["tensors_sha256"] = file_sha256(tmp)
     atomic_write_text(config_path, json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
     return tensor_path
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+DIGEST_MAGIC = b"promptkd-sha256\n"
+
+
+def write_with_digest(path: str | Path, data: bytes) -> None:
+    """Write ``data`` atomically behind a header holding its SHA-256, so a damaged file is recognised on reading
+    (torch's zip archives carry no checksum that ``torch.load`` verifies: flipped bytes load as other numbers)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(DIGEST_MAGIC + hashlib.sha256(data).digest() + data)
+
+
+def read_with_digest(path: str | Path) -> bytes:
+    """The payload written by :func:`write_with_digest`, verified; a file without the header is returned whole
+    (written before digests were added); a payload that does not match its digest is refused."""
+    raw = Path(path).read_bytes()
+    if not raw.startswith(DIGEST_MAGIC):
+        return raw
+    start = len(DIGEST_MAGIC) + 32
+    digest, payload = raw[len(DIGEST_MAGIC) : start], raw[start:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(
+            f"{path}: damaged (its content does not match the SHA-256 stored with it); it was not used. Delete it "
+            "to start that part again, or restore it from a backup."
+        )
+    return payload
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -114,8 +150,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{tensor_path}: cannot be read ({error}); the file is truncated or corrupt.") from error
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path}: not valid JSON ({error}).") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: not a promptkd checkpoint config (a JSON object is expected).")
     if config.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{config_path}: not a promptkd checkpoint config (format={config.get('format')!r}).")
     listed = set(config.get("tensors", {}))
@@ -123,6 +161,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(
             f"{tensor_path}: tensors {sorted(set(tensors) ^ listed)} disagree with {config_path.name}; "
             "the two files come from different saves."
+        )
+    recorded = config.get("tensors_sha256")
+    if recorded is not None and file_sha256(tensor_path) != recorded:
+        raise CheckpointError(
+            f"{tensor_path}: damaged or altered (its SHA-256 differs from the one {config_path.name} records); it "
+            "was not used. Re-create the checkpoint, or restore both files from the same save."
         )
     return tensors, config
 
