@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -87,3 +88,94 @@ def gather_concat(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """all_reduce(SUM) with a gradient: every process's loss depends on every process's part of the sum, so the
+    gradient of each part is the sum of the gradients over processes (all_reduce again)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch (every process's rows), on any backend.
+
+    torch's SyncBatchNorm does the same on CUDA only; this one runs two small all_reduces (sum with the row count,
+    then the centred sum of squares) on gloo and nccl alike, so 2 processes normalise exactly the rows 1 process
+    would. Outside training, or in a single process, it is plain BatchNorm. Its state dict is BatchNorm's.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of at least 2 dimensions (batch, channels), got {input.dim()}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _distributed()):
+            return super().forward(input)
+        self._check_input_dim(input)
+        x = input.float()
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        first = _SumOverProcesses.apply(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])]))
+        count = first[-1].detach()
+        if float(count) < 2:
+            raise ValueError("BatchNorm needs more than 1 value per channel over all processes in training")
+        mean = first[:-1] / count
+        centred = x - mean.view(shape)
+        var = _SumOverProcesses.apply((centred * centred).sum(dims)) / count
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            self._update_running(mean.detach(), var.detach() * count / (count - 1))
+        return out.to(input.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """As BatchNorm: an exponential average with ``momentum`` (a cumulative one when momentum is None)."""
+        self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - factor).add_(factor * mean.to(self.running_mean.dtype))  # type: ignore[union-attr]
+        self.running_var.mul_(1 - factor).add_(factor * unbiased_var.to(self.running_var.dtype))  # type: ignore[union-attr]
+
+
+def use_global_batchnorm(model: nn.Module, learner: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Put :class:`GlobalBatchNorm` in place of every BatchNorm that trains (those of ``learner``, and any whose
+    weights require gradients), keeping its parameters and buffers (the optimiser's tensors stay the same).
+    Returns what :func:`restore_batchnorm` needs to put the originals back."""
+    inside = {id(m) for m in learner.modules()}
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            trains = id(child) in inside or any(p.requires_grad for p in child.parameters(recurse=False))
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm) and trains:
+                replacement = GlobalBatchNorm(
+                    child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+                )
+                replacement._parameters = child._parameters  # the same tensors: the optimiser keeps its state
+                replacement._buffers = child._buffers
+                replacement.train(child.training)
+                setattr(parent, name, replacement)
+                swapped.append((parent, name, child))
+    return swapped
+
+
+def restore_batchnorm(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Put the original BatchNorm modules back (after training: inference and export see plain BatchNorm)."""
+    for parent, name, original in reversed(swapped):
+        original.train(getattr(parent, name).training)
+        setattr(parent, name, original)

@@ -7,18 +7,22 @@
   the trainable tensors. A run killed at any moment and resumed replays the unfinished epoch exactly (data order and
   augmentation are functions of seed, epoch and index) and ends with the same prompts as an uninterrupted run.
 - A NaN/inf loss stops the run with a message; the last epoch's checkpoint is kept untouched.
-- Distributed: under torchrun the method is wrapped in DistributedDataParallel; rank 0 logs and writes.
+- Distributed: under torchrun the method is wrapped in DistributedDataParallel; rank 0 logs and writes. BatchNorm
+  that trains uses the global batch's statistics (:class:`~promptkd.engine.distributed.GlobalBatchNorm`, gloo and
+  nccl), so 2 processes normalise what 1 would; plain BatchNorm is put back after training.
 - Model selection: the last epoch, or (``select: val``) the best epoch on the validation split — never the test
   split; whatever was selected on is recorded.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +32,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from promptkd.backbones import autocast_for
-from promptkd.checkpoints import atomic_path, atomic_write_text
+from promptkd.checkpoints import atomic_write_text, read_with_digest, write_with_digest
 from promptkd.config import to_dict
 from promptkd.engine.config import TrainConfig
 from promptkd.engine.data import make_loader, sample_seed, set_epoch
-from promptkd.engine.distributed import DistInfo, all_reduce_mean, barrier, gather_concat
+from promptkd.engine.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    gather_concat,
+    restore_batchnorm,
+    use_global_batchnorm,
+)
 from promptkd.engine.stream import StreamSource, stream_batches
 from promptkd.errors import PromptKDError
 from promptkd.methods.base import Batch, Method
@@ -201,8 +212,9 @@ class Trainer:
         path = self.out / RESUME_FILE
         if not path.is_file():
             return _ResumePoint()
+        payload = read_with_digest(path)  # a damaged file is refused, never loaded as other numbers
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         except Exception as error:
             raise ResumeError(f"{path}: cannot read the resume file ({error}); delete it to start over.") from error
         ours = self._identity()
@@ -266,8 +278,9 @@ class Trainer:
             "history": history,
             "best": best,
         }
-        with atomic_path(self.out / RESUME_FILE) as tmp:
-            torch.save(state, tmp)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_with_digest(self.out / RESUME_FILE, buffer.getvalue())
 
     # --- the loop ----------------------------------------------------------------------------------------------------
     def fit(self, train_set, val_set=None) -> TrainResult:
@@ -320,15 +333,17 @@ class Trainer:
                 num_workers=cfg.num_workers,
             )
         model: nn.Module = method
-        if info.enabled:
-            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.learner.modules()):
-                method.learner = nn.SyncBatchNorm.convert_sync_batchnorm(method.learner)
-            model = nn.parallel.DistributedDataParallel(
-                method,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
-                find_unused_parameters=False,
-            )
+        swapped: list = []
+        if info.enabled:  # BatchNorm that trains normalises the global batch, as 1 process would (any backend)
+            swapped = use_global_batchnorm(method, method.learner)
+            with warnings.catch_warnings():  # torch 2.14 deprecates broadcast_buffers; False is still what we mean
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                model = nn.parallel.DistributedDataParallel(
+                    method,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    broadcast_buffers=False,  # BatchNorm statistics are global (GlobalBatchNorm): equal everywhere
+                    find_unused_parameters=False,
+                )
         metrics_path = self.out / "metrics.jsonl"
         writer = self._tensorboard()
         images_seen, compute_seconds = 0, 0.0
@@ -442,6 +457,7 @@ class Trainer:
             selection = {"on": "val", "epoch": best["epoch"], "val_acc1": best["val_acc1"]}
         elif cfg.select == "val":
             selection = {"on": "last_epoch (no validation split)", "epoch": cfg.epochs}
+        restore_batchnorm(swapped)
         method.on_train_end()  # after the selection, so end-of-training steps (GPA, Tip-Adapter-F search) see it
         path = None
         if info.is_main:

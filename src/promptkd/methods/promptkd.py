@@ -146,10 +146,14 @@ class Projector(nn.Module):
             raise ValueError(f"projector must be 'mlp' or 'linear', not {kind!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
-        if self.kind == "mlp":
-            x = self.fc2(F.relu(self.bn(x)))
-        return x
+        if self.kind != "mlp":
+            return self.fc1(x)
+        # The BatchNorm after fc1 cancels fc1's bias in training, so the bias's exact gradient is 0; autograd's is
+        # rounding noise, which AdamW would turn into lr-sized steps that differ between runs on 1 and 2 processes.
+        # ``0 * bias`` gives it the exact gradient (and keeps it in DDP's graph); its value still enters the
+        # running mean, as in the reference.
+        x = F.linear(x, self.fc1.weight, self.fc1.bias.detach()) + 0.0 * self.fc1.bias
+        return self.fc2(F.relu(self.bn(x)))
 
 
 def add_lora(module: nn.Module, rank: int, alpha: float) -> None:
