@@ -254,6 +254,20 @@ def test_feature_cache_hits_and_invalidates_on_file_change(tiny_backbone, tmp_pa
     assert torch.allclose(third.features, direct, atol=1e-5)
 
 
+def test_damaged_feature_cache_is_recomputed_not_used(tiny_backbone, tmp_path):
+    dataset_dir = write_split_dataset(tmp_path / "data")
+    items = items_of(dataset_dir, "train")
+    transform = eval_transform(tiny_backbone.preprocess)
+    cache = tmp_path / "cache"
+    first = extract_features(tiny_backbone, ImageDataset(items, transform), cache_dir=cache, progress=False)
+    (stored,) = cache.glob("features-*.safetensors")
+    data = bytearray(stored.read_bytes())
+    data[-8] ^= 0xFF  # inside the last tensor: safetensors would load it as another number
+    stored.write_bytes(bytes(data))
+    again = extract_features(tiny_backbone, ImageDataset(items, transform), cache_dir=cache, progress=False)
+    assert not again.from_cache and torch.equal(again.features, first.features)
+
+
 def test_model_identity_tracks_weights_and_precision(tiny_backbone, wide_backbone):
     import dataclasses
 

@@ -75,8 +75,6 @@ def classnames_hash(classnames: list[str]) -> str:
 
 def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
     """Write ``tensors`` (trainable state only) and ``config`` atomically; returns the tensor file path."""
-    from safetensors.torch import save_file
-
     tensor_path, config_path = checkpoint_paths(path)
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = dict(config)
@@ -89,11 +87,56 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], confi
     }
     if "classnames" in meta and meta["classnames"] is not None:
         meta["classnames_sha256"] = classnames_hash(list(meta["classnames"]))
-    with atomic_path(tensor_path) as tmp:
-        save_file(clean, str(tmp), metadata={"format": "pt", "promptkd": FORMAT_NAME})
-        meta["tensors_sha256"] = file_sha256(tmp)
-    atomic_write_text(config_path, json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    save_tensor_record(tensor_path, config_path, clean, meta, metadata={"format": "pt", "promptkd": FORMAT_NAME})
     return tensor_path
+
+
+def save_tensor_record(
+    tensor_path: Path, record_path: Path, tensors: Mapping[str, torch.Tensor], record: dict[str, Any], **options: Any
+) -> None:
+    """Write tensors (safetensors) and their JSON record, each atomically; the record holds the tensor file's
+    SHA-256 so a later reader can tell a damaged or swapped file (safetensors itself carries no checksum)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(tensor_path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), **options)
+        record = {**record, "tensors_sha256": file_sha256(tmp)}
+    atomic_write_text(record_path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def load_tensor_record(tensor_path: Path, record_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read what :func:`save_tensor_record` wrote; CheckpointError for a missing, unreadable or damaged pair (a
+    record without a digest, written before digests were added, is accepted as it is)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not tensor_path.is_file():
+        raise CheckpointError(f"{tensor_path}: no such file.")
+    if not record_path.is_file():
+        raise CheckpointError(f"{record_path}: missing; the tensors of {tensor_path.name} come with this JSON record.")
+    try:
+        tensors = load_file(str(tensor_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{tensor_path}: cannot be read ({error}); the file is truncated or corrupt.") from error
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        raise CheckpointError(f"{record_path}: not valid JSON ({error}).") from error
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{record_path}: not a promptkd record (a JSON object is expected).")
+    listed = set(record.get("tensors") or {})
+    if listed and listed != set(tensors):
+        raise CheckpointError(
+            f"{tensor_path}: tensors {sorted(set(tensors) ^ listed)} disagree with {record_path.name}; "
+            "the two files come from different saves."
+        )
+    recorded = record.get("tensors_sha256")
+    if recorded is not None and file_sha256(tensor_path) != recorded:
+        raise CheckpointError(
+            f"{tensor_path}: damaged or altered (its SHA-256 differs from the one {record_path.name} records); it "
+            "was not used. Re-create it, or restore both files from the same save."
+        )
+    return tensors, record
 
 
 def file_sha256(path: str | Path) -> str:
@@ -132,10 +175,7 @@ def read_with_digest(path: str | Path) -> bytes:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a promptkd checkpoint; both files must exist and agree."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Read a promptkd checkpoint; both files must exist, agree and match the recorded digest."""
     tensor_path, config_path = checkpoint_paths(path)
     if not tensor_path.is_file():
         raise CheckpointError(f"{tensor_path}: no such checkpoint file.")
@@ -144,30 +184,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             f"{config_path}: missing; a promptkd checkpoint is a .safetensors file plus its .json config. "
             "To import a checkpoint of the CoOp/MaPLe/PromptSRC/PromptKD code, use `promptkd convert`."
         )
-    try:
-        tensors = load_file(str(tensor_path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{tensor_path}: cannot be read ({error}); the file is truncated or corrupt.") from error
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{config_path}: not valid JSON ({error}).") from error
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: not a promptkd checkpoint config (a JSON object is expected).")
+    tensors, config = load_tensor_record(tensor_path, config_path)
     if config.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{config_path}: not a promptkd checkpoint config (format={config.get('format')!r}).")
-    listed = set(config.get("tensors", {}))
-    if listed and listed != set(tensors):
-        raise CheckpointError(
-            f"{tensor_path}: tensors {sorted(set(tensors) ^ listed)} disagree with {config_path.name}; "
-            "the two files come from different saves."
-        )
-    recorded = config.get("tensors_sha256")
-    if recorded is not None and file_sha256(tensor_path) != recorded:
-        raise CheckpointError(
-            f"{tensor_path}: damaged or altered (its SHA-256 differs from the one {config_path.name} records); it "
-            "was not used. Re-create the checkpoint, or restore both files from the same save."
-        )
     return tensors, config
 
 

@@ -154,34 +154,25 @@ def _load_cached(cache_dir: str | os.PathLike[str], key: str) -> FeatureSet | No
     tensor_path, meta_path = _cache_paths(cache_dir, key)
     if not (tensor_path.is_file() and meta_path.is_file()):
         return None
-    try:
-        from safetensors.torch import load_file
+    from promptkd.checkpoints import CheckpointError, load_tensor_record
 
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(tensor_path))
+    try:
+        tensors, meta = load_tensor_record(tensor_path, meta_path)
         if meta.get("key") != key:
             return None
         return FeatureSet(tensors["features"], tensors["labels"], tensors["indices"], list(meta["skipped"]), True)
-    except (OSError, ValueError, KeyError) as error:
+    except (CheckpointError, KeyError) as error:
         logger.warning("feature cache %s is unreadable (%s); recomputing", tensor_path, error)
         return None
 
 
 def _save_cached(cache_dir: str | os.PathLike[str], key: str, result: FeatureSet, describe: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    from promptkd.checkpoints import atomic_path, atomic_write_text
+    from promptkd.checkpoints import save_tensor_record
 
     tensor_path, meta_path = _cache_paths(cache_dir, key)
     try:
-        tensors = {
-            "features": result.features.contiguous(),
-            "labels": result.labels.contiguous(),
-            "indices": result.indices.contiguous(),
-        }
-        with atomic_path(tensor_path) as tmp:
-            save_file(tensors, str(tmp))
-        atomic_write_text(meta_path, json.dumps({"key": key, "skipped": result.skipped, **describe}, indent=1))
+        tensors = {"features": result.features, "labels": result.labels, "indices": result.indices}
+        save_tensor_record(tensor_path, meta_path, tensors, {"key": key, "skipped": result.skipped, **describe})
     except OSError as error:
         logger.warning("could not write feature cache %s (%s); continuing without it", tensor_path, error)
 

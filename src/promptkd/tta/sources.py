@@ -14,17 +14,15 @@ class list; loading them for another backbone, other prompts or classes they lac
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from promptkd.checkpoints import atomic_path, atomic_write_text
+from promptkd.checkpoints import load_tensor_record, save_tensor_record
 from promptkd.data.items import Datum, ImageDataset
 from promptkd.data.transforms import eval_transform
 from promptkd.errors import PromptKDError
@@ -68,10 +66,7 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 def _save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     weights, config = _paths(path)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(weights) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    atomic_write_text(config, json.dumps(meta, indent=2) + "\n")
+    save_tensor_record(weights, config, tensors, meta)
     return weights
 
 
@@ -79,10 +74,10 @@ def _load(path: str | Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str
     weights, config = _paths(path)
     if not weights.exists() or not config.exists():
         raise SourceError(f"{weights} / {config}: file not found; compute it with `promptkd tta-stats`.")
-    meta = json.loads(config.read_text())
+    tensors, meta = load_tensor_record(weights, config)  # a damaged file is refused, never used
     if meta.get("format") != fmt:
         raise SourceError(f"{config}: not a {fmt} file (format {meta.get('format')!r}).")
-    return load_file(str(weights)), meta
+    return tensors, meta
 
 
 def _check_identity(meta: dict[str, Any], model: PromptedCLIP, what: str, source: str) -> None:
