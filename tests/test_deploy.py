@@ -72,15 +72,38 @@ def test_predict_writes_top_k_csv_from_student_alone(student_run, tmp_path):
         == 0
     )
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ["path", "class_1", "score_1", "class_2", "score_2", "class_3", "score_3"]
+    header = ["path"] + [f"{kind}_{r}" for r in (1, 2, 3) for kind in ("class", "index", "score")]
+    assert rows[0] == header
     assert len(rows) - 1 == len(image_paths([folder]))
-    scores = [float(rows[1][i]) for i in (2, 4, 6)]
+    scores = [float(rows[1][i]) for i in (3, 6, 9)]
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
-    assert {rows[1][1], rows[1][3], rows[1][5]} <= set(CLASSES)
+    assert {rows[1][1], rows[1][4], rows[1][7]} <= set(CLASSES)
+    assert all(CLASSES[int(rows[1][i + 1])] == rows[1][i] for i in (1, 4, 7))  # each name with its row
     method = load_for_inference(student_run / "run" / "prompts.safetensors")
     assert method.teacher is None
     predictions, _ = predict(method, [rows[1][0]], top_k=1, progress=False)
     assert predictions[0].classes[0] == rows[1][1]
+
+
+def test_predict_tells_repeated_class_names_apart(student_run, tmp_path, capsys):
+    """A list that repeats a name (ImageNet's two 'missile' rows): the CSV carries each class's row and the printed
+    table says '[#row]' for the repeated name, so the two can be told apart (issue 18, item 9)."""
+    import csv
+
+    from promptkd.deploy import write_predictions_csv
+
+    method = load_for_inference(student_run / "run" / "prompts.safetensors")
+    method.classnames = [CLASSES[0], *CLASSES[:-1]]  # row 1 repeats row 0's name; same number of rows
+    images = image_paths([student_run / "toy" / "images"])
+    predictions, _ = predict(method, images, top_k=len(CLASSES), progress=False)
+    first = predictions[0]
+    ranks = [r for r, name in enumerate(first.classes) if name == CLASSES[0]]
+    assert len(ranks) == 2 and {first.indices[r] for r in ranks} == {0, 1}
+    assert {first.label(r) for r in ranks} == {f"{CLASSES[0]} [#0]", f"{CLASSES[0]} [#1]"}
+    other = next(r for r, name in enumerate(first.classes) if name != CLASSES[0])
+    assert first.label(other) == first.classes[other]  # names used once stay bare
+    rows = list(csv.reader(write_predictions_csv(predictions, tmp_path / "p.csv").open()))
+    assert sorted(int(rows[1][3 * r + 2]) for r in ranks) == [0, 1]
 
 
 def test_export_round_trip_gives_same_predictions(student_run, tmp_path):

@@ -12,7 +12,7 @@ import csv
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -69,8 +69,10 @@ def image_paths(sources: Sequence[str | Path]) -> list[str]:
         if source.is_dir():
             paths.extend(unlabeled_folder(source))
         elif source.suffix.lower() in (".txt", ".lst", ".list"):
+            from promptkd.data.userdata import read_text
+
             base = source.parent
-            for line in source.read_text().splitlines():
+            for line in read_text(str(source), "image list").splitlines():
                 if line.strip():
                     path = Path(line.strip())
                     paths.append(str(path if path.is_absolute() else base / path))
@@ -85,9 +87,27 @@ def image_paths(sources: Sequence[str | Path]) -> list[str]:
 
 @dataclass
 class Prediction:
+    """Top-k of one image: class names, their rows in the class list (``indices``: the only way to tell apart names
+    a list repeats, e.g. ImageNet's two 'missile' rows) and softmax scores; ``repeated``: names used twice or more."""
+
     path: str
     classes: list[str]
     scores: list[float]
+    indices: list[int] = field(default_factory=list)
+    repeated: frozenset[str] = frozenset()
+
+    def label(self, rank: int = 0) -> str:
+        """The class at ``rank`` as a user reads it: its name, plus ``[#row]`` when the list repeats that name."""
+        name = self.classes[rank]
+        if name in self.repeated and rank < len(self.indices):
+            return f"{name} [#{self.indices[rank]}]"
+        return name
+
+
+def repeated_names(classnames: Sequence[str]) -> frozenset[str]:
+    """Names a class list holds more than once."""
+    seen: set[str] = set()
+    return frozenset(n for n in classnames if n in seen or seen.add(n))
 
 
 @torch.no_grad()
@@ -97,6 +117,7 @@ def predict(
     """Top-k classes and softmax scores per image; unreadable images raise, or are skipped and returned."""
     from promptkd.data.items import ImageDataset
     from promptkd.data.transforms import build_transform
+    from promptkd.distill.extend import calibrator
 
     dataset = ImageDataset(
         list(paths), build_transform(method.backbone.preprocess, train=False), skip_bad=skip_bad, return_index=True
@@ -105,28 +126,31 @@ def predict(
         dataset.verify()  # drop unreadable images up front, so none is replaced by a neighbour's prediction
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     device = next(method.clip.parameters()).device
+    calibrate = calibrator(method)  # a student's stored calibration of added classes (features calibrate), if any
     k = min(top_k, len(method.classnames))
+    repeated = repeated_names(method.classnames)
     out: list[Prediction] = []
     for images, _, index in tqdm(loader, desc="predicting", disable=not progress, leave=False):
         with method.backbone.autocast():
-            logits = method.logits(images.to(device)).float()
+            logits = calibrate(method.logits(images.to(device)).float())
         scores, classes = logits.softmax(-1).topk(k, dim=-1)
         for i, row_scores, row_classes in zip(index.tolist(), scores.tolist(), classes.tolist()):
-            out.append(Prediction(dataset.path(i), [method.classnames[c] for c in row_classes], row_scores))
+            names = [method.classnames[c] for c in row_classes]
+            out.append(Prediction(dataset.path(i), names, row_scores, list(row_classes), repeated))
     return out, list(getattr(dataset, "skipped", []))
 
 
 def write_predictions_csv(predictions: Sequence[Prediction], path: str | Path) -> Path:
     path = Path(path)
     k = max((len(p.classes) for p in predictions), default=0)
-    header = ["path"] + [f"{kind}_{r}" for r in range(1, k + 1) for kind in ("class", "score")]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+    header = ["path"] + [f"{kind}_{r}" for r in range(1, k + 1) for kind in ("class", "index", "score")]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for p in predictions:
             row: list[str] = [p.path]
-            for c, s in zip(p.classes, p.scores):
-                row += [c, f"{s:.6f}"]
+            for rank, (c, s) in enumerate(zip(p.classes, p.scores)):
+                row += [c, str(p.indices[rank]) if rank < len(p.indices) else "", f"{s:.6f}"]
             writer.writerow(row)
     return path
 

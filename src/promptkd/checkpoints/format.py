@@ -227,8 +227,9 @@ def check_state_fits(
     if missing or unexpected or mis_shaped:
         lines = [f"{source}: checkpoint does not fit the model; nothing was loaded."]
         for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
-            if items:
-                lines.append(f"  {label} keys: {', '.join(items)}")
+            if items:  # a few names and the count: another architecture differs in every one of ~140 keys
+                more = f", ... ({len(items) - 8} more, {len(items)} in all)" if len(items) > 8 else ""
+                lines.append(f"  {label} keys: {', '.join(items[:8])}{more}")
         lines.append(
             "  Check that the method, backbone and prompt settings match the ones the checkpoint was made with."
         )

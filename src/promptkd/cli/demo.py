@@ -251,12 +251,24 @@ def _predict_example(run_dir: Path, dataset: str, data_root, count: int = 6) -> 
     predictions, _ = predict(method, [d.path for d in samples], top_k=3, progress=False)
     path = write_predictions_csv(predictions, run_dir / "predictions.csv")
     right = sum(p.classes[0] == d.classname for d, p in zip(samples, predictions))
+    root = Path(data_root) if data_root else Path(splits.root)
+    shown = [shown_path(d.path, root) for d in samples]
+    width = max(len(name) for name in shown)
     print(f"predict with the distilled student alone (no text encoder, no teacher) -> {path}")
-    print(f"  {right} of {len(samples)} right:")
-    for datum, p in zip(samples, predictions):
+    print(f"  {right} of {len(samples)} right (images under {root}):")
+    for datum, name, p in zip(samples, shown, predictions):
         verdict = "right" if p.classes[0] == datum.classname else "WRONG"
-        guesses = ", ".join(f"{c} {s:.2f}" for c, s in zip(p.classes, p.scores))
-        print(f"  {verdict:>5}  {Path(datum.path).name:>10}  true: {datum.classname:<18} predicted: {guesses}")
+        guesses = ", ".join(f"{p.label(r)} {s:.2f}" for r, s in enumerate(p.scores))
+        print(f"  {verdict:>5}  {name:<{width}}  true: {datum.classname:<18} predicted: {guesses}")
+
+
+def shown_path(path: str, root: Path) -> str:
+    """An image's path as a user can open it: relative to the data root it lives under (file names repeat across
+    class folders: every class has a 0050.png), else the full path."""
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _bar_chart(rows: list[dict], path: Path) -> Path:

@@ -45,8 +45,11 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     path = write_predictions_csv(predictions, args.out)
-    rows = [(p.path[-48:], p.classes[0], f"{p.scores[0]:.3f}") for p in predictions[:10]]
+    rows = [(p.path[-48:], p.label(0), f"{p.scores[0]:.3f}") for p in predictions[:10]]
     print_table(["image", "top-1 class", "score"], rows)
+    if predictions and predictions[0].repeated:
+        shown = ", ".join(sorted(predictions[0].repeated)[:5])
+        print(f"the class list repeats names ({shown}); [#row] and the CSV's index columns say which row is meant")
     print(
         f"{len(predictions)} images -> {path}"
         + (f"; skipped {len(skipped)} unreadable: {skipped[:5]}" if skipped else "")

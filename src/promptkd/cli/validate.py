@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -186,15 +187,25 @@ def checkpoint(value: str) -> str:
     return value
 
 
+def _can_write_in(folder: Path) -> bool:
+    """Whether a file can be made in ``folder``, proved by making (and at once removing) one: permission bits
+    say nothing for root, read-only mounts or /proc."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def _writable_ancestor(path: Path, value: str) -> None:
-    """The nearest existing folder above ``path`` must be a folder this process can write (nothing is created)."""
+    """The nearest existing folder above ``path`` must be a folder this process can write (nothing is left)."""
     parent = path.absolute().parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{value}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"{value}: cannot write in {parent}; choose a folder you can write to")
+        raise argparse.ArgumentTypeError(f"cannot write to {value}: {parent} is a file, not a folder")
+    if not _can_write_in(parent):
+        raise argparse.ArgumentTypeError(f"cannot write to {value}: {parent} is not writable; choose another place")
 
 
 @_kind("output_folder", "a folder to write in")
@@ -203,8 +214,8 @@ def output_folder(value: str) -> str:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{value} is a file, not a folder; name a folder for the outputs")
     if path.is_dir():
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise argparse.ArgumentTypeError(f"cannot write in {value}; choose a folder you can write to")
+        if not _can_write_in(path):
+            raise argparse.ArgumentTypeError(f"cannot write to {value}: not writable; choose another folder")
         return value
     _writable_ancestor(path, value)
     return value

@@ -52,20 +52,35 @@ class ProtocolSpec:
 
 
 def _results_exist(folder: Path) -> bool:
-    """A run is finished when its folder holds at least one result JSON (written after the test evaluation)."""
+    """A run is finished when its folder holds at least one result JSON (written after the test evaluation).
+
+    A JSON file that cannot be read (truncated, not UTF-8) is never passed over in silence: a damaged result is
+    moved aside to ``<name>.corrupt`` (kept, and out of the report's way) with a warning that the run will be
+    recomputed; a damaged file beside a checkpoint (its config) is only named, for the run's resume to judge."""
     import json
 
     from promptkd.results import is_result
 
     if not folder.is_dir():
         return False
-    for path in folder.glob("*.json"):
+    found = False
+    for path in sorted(folder.glob("*.json")):
         try:
-            if is_result(json.loads(path.read_text())):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
+            found = found or is_result(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as error:
+            _set_aside(path, error)
+    return found
+
+
+def _set_aside(path: Path, error: Exception) -> None:
+    if path.with_suffix(".safetensors").exists():
+        logger.warning("%s cannot be read (%s); the run in %s is checked by its resume", path, error, path.parent)
+        return
+    kept = path.with_name(path.name + ".corrupt")
+    path.replace(kept)
+    logger.warning(
+        "%s cannot be read (%s): kept as %s; if it was this run's result, the run is recomputed", path, error, kept
+    )
 
 
 def _base_config(spec: ProtocolSpec, dataset: str, seed: int, shots: int, subsample: str, out: Path) -> RunConfig:
