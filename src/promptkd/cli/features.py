@@ -1,4 +1,5 @@
-"""`promptkd features`: work on stored teacher features; `extend` adds classes after distillation."""
+"""`promptkd features`: work on stored teacher features; `extend` adds classes after distillation, `calibrate` weighs
+their rows against the old ones for a student."""
 
 from __future__ import annotations
 
@@ -6,16 +7,30 @@ import argparse
 
 from promptkd.cli import validate as v
 
-HELP = "stored teacher features: add classes after distillation (extend), or show what a file holds (show)"
+HELP = (
+    "stored teacher features: add classes after distillation (extend), calibrate a student's old rows against the "
+    "new (calibrate), or show what a file holds (show)"
+)
 
 _EPILOG = """\
 examples:
   promptkd features extend runs/pkd/teacher_features --teacher runs/teacher/prompts --classes new_classes.txt
+  promptkd features extend runs/pkd/teacher_features --teacher runs/teacher/prompts --classes new_classes.txt \\
+      --student runs/pkd/prompts --images new_images old_images [--distill-epochs 2 --student-out runs/pkd_new]
+  promptkd features calibrate runs/pkd/teacher_features --teacher runs/teacher/prompts --student runs/pkd/prompts \\
+      --images new_images old_images
   promptkd features show runs/pkd/teacher_features
 
 `extend` runs the teacher's text tower once, for the new names only, and appends their rows (existing rows are copied
 bit for bit); the distilled student then scores the longer list with no retraining (`promptkd predict` picks it up).
 The teacher must be the one that computed the file (a zero-shot CLIP teacher: --teacher-model/--teacher-pretrained).
+
+A student distilled on the old classes only scores its old rows high: among all names most images of a new class go
+to an old one. With unlabelled images (no labels read; new classes and some old ones, e.g. the distillation images),
+`extend --student CKPT --images DIR` also fits a calibration (a scale and bias per row group, matched to the teacher
+on those images) stored beside the features as <stem>.calibration.json and applied by `promptkd predict`; add
+--distill-epochs N --student-out DIR to first distil the student briefly on those images over all names (a new run
+folder, then calibrated). `calibrate` fits the calibration alone, e.g. after more images arrive.
 """
 
 
@@ -38,13 +53,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=v.output_file, default=None, help="write here instead of replacing FEATURES (atomically)"
     )
     extend.add_argument("--device", type=v.text, default="cpu")
+    _add_student_args(extend, required=False)
+    extend.add_argument(
+        "--distill-epochs",
+        type=v.count,
+        default=None,
+        metavar="N",
+        help="with --student and --images: distil the student N epochs on the images over all names first",
+    )
+    extend.add_argument(
+        "--student-out", type=v.output_folder, default=None, metavar="DIR", help="run folder of the distilled student"
+    )
+    calibrate = actions.add_parser("calibrate", help="fit a student's calibration of added rows (no labels)")
+    calibrate.add_argument("features", type=v.checkpoint, help="extended teacher features (promptkd features extend)")
+    calibrate.add_argument(
+        "--teacher", type=v.checkpoint, default=None, metavar="CKPT", help="the teacher's checkpoint"
+    )
+    add_backbone_args(calibrate, prefix="teacher")
+    calibrate.add_argument("--device", type=v.text, default="cpu")
+    _add_student_args(calibrate, required=True)
     show = actions.add_parser("show", help="classes, teacher and extensions of a features file")
     show.add_argument("features", type=v.checkpoint)
 
 
+def _add_student_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--student",
+        type=v.checkpoint,
+        required=required,
+        default=None,
+        metavar="CKPT",
+        help="the distilled student (its prompts checkpoint) to calibrate against the added rows",
+    )
+    parser.add_argument(
+        "--images",
+        type=v.input_path,
+        nargs="+",
+        required=required,
+        default=None,
+        metavar="DIR",
+        help="unlabelled images (folders, files or .txt lists): new classes, and some old ones",
+    )
+    parser.add_argument("--seed", type=v.seed, default=1, help="seed of the short distillation (default 1)")
+
+
 def run(args: argparse.Namespace) -> int:
     from promptkd.data.userdata import read_classnames
-    from promptkd.distill.teacher import TeacherFeatures, build_teacher, teacher_description
+    from promptkd.distill.teacher import TeacherFeatures, teacher_description
     from promptkd.errors import PromptKDError
 
     stored = TeacherFeatures.load(args.features)
@@ -59,13 +114,40 @@ def run(args: argparse.Namespace) -> int:
                 f"({record.get('created', '?')})"
             )
         return 0
+    teacher = _teacher(args, stored)
+    if args.action == "calibrate":
+        _calibrate(args, args.features, teacher)
+        return 0
+    if (args.student is None) != (args.images is None):
+        raise PromptKDError("give --student CKPT and --images DIR together (the student is calibrated on the images).")
+    if (args.distill_epochs is None) != (args.student_out is None):
+        raise PromptKDError(
+            "give --distill-epochs N and --student-out DIR together (where the distilled student goes)."
+        )
+    if args.distill_epochs is not None and args.student is None:
+        raise PromptKDError("--distill-epochs distils a student: give --student CKPT and --images DIR too.")
+    names = read_classnames(args.classes)
+    extended = stored.extend(teacher, names)
+    written = extended.save(args.out or stored.source)
+    print(
+        f"{written}: {len(stored.classnames)} + {len(names)} = {len(extended.classnames)} classes "
+        f"(existing rows unchanged); the student scores them with no retraining."
+    )
+    if args.student is not None:
+        _calibrate(args, written, teacher)
+    return 0
+
+
+def _teacher(args: argparse.Namespace, stored):
+    from promptkd.distill.teacher import build_teacher
+    from promptkd.errors import PromptKDError
+
     if not args.teacher and not args.teacher_model:
         raise PromptKDError(
             "give the teacher that computed the features: --teacher CKPT (or --teacher-model and "
             "--teacher-pretrained for a zero-shot CLIP teacher)."
         )
-    names = read_classnames(args.classes)
-    teacher = build_teacher(  # a zero-shot teacher gets the templates recorded with the features
+    return build_teacher(  # a zero-shot teacher gets the templates recorded with the features
         args.teacher,
         model=args.teacher_model,
         pretrained=args.teacher_pretrained,
@@ -73,10 +155,36 @@ def run(args: argparse.Namespace) -> int:
         templates=None if args.teacher else (stored.teacher.get("method_config") or {}).get("templates"),
         device=args.device,
     )
-    extended = stored.extend(teacher, names)
-    written = extended.save(args.out or stored.source)
-    print(
-        f"{written}: {len(stored.classnames)} + {len(names)} = {len(extended.classnames)} classes "
-        f"(existing rows unchanged); the student scores them with no retraining."
+
+
+def _calibrate(args: argparse.Namespace, features, teacher) -> None:
+    """Optionally distil the student briefly on the images, then fit and store its calibration."""
+    from promptkd.checkpoints import load_checkpoint
+    from promptkd.deploy import image_paths, load_for_inference
+    from promptkd.distill.extend import calibrate, calibration_path, distill_new_classes
+    from promptkd.distill.teacher import TeacherFeatures
+
+    stored = TeacherFeatures.load(features)
+    student = load_for_inference(args.student, features, device=args.device)
+    student.set_classnames(list(stored.classnames))
+    paths = image_paths(args.images)
+    epochs = getattr(args, "distill_epochs", None)
+    if epochs is not None:
+        settings = dict(load_checkpoint(args.student)[1].get("train") or {})
+        checkpoint = distill_new_classes(
+            student, teacher, paths, args.student_out, epochs=epochs, seed=args.seed, settings=settings
+        )
+        print(f"{checkpoint}: the student distilled {epochs} epochs on {len(paths)} images over all names")
+        student = load_for_inference(checkpoint, device=args.device)
+        stored = student.stored
+    calibration = calibrate(student, teacher, paths, images=" ".join(args.images))
+    path = calibration.save(calibration_path(stored.source))
+    agreement = calibration.fitted["teacher_agreement"]
+    groups = ", ".join(
+        f"rows {a}-{b - 1}: x{s:.3f} {c:+.3f}"
+        for (a, b), s, c in zip(calibration.groups, calibration.scale, calibration.bias)
     )
-    return 0
+    print(
+        f"{path}: calibration on {len(paths)} unlabelled images ({groups}); top-1 agreement with the teacher "
+        f"{100 * agreement['before']:.1f}% -> {100 * agreement['after']:.1f}%; promptkd predict applies it."
+    )
