@@ -591,3 +591,68 @@ def test_features_extend_appends_new_classes_only(teacher, teacher_ckpt, teacher
     (tmp_path / "extended.json").write_text(json.dumps(meta))
     with pytest.raises(TeacherError, match="rows 2..3 were added by coop"):
         TeacherFeatures.load(tmp_path / "extended")
+
+
+# --- the teacher's identity, by content -------------------------------------------------------------------------------
+def test_the_same_teacher_named_another_way_is_the_same_teacher(teacher, teacher_ckpt, teacher_backbone, tmp_path):
+    """A relative path, or the checkpoint and weights moved to another folder: same content, same identity, so
+    stored features and a teacher cache made with one serve the other."""
+    import os
+    import shutil
+
+    from promptkd.distill.cache import TeacherCache
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for path in (teacher_ckpt, teacher_ckpt.with_suffix(".json"), Path(teacher_backbone.spec.pretrained)):
+        shutil.copy(path, moved / path.name)
+    here = os.getcwd()
+    os.chdir(teacher_ckpt.parent)
+    try:
+        relative = load_teacher(teacher_ckpt.name, classnames=CLASSES)
+    finally:
+        os.chdir(here)
+    weights = str(moved / Path(teacher_backbone.spec.pretrained).name)
+    elsewhere = load_teacher(moved / teacher_ckpt.name, pretrained=weights, classnames=CLASSES)
+    stored = teacher.compute_features(CLASSES)
+    record = {"features_sha256": "f" * 64, "classnames_sha256": "c", "num_classes": 4, "logit_scale": 1.0}
+    record["recipe"] = {"views": 1}
+    TeacherCache(tmp_path / "cache", {**record, "teacher": teacher.identity})
+    for other in (relative, elsewhere):
+        TeacherCache(tmp_path / "cache", {**record, "teacher": other.identity})  # not refused
+        stored.check(classnames=CLASSES, teacher=other.identity)
+    from promptkd.distill.teacher import teacher_differences
+
+    assert teacher_differences(teacher.identity, relative.identity) == []
+    assert elsewhere.identity["about"]["checkpoint"] != teacher.identity["about"]["checkpoint"]  # kept, not compared
+
+
+def test_two_random_teachers_are_two_teachers_and_the_message_names_what_differs(tmp_path):
+    from promptkd.distill.teacher import same_teacher
+
+    def random_teacher(seed):
+        torch.manual_seed(seed)
+        return zero_shot_teacher(load_backbone("pkd-tiny-wide"))
+
+    a, b, again = random_teacher(5), random_teacher(6), random_teacher(5)
+    assert not same_teacher(a.identity, b.identity) and same_teacher(a.identity, again.identity)
+    stored = a.compute_features(CLASSES[:2])
+    with pytest.raises(TeacherError, match=r"differ in backbone.weights_sha256: \w{12}\.\.\. vs \w{12}\.\.\."):
+        stored.check(teacher=b.identity)
+    with pytest.raises(TeacherError, match="backbone.weights_sha256"):  # `features extend` with another teacher
+        stored.extend(b, CLASSES[2:])
+    assert stored.extend(again, CLASSES[2:]).classnames == CLASSES
+
+
+def test_a_missing_teacher_weight_file_is_an_error_never_replaced_by_shipped_weights(tmp_path):
+    """Random weights of the world teacher's architecture in a file that is then lost: loading the teacher must not
+    fall back to the shipped world weights (other weights, other soft labels)."""
+    torch.manual_seed(0)
+    path = tmp_path / "world-teacher-random.safetensors"
+    save_file({k: v.contiguous() for k, v in load_backbone("pkd-world-teacher").model.state_dict().items()}, str(path))
+    checkpoint = zero_shot_teacher(load_backbone("pkd-world-teacher", str(path))).method.save(tmp_path / "zeroshot")
+    path.unlink()
+    with pytest.raises(
+        TeacherError, match=r"world-teacher-random.safetensors .* do not exist here.*--teacher-pretrained"
+    ):
+        load_teacher(checkpoint)

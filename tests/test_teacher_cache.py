@@ -246,3 +246,174 @@ def test_a_lossy_cache_trains_the_same_student_cold_as_warm(teacher_ckpt, toy, t
     cold, warm, full = (_prompts(tmp_path / name) for name in ("cold", "warm", "full-run"))
     assert all(torch.equal(cold[k], warm[k]) for k in cold)
     assert not all(torch.equal(cold[k], full[k]) for k in cold)
+
+
+# --- bound to the content of each image ---------------------------------------------------------------------------
+def _repaint(folder: Path) -> None:
+    """Same file names, other images: every PNG below ``folder`` replaced by its negative."""
+    for path in sorted(folder.rglob("*.png")):
+        with Image.open(path) as image:
+            negative = Image.eval(image.convert("RGB"), lambda v: 255 - v)
+        negative.save(path)
+
+
+def _teacher_cache_record(run: Path) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())["teacher_cache"]
+
+
+def test_a_cache_filled_on_other_images_with_the_same_names_recomputes_them_and_says_so(
+    teacher_ckpt,  # noqa: F811 (the fixture)
+    toy,
+    tmp_path,
+    caplog,
+):
+    import shutil
+
+    shutil.copytree(tmp_path / "toy", tmp_path / "other")
+    _repaint(tmp_path / "other")  # folder B: the same 12 file names (and class list), other pictures
+    common = ["--teacher", str(teacher_ckpt), *toy[:4], "--views", "1", "--no-eval"]
+    sets = [*SETS, "train.epochs=1"]
+    on = {name: ["--dataset", str(tmp_path / name)] for name in ("toy", "other")}
+    cache = ["--teacher-cache", str(tmp_path / "cache")]
+    assert _cli([*common, *on["toy"], *cache, "--out", str(tmp_path / "a"), *sets]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert _cli([*common, *on["other"], *cache, "--out", str(tmp_path / "b"), *sets]) == 0
+    record = _teacher_cache_record(tmp_path / "b")
+    assert record["hits"] == 0 and record["misses"] == record["content_changed"] == 12 and record["written"] == 12
+    assert "12 entries recomputed: image content changed" in caplog.text
+    # the student of folder B trained on B's soft labels: the same as with a cache of its own
+    fresh = ["--teacher-cache", str(tmp_path / "fresh")]
+    assert _cli([*common, *on["other"], *fresh, "--out", str(tmp_path / "b-alone"), *sets]) == 0
+    mixed, alone = _prompts(tmp_path / "b"), _prompts(tmp_path / "b-alone")
+    assert all(torch.equal(mixed[k], alone[k]) for k in alone)
+    # nothing stored was lost: folder A's rows are still served
+    assert _cli([*common, *on["toy"], *cache, "--out", str(tmp_path / "a2"), *sets]) == 0
+    assert _teacher_cache_record(tmp_path / "a2")["misses"] == 0
+
+
+def test_streamed_shard_members_are_bound_to_their_bytes(teacher_ckpt, student_weights, tmp_path, monkeypatch):  # noqa: F811
+    from engine_helpers import make_shards
+    from promptkd.cli.main import main
+    from promptkd.distill.teacher import Teacher
+
+    make_shards(tmp_path / "a", n_shards=2, per_shard=4, seed=0)
+    make_shards(tmp_path / "b", n_shards=2, per_shard=4, seed=1)  # the same member names, other pictures
+    (tmp_path / "classes.txt").write_text("\n".join(["red star", "blue ring", "green cross", "yellow moon"]) + "\n")
+    common = ["--teacher", str(teacher_ckpt), "--student-model", "pkd-tiny", "--student-pretrained", student_weights]
+    common += ["--classnames", str(tmp_path / "classes.txt"), "--lanes", "2", "--views", "1"]
+    common += ["--teacher-cache", str(tmp_path / "cache"), *SETS, "train.epochs=1"]
+    shards = {name: ["--unlabeled-shards", str(tmp_path / name / "shard-{000..001}.tar")] for name in "ab"}
+    fill = ["teacher-cache", *shards["a"], "--out", str(tmp_path / "fill"), "--no-progress", *common]
+    assert main(fill) == 0
+    with monkeypatch.context() as patched:  # a fill's fingerprints (member bytes) are the stream's
+        patched.setattr(Teacher, "image_features", lambda *a, **k: pytest.fail("the teacher ran"))
+        assert _cli([*shards["a"], "--out", str(tmp_path / "warm"), *common]) == 0
+    assert _teacher_cache_record(tmp_path / "warm")["misses"] == 0
+    assert _cli([*shards["b"], "--out", str(tmp_path / "other"), *common]) == 0
+    record = _teacher_cache_record(tmp_path / "other")
+    assert record["hits"] == 0 and record["content_changed"] == 8
+
+
+# --- inductive runs -------------------------------------------------------------------------------------------------
+def test_inductive_runs_cache_the_base_class_logits(teacher_ckpt, toy, tmp_path, monkeypatch):  # noqa: F811
+    from promptkd.cli.main import main
+    from promptkd.distill.teacher import Teacher
+
+    common = ["--teacher", str(teacher_ckpt), *toy, "--views", "1", "--no-eval", *SETS, "train.epochs=1"]
+    inductive = [*common, "--mode", "inductive", "--teacher-cache", str(tmp_path / "cache")]
+    assert _cli([*inductive, "--out", str(tmp_path / "cold")]) == 0  # the teacher runs, base-class logits stored
+    record = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    assert record["num_classes"] == 2  # the base half of 4 classes
+    with monkeypatch.context() as patched:
+        patched.setattr(Teacher, "image_features", lambda *a, **k: pytest.fail("the teacher ran"))
+        assert _cli([*inductive, "--out", str(tmp_path / "warm")]) == 0
+    cold, warm = _prompts(tmp_path / "cold"), _prompts(tmp_path / "warm")
+    assert all(torch.equal(cold[k], warm[k]) for k in cold)
+    with pytest.raises(TeacherCacheError, match="another class list"):  # a transductive run scores all 4 classes
+        _cli([*common, "--teacher-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "all")])
+    fill = ["teacher-cache", *inductive[:-2], "--teacher-cache", str(tmp_path / "filled"), "--no-progress"]
+    assert main([*fill, "--mode", "inductive", "--out", str(tmp_path / "fill")]) == 0
+    assert json.loads((tmp_path / "fill" / "teacher_cache.json").read_text())["entries"] == 2 * 3  # base images
+
+
+# --- several writers, damage and repair -----------------------------------------------------------------------------
+def test_ranks_creating_one_cache_folder_at_once_all_open_it(tmp_path):
+    import threading
+
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / ".cache.json.0-1a2b3c4d.tmp").write_text("{")  # rank 0 half-way through writing the record
+    TeacherCache(half, _identity())
+    start, errors = threading.Barrier(6), []
+
+    def rank() -> None:
+        start.wait()
+        try:
+            TeacherCache(tmp_path / "race", _identity()).flush()
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=rank) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and [p.name for p in (tmp_path / "race").iterdir()] == ["cache.json"]
+
+
+def test_rows_of_a_damaged_chunk_are_stored_again_so_the_cache_is_repaired(tmp_path):
+    cache = TeacherCache(tmp_path / "c", _identity(), flush_every=2)
+    cache.put(["a#0", "b#0"], torch.arange(8.0).view(2, 4))
+    cache.put(["c#0", "d#0"], torch.arange(8.0, 16.0).view(2, 4))
+    first = sorted((tmp_path / "c").glob("chunk-*.safetensors"))[0]
+    data = bytearray(first.read_bytes())
+    data[-2] ^= 0xFF
+    first.write_bytes(bytes(data))
+    again = TeacherCache(tmp_path / "c", _identity(), flush_every=2)
+    found, _ = again.get(["a#0", "b#0", "c#0", "d#0"])
+    assert found.tolist() == [False, False, True, True] and again.stats["bad_chunks"] == 1
+    again.put(["a#0", "b#0"], -torch.arange(8.0).view(2, 4))  # recomputed: stored again
+    repaired = TeacherCache(tmp_path / "c", _identity())
+    found, got = repaired.get(["a#0", "b#0", "c#0", "d#0"])
+    assert found.all() and torch.equal(got[:2], -torch.arange(8.0).view(2, 4)) and repaired.stats["bad_chunks"] == 0
+    assert len(list((tmp_path / "c").glob("damaged-chunk-*"))) == 1  # set aside, not deleted
+
+
+def test_a_programming_error_while_reading_a_chunk_is_not_taken_for_damage(tmp_path, monkeypatch):
+    from promptkd.distill import cache as cache_module
+
+    cache = TeacherCache(tmp_path / "c", _identity())
+    cache.put(["a#0"], torch.ones(1, 4))
+    cache.flush()
+
+    def broken(tensors):
+        raise TypeError("a bug, not a damaged file")
+
+    monkeypatch.setattr(cache_module, "_tensor_digest", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        TeacherCache(tmp_path / "c", _identity()).get(["a#0"])
+
+
+def test_teacher_cache_command_repairs_a_damaged_cache_and_refuses_a_place_it_cannot_store(
+    teacher_ckpt,  # noqa: F811 (the fixture)
+    toy,
+    tmp_path,
+    capsys,
+):
+    from promptkd.cli.main import main
+
+    common = ["teacher-cache", "--teacher", str(teacher_ckpt), *toy, "--views", "1", "--no-progress", *SETS]
+    fill = [*common, "--teacher-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "fill")]
+    assert main(fill) == 0
+    (chunk,) = (tmp_path / "cache").glob("chunk-*.safetensors")
+    chunk.write_bytes(chunk.read_bytes()[:-8])  # a torn chunk: its 12 rows are lost
+    assert main(fill) == 0
+    summary = json.loads((tmp_path / "fill" / "teacher_cache.json").read_text())
+    assert summary["written"] == 12 and summary["bad_chunks"] == 1
+    assert main(fill) == 0  # repaired: nothing left to compute
+    assert json.loads((tmp_path / "fill" / "teacher_cache.json").read_text())["written"] == 0
+    capsys.readouterr()
+    nowhere = [*common, "--teacher-cache", "/proc/promptkd-cache", "--out", str(tmp_path / "f2")]
+    assert main(nowhere) == 2
+    err = capsys.readouterr().err
+    assert "/proc/promptkd-cache" in err and "cannot be written" in err and "Traceback" not in err

@@ -11,8 +11,10 @@ HELP = "compute and store the teacher's logits of every stored view of every unl
 _EPILOG = """\
 Takes the same arguments as `promptkd distill` (teacher, student model, images, --preset/--set, --teacher-cache,
 --views, --view-seed, top-k and dtype): the stored views depend on the student's input and the preset's crop range,
-and the cache refuses a distillation run with anything else. Views already stored are skipped (a killed fill
-resumes); `torchrun --nproc-per-node N -m promptkd.cli.main teacher-cache ...` splits the images across processes.
+and the cache refuses a distillation run with anything else. Views already stored for an image's current content
+are skipped (a killed fill resumes; damaged chunks and changed images are recomputed and stored again, which repairs
+the cache); a cache folder that cannot store is an error (exit 2).
+`torchrun --nproc-per-node N -m promptkd.cli.main teacher-cache ...` splits the images across processes.
 
 example:
   promptkd teacher-cache --teacher runs/teacher/prompts --student-model pkd-world-student --preset world \\
@@ -41,5 +43,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"teacher cache {summary['folder']}: {summary['entries']} views stored ({summary['written']} new), "
         f"{len(summary['skipped_images'])} unreadable images skipped"
+        + (f"; {summary['content_changed']} recomputed: image content changed" if summary["content_changed"] else "")
+        + (f"; {summary['bad_chunks']} damaged chunks repaired" if summary["bad_chunks"] else "")
     )
     return 0
