@@ -72,6 +72,21 @@ def test_stream_resumes_at_any_position_with_the_same_images(shards):
         assert a.keys == b.keys and torch.equal(a.images, b.images) and torch.equal(a.index, b.index)
 
 
+@pytest.mark.parametrize(("start", "world_size"), [(3, 1), (5, 1), (5, 2), (6, 2)])
+def test_resume_with_loader_workers_at_any_position_gives_the_uninterrupted_order(shards, start, world_size):
+    batch = 2 * world_size if world_size > 1 else 3
+    for rank in range(world_size):
+        plain = stream_batches(
+            stream_source(str(shards)), batch_size=batch, start=start, rank=rank, world_size=world_size
+        )
+        workers = stream_batches(
+            stream_source(str(shards)), batch_size=batch, start=start, rank=rank, world_size=world_size, num_workers=2
+        )
+        expected = [b.index.tolist() for b, _ in zip(plain, range(3))]
+        assert [b.index.tolist() for b, _ in zip(workers, range(3))] == expected, (start, rank)
+        assert expected[0][0] == start + (rank - start) % world_size  # the rank's first position from the start
+
+
 def test_lanes_must_divide_over_ranks_and_workers(shards):
     source = stream_source(str(shards), lanes=3)
     with pytest.raises(DataError, match="3 lanes cannot be split evenly over 2 processes"):

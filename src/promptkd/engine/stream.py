@@ -5,9 +5,10 @@ stream is a fixed sequence of positions (position ``p`` is sample ``p // L`` of 
 sample is a function of its position and key only (its augmentation is seeded by (seed, position)), so:
 
 - with ``W`` processes, rank ``r`` takes the positions ``p % W == r`` of each global batch (the engine's striding
-  rule for sized datasets), reading only its own lanes; ``n`` data-loader workers split a rank's lanes again (worker
-  ``k`` reads the lanes ``l % (n·W) == k·W + r``) and the loader's round-robin restores the rank's order — so 2
-  processes give the same global batches as 1, and no sample is read twice;
+  rule for sized datasets), reading only its own lanes; ``n`` data-loader workers split a rank's positions again
+  (worker ``k`` takes the rank's ``k``-th, ``(n+k)``-th, ... position from the start, so it reads the lanes
+  ``l ≡ first_k (mod n·W)``) and the loader's round-robin (worker 0 first) restores the rank's order from any start
+  — so 2 processes give the same global batches as 1, and no sample is read twice;
 - an epoch is ``epoch_samples`` positions; training resumed at step ``s`` of epoch ``e`` starts reading at position
   ``(e · steps + s) · B``, decoding nothing before it.
 
@@ -102,7 +103,6 @@ class _Positions(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         lanes = self.source.lanes
         slots = self.world_size * workers
-        slot = worker * self.world_size + self.rank
         if lanes.lanes % slots:
             raise DataError(
                 f"{lanes.lanes} lanes cannot be split evenly over {self.world_size} processes x {workers} "
@@ -110,9 +110,13 @@ class _Positions(IterableDataset):
                 path=lanes.shards[0],
                 fix=f"set the number of lanes (--lanes) to a multiple of {slots}, at most the number of shards",
             )
-        first = self.start + (slot - self.start) % slots
+        # The loader takes one item from worker 0, then 1, ...: worker k starts at the rank's k-th position from
+        # ``start`` on, whatever ``start`` is, so a resumed stream comes out in the uninterrupted order.
+        first = self.start + (self.rank - self.start) % self.world_size + worker * self.world_size
         total = lanes.lanes
-        streams = {lane: lanes.lane(lane, max(0, -(-(first - lane) // total))) for lane in range(slot, total, slots)}
+        streams = {
+            lane: lanes.lane(lane, max(0, -(-(first - lane) // total))) for lane in range(first % slots, total, slots)
+        }
         position = first
         while True:
             sample = next(streams[position % total])
