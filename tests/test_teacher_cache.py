@@ -413,7 +413,9 @@ def test_teacher_cache_command_repairs_a_damaged_cache_and_refuses_a_place_it_ca
     assert main(fill) == 0  # repaired: nothing left to compute
     assert json.loads((tmp_path / "fill" / "teacher_cache.json").read_text())["written"] == 0
     capsys.readouterr()
-    nowhere = [*common, "--teacher-cache", "/proc/promptkd-cache", "--out", str(tmp_path / "f2")]
-    assert main(nowhere) == 2
-    err = capsys.readouterr().err
-    assert "/proc/promptkd-cache" in err and "cannot be written" in err and "Traceback" not in err
+    for where, limit in (("/proc/promptkd-cache", []), (str(tmp_path / "tiny"), ["--teacher-cache-max-gb", "1e-9"])):
+        assert main([*common, "--teacher-cache", where, *limit, "--out", str(tmp_path / "f2")]) == 2
+        err = capsys.readouterr().err
+        assert where in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    with pytest.raises(TeacherCacheError, match="cannot be written"):  # the same, from Python
+        TeacherCache("/proc/promptkd-cache", _identity(), must_write=True)
