@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +190,68 @@ def test_outputs_get_normal_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_zeroshot_on_a_folder_says_what_it_scores_and_keeps_earlier_results(tmp_path, capsys):
+    """Issue 18 items 12 and 15: a folder's test part (30%) is scored and said so, --split all scores every image;
+    an earlier result is never replaced unasked; images far below the input size are counted in the result even
+    when loader workers read them (they cannot report back)."""
+    root = tmp_path / "mine"
+    for k, rgb in enumerate([(220, 30, 30), (30, 30, 220)]):
+        (root / f"class{k}").mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (8, 8) if k == 0 else (32, 32), rgb).save(root / f"class{k}" / f"{i}.png")
+    out = tmp_path / "res"
+    argv = ["zeroshot", "--dataset", str(root), "--model", "pkd-world-student", "--out", str(out), "--no-progress"]
+    assert main([*argv, "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "scoring the test split, 6 of its 20 images (images split per class 50/20/30" in printed
+    assert "--split all scores every image" in printed
+    first = json.loads((out / "zeroshot-dataset-mine-zeroshot_classification.json").read_text())
+    assert first["num_samples"] == 6 and first["dataset_images"] == 20
+    assert first["small_images"] == 3  # class0's 8 px images in the test part, read by 2 worker processes
+    code, err = run([*argv, "--workers", "0"], capsys)
+    assert code == 2 and "already holds a result of this setting" in err and "--overwrite" in err
+    assert json.loads((out / "zeroshot-dataset-mine-zeroshot_classification.json").read_text()) == first
+    assert main([*argv, "--workers", "0", "--split", "all"]) == 0
+    every = json.loads((out / "zeroshot-dataset-mine-all-zeroshot_classification.json").read_text())
+    assert every["num_samples"] == 20 and every["small_images"] == 10  # every 8 px image of class0
+    assert "scoring all 20 images" in capsys.readouterr().out
+    assert main([*argv, "--workers", "2", "--overwrite"]) == 0
+
+
+def test_demo_names_each_predicted_image_by_a_path_that_opens_it(world):
+    """Every class has a 0050.png: the demo's lines give the path under the data root, unique and openable."""
+    from promptkd.cli.demo import shown_path
+    from promptkd.data.datasets import resolve_dataset
+
+    root = Path(world[3])
+    samples = resolve_dataset("shapes", root).test
+    names = [Path(d.path).name for d in samples]
+    assert len(set(names)) < len(names)  # file names repeat across class folders
+    shown = [shown_path(d.path, root) for d in samples]
+    assert len(set(shown)) == len(shown) and all((root / s).is_file() for s in shown)
+
+
+def test_protocol_runner_never_passes_over_an_unreadable_result_in_silence(tmp_path, caplog):
+    from promptkd.protocols.runner import _results_exist
+
+    run_dir = tmp_path / "seed_1"
+    run_dir.mkdir()
+    (run_dir / "coop-shapes-classification.json").write_text('{"dataset": "shapes", "task": "class')  # truncated
+    with caplog.at_level("WARNING", logger="promptkd"):
+        assert not _results_exist(run_dir)
+    assert "cannot be read" in caplog.text and "recomputed" in caplog.text
+    assert (run_dir / "coop-shapes-classification.json.corrupt").is_file()  # kept, out of the report's way
+    assert not (run_dir / "coop-shapes-classification.json").exists()
+
+
+def test_weights_of_another_architecture_list_a_few_keys_and_the_count():
+    from promptkd.checkpoints import CheckpointError, check_state_fits
+
+    expected = {f"blocks.{i}.weight": torch.zeros(2) for i in range(140)}
+    found = {f"stages.{i}.weight": torch.zeros(2) for i in range(140)}
+    with pytest.raises(CheckpointError) as info:
+        check_state_fits(expected, found, "other.safetensors")
+    message = str(info.value)
+    assert "... (132 more, 140 in all)" in message and message.count("blocks.") == 8 and len(message) < 1500

@@ -256,3 +256,23 @@ def test_make_splits_rejects_class_without_training_items() -> None:
         make_splits(_items([4, 1]), ["c0", "c1"], 0.4, 0.4, seed=0)
     with pytest.raises(ValueError, match="val \\+ test < 1"):
         make_splits(_items([4]), ["c0"], 0.5, 0.5, seed=0)
+
+
+def test_class_lists_that_are_not_utf8_are_one_message(tmp_path: Path) -> None:
+    """A Latin-1 class list (text or JSON) is a DataError naming the file, line and byte, never UnicodeDecodeError."""
+    text = tmp_path / "classes.txt"
+    text.write_bytes("red star\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"classes\.txt:2: class-name file is not UTF-8 text \(byte 0xe9"):
+        read_classnames(text)
+    as_json = tmp_path / "classes.json"
+    as_json.write_bytes('["caf\u00e9"]'.encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        read_classnames(as_json)
+    text.write_text("red star\ncaf\u00e9\n", encoding="utf-8")
+    assert read_classnames(text) == ["red star", "caf\u00e9"]
+
+
+def test_own_splits_say_how_they_were_made(tmp_path: Path) -> None:
+    items = [Datum(str(tmp_path / f"{c}{i}.png"), c, f"c{c}") for c in range(2) for i in range(10)]
+    splits = make_splits(items, ["c0", "c1"])
+    assert splits.notes == ["images split per class 50/20/30 into train/val/test by promptkd (CoOp's rule, seeded)"]
