@@ -122,7 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="DIR",
         help="store the teacher's logits of each view here and read them back in later epochs, resumed runs, other "
-        "seeds and sweeps; training then visits a fixed set of views per image (see --views)",
+        "seeds and sweeps; training then visits a fixed set of views per image (see --views). Each entry is bound "
+        "to its image's content (another image under the same name is recomputed) and the folder to the teacher's "
+        "weights and prompts by hash",
     )
     cache.add_argument("--views", type=v.count, default=None, metavar="K", help="stored views per image (default 10)")
     cache.add_argument("--view-seed", type=v.seed, default=None, help="seed of the views' crops (default 0)")

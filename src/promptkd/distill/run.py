@@ -186,8 +186,7 @@ def _setup(config: DistillRunConfig, info: Any, device: Any, out: Path, *, must_
         if config.eval_dataset:  # scored on a labelled test split; never trained on
             splits = resolve_dataset(config.eval_dataset, config.data_root)
     # --- teacher and its stored features (once, after its prompts are loaded) ----------------------------------------
-    torch.manual_seed(config.seed)  # random weights (--teacher-pretrained random) are a function of the seed
-    teacher = build_teacher(
+    teacher = build_teacher(  # random weights (--teacher-pretrained random) are a function of the seed
         config.teacher,
         model=config.teacher_model,
         pretrained=config.teacher_pretrained,

@@ -714,7 +714,11 @@ def build_teacher(
     seed: int | None = None,
 ) -> Teacher:
     """The teacher a run names: a checkpoint (``model``/``pretrained`` override its recorded backbone), or else
-    zero-shot CLIP on ``model`` with ``pretrained`` weights (shipped by default; random only when asked)."""
+    zero-shot CLIP on ``model`` with ``pretrained`` weights (shipped by default; random only when asked).
+    ``seed`` seeds torch first, so random weights are a function of it (the identity records it under ``about``:
+    ``features extend`` of a random teacher passes it back to draw the same weights)."""
+    if seed is not None:
+        torch.manual_seed(seed)
     if checkpoint:
         return load_teacher(
             checkpoint,
