@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
                 f"  extended: +{record['added']} classes after the first {record['num_classes_before']} "
                 f"({record.get('created', '?')})"
             )
+        _show_calibration(stored)
         return 0
     teacher = _teacher(args, stored)
     if args.action == "calibrate":
@@ -136,6 +137,16 @@ def run(args: argparse.Namespace) -> int:
     if args.student is not None:
         _calibrate(args, written, teacher)
     return 0
+
+
+def _show_calibration(stored) -> None:
+    from promptkd.distill.extend import Calibration, calibration_path
+
+    path = calibration_path(stored.source)
+    if path.is_file():
+        calibration = Calibration.load(path)
+        count = calibration.fitted.get("images", "?")
+        print(f"  calibration {path.name} ({calibration.describe()}) on {count} unlabelled images")
 
 
 def _teacher(args: argparse.Namespace, stored):
@@ -180,11 +191,7 @@ def _calibrate(args: argparse.Namespace, features, teacher) -> None:
     calibration = calibrate(student, teacher, paths, images=" ".join(args.images))
     path = calibration.save(calibration_path(stored.source))
     agreement = calibration.fitted["teacher_agreement"]
-    groups = ", ".join(
-        f"rows {a}-{b - 1}: x{s:.3f} {c:+.3f}"
-        for (a, b), s, c in zip(calibration.groups, calibration.scale, calibration.bias)
-    )
     print(
-        f"{path}: calibration on {len(paths)} unlabelled images ({groups}); top-1 agreement with the teacher "
-        f"{100 * agreement['before']:.1f}% -> {100 * agreement['after']:.1f}%; promptkd predict applies it."
+        f"{path}: calibration on {len(paths)} unlabelled images ({calibration.describe()}); top-1 agreement with "
+        f"the teacher {100 * agreement['before']:.1f}% -> {100 * agreement['after']:.1f}%; promptkd predict applies it."
     )

@@ -103,6 +103,11 @@ class Calibration:
             scale[start:stop], bias[start:stop] = s, b
         return scale, bias
 
+    def describe(self) -> str:
+        return ", ".join(
+            f"rows {a}-{b - 1}: x{s:.3f} {c:+.3f}" for (a, b), s, c in zip(self.groups, self.scale, self.bias)
+        )
+
     def apply(self, logits: torch.Tensor, positions: Sequence[int] | None = None) -> torch.Tensor:
         """Calibrated logits; ``positions``: the stored rows of the logits' columns (default: every row, in order)."""
         scale, bias = self.vectors()
