@@ -85,6 +85,15 @@ def gather_concat(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat([chunk[: int(s.item())] for chunk, s in zip(chunks, sizes)])
 
 
+def gather_lists(items: list, info: DistInfo) -> list:
+    """Every process's list, joined in rank order (e.g. the samples each one skipped, for the run's record)."""
+    if not info.enabled:
+        return list(items)
+    parts: list = [None] * info.world_size
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -41,6 +41,7 @@ from promptkd.engine.distributed import (
     all_reduce_mean,
     barrier,
     gather_concat,
+    gather_lists,
     restore_batchnorm,
     use_global_batchnorm,
 )
@@ -451,6 +452,8 @@ class Trainer:
                 self._append(self.out / "epochs.jsonl", entry)
             self._save_resume(epoch + 1, optimizer, scaler, history, best)
             barrier(info)
+        if streamed and info.enabled:  # each process skipped its own unreadable samples: the record lists them all
+            train_set.skipped[:] = gather_lists(train_set.skipped, info)
         selection: dict[str, Any] = {"on": "last_epoch", "epoch": cfg.epochs}
         if cfg.select == "val" and best:
             method.load_trainable(best["learner"], "best validation epoch")

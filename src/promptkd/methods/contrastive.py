@@ -8,7 +8,9 @@ logging; `promptkd pretrain` (:mod:`promptkd.pretraining.run`) drives it.
 
 - **Distributed**: image and text features of every process are gathered (with their gradients) and each process
   computes the loss of the whole global batch, as open_clip's ``ClipLoss(gather_with_grad=True)``; DDP's gradient
-  average then equals the single-process gradient, so 2 processes train the same model as 1.
+  average then equals the single-process gradient, so 2 processes train the same model as 1. Processes may hold
+  different numbers of rows (``--skip-bad`` drops unreadable samples from a batch): rows are padded for the gather
+  and the padding dropped, so the global batch is exactly the readable samples, as in 1 process.
 - **Text tower on the captions' own length**: under the causal mask with end-of-text pooling, padding after the
   last token cannot change the pooled feature, so a batch's token rows are cut to its longest caption (captions of
   the world take ~16 of 40-77 positions: 2-4x less text compute). Other text towers get the full rows.
@@ -100,17 +102,27 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Every process's rows, in rank order; gradients flow back to each process's own rows."""
+def _gather_rows(tensors: list[torch.Tensor], *, grad: list[bool]) -> list[torch.Tensor]:
+    """Every process's rows of each tensor, in rank order (gradients flow back to each process's own rows where
+    ``grad`` says so). Processes may hold different numbers of rows (unreadable samples skipped with --skip-bad):
+    each pads to the longest first, as all_gather needs equal shapes, and the padding is dropped after."""
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(tensor.contiguous()))
-
-
-def _gather(tensor: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(tensor) for _ in range(_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    rows = tensors[0].shape[0]
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensors[0].device) for _ in range(_world_size())]
+    dist.all_gather(sizes, torch.tensor([rows], dtype=torch.long, device=tensors[0].device))
+    counts = [int(size) for size in sizes]
+    longest = max(counts)
+    gathered = []
+    for tensor, with_grad in zip(tensors, grad):
+        padded = torch.cat([tensor, tensor.new_zeros((longest - rows, *tensor.shape[1:]))]).contiguous()
+        if with_grad:
+            parts = list(all_gather(padded))
+        else:
+            parts = [torch.empty_like(padded) for _ in counts]
+            dist.all_gather(parts, padded)
+        gathered.append(torch.cat([part[:count] for part, count in zip(parts, counts)]))
+    return gathered
 
 
 @register_method
@@ -159,8 +171,12 @@ class ContrastivePretraining(Method):
         image_features = self.clip.encode_image(batch.images, normalize=True)
         text_features = encode_text(self.clip, trimmed_tokens(self.clip, batch.texts))
         if _world_size() > 1:
-            image_features, text_features = _gather_with_grad(image_features), _gather_with_grad(text_features)
-            labels = _gather(labels) if labels is not None else None
+            if labels is None:
+                image_features, text_features = _gather_rows([image_features, text_features], grad=[True, True])
+            else:
+                image_features, text_features, labels = _gather_rows(
+                    [image_features, text_features, labels], grad=[True, True, False]
+                )
         loss = objective_loss(
             self.config.objective,
             image_features.float(),
