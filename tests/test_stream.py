@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -128,6 +129,67 @@ def test_compressed_shards_stream_like_plain_ones(shards, tmp_path):
         a = [(s.key.replace(".tar.gz", ".tar"), s.data) for s, _ in zip(gz.lane(lane, start=3), range(5))]
         b = [(s.key, s.data) for s, _ in zip(ref.lane(lane, start=3), range(5))]
         assert a == b
+
+
+def _gz_copies(plain: list[str], folder: Path) -> str:
+    folder.mkdir(exist_ok=True)
+    for path in plain:
+        with tarfile.open(path) as src, tarfile.open(folder / (Path(path).name + ".gz"), "w:gz") as dst:
+            for member in src:
+                dst.addfile(member, src.extractfile(member))
+    return str(folder / "shard-*.tar.gz")
+
+
+def test_a_stream_from_the_start_counts_no_shard_and_a_resume_counts_only_what_it_skips(shards, tmp_path, monkeypatch):
+    counted: list[int] = []
+    real = ShardLanes.count
+    monkeypatch.setattr(ShardLanes, "count", lambda self, shard: counted.append(shard) or real(self, shard))
+    source = stream_source(_gz_copies(expand_shards(str(shards)), tmp_path / "gz"), epoch_samples=16)
+    assert "images" not in source.summary()  # not counted: that would decompress every .tar.gz at start-up
+    first = [b.keys for b, _ in zip(stream_batches(source, batch_size=8), range(2))]
+    assert counted == []
+    resumed = next(stream_batches(source, batch_size=8, start=8))
+    assert resumed.keys == first[1]
+    assert sorted(set(counted)) == [0, 1, 2, 3]  # position 8 = sample 2 of each lane: each lane's first shard counted
+    assert stream_source(str(shards)).summary()["images"] == 24  # counted when the epoch needs it
+
+
+def _rank_reads(rank: int, world_size: int, port: int, pattern: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        opened: set[int] = set()
+        real = ShardLanes._members
+
+        def members(self, shard, **kwargs):
+            opened.add(shard)
+            return real(self, shard, **kwargs)
+
+        ShardLanes._members = members  # type: ignore[method-assign]
+        source = stream_source(pattern)  # epoch_samples = every image: counted over the processes
+        summary = source.summary()
+        keys = [b.keys for b, _ in zip(stream_batches(source, batch_size=8, rank=rank, world_size=2), range(3))]
+        Path(out, f"rank{rank}.json").write_text(
+            json.dumps({"opened": sorted(opened), "summary": summary, "keys": keys})
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_each_process_opens_only_its_own_shards_also_to_count_them(shards, tmp_path):
+    import torch.multiprocessing as mp
+
+    from test_engine import _free_port
+
+    mp.spawn(_rank_reads, args=(2, _free_port(), str(shards), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["summary"]["images"] == ranks[1]["summary"]["images"] == 24
+    assert ranks[0]["opened"] == [0, 2] and ranks[1]["opened"] == [1, 3]  # lanes 0, 2 and 1, 3
+    one = list(_keys(stream_batches(stream_source(str(shards)), batch_size=8), 3))
+    assert [sorted(a + b) for a, b in zip(ranks[0]["keys"], ranks[1]["keys"])] == [sorted(k) for k in one]
 
 
 def test_trainer_trains_on_a_stream_and_is_bit_reproducible(shards, tmp_path):

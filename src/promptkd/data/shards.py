@@ -11,7 +11,8 @@ The stream of a run interleaves the lanes round-robin, so global position ``p`` 
 - a process (or data-loader worker) that needs positions ``p`` with ``p % S == s`` for ``S`` dividing ``L`` reads
   only the lanes ``l % S == s``: ranks and workers never open each other's shards;
 - any position can be reached without decoding what comes before (whole shards are skipped by their member
-  count, members by their headers), so a run resumes at any step;
+  count, members by their headers), so a run resumes at any step; a stream from the start counts nothing (a
+  ``.tar.gz`` shard is decompressed only as it is read);
 - with equal-sized shards and ``L`` dividing their number, ``N`` = all samples is exactly one cycle of every lane:
   an epoch of ``N`` samples sees each sample once.
 
@@ -176,8 +177,27 @@ class ShardLanes:
     @cached_property
     def total(self) -> int:
         """Image members over all shards (an epoch of this many samples visits each lane's shards once when the
-        shards are equal in size)."""
-        return sum(self.count(s) for s in range(len(self.shards)))
+        shards are equal in size).
+
+        Counting reads every shard's headers (a ``.tar.gz`` is decompressed to do it). Under torchrun each process
+        counts only the shards of its own lanes and one all_reduce adds the counts, so no shard is opened by two
+        processes; every process must then ask for ``total`` (as :class:`~promptkd.engine.stream.StreamSource` does).
+        """
+        rank, world_size = _process_share()
+        if world_size == 1 or self.lanes % world_size:
+            return sum(self.count(s) for s in range(len(self.shards)))
+        import torch
+        import torch.distributed as dist
+
+        own = sum(self.count(s) for lane in range(rank, self.lanes, world_size) for s in self.lane_shards(lane))
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        counted = torch.tensor([own], dtype=torch.long, device=device)
+        dist.all_reduce(counted)
+        return int(counted.item())
+
+    def counted(self) -> bool:
+        """Whether :attr:`total` is known without reading any shard."""
+        return "total" in self.__dict__
 
     def cycle(self, lane: int, c: int) -> list[int]:
         """The shard order of ``lane`` in its ``c``-th cycle."""
@@ -209,6 +229,7 @@ class ShardLanes:
                         yield _with_extras(pending[1], extras)
                         pending, extras = None, {}
                     if member is None:
+                        self._counts.setdefault(shard, seen)  # read to the end: its size is known for free
                         break
                     if not member.isfile():
                         continue
@@ -243,21 +264,42 @@ class ShardLanes:
         return self._members(shard, read=True)
 
     def lane(self, lane: int, start: int = 0) -> Iterator[ShardSample]:
-        """Lane ``lane`` from its ``start``-th sample on, endlessly (cycling)."""
-        per_cycle = sum(self.count(s) for s in self.lane_shards(lane))
-        if per_cycle == 0:
-            raise DataError(
-                f"lane {lane} of {self.lanes} has shards but no image members",
-                path=self.shards[self.lane_shards(lane)[0]],
-                expected="image members (.jpg, .png, ...) in every shard",
-            )
-        c, offset = divmod(start, per_cycle)
+        """Lane ``lane`` from its ``start``-th sample on, endlessly (cycling).
+
+        Shards are counted only to be skipped (a resume past them), so a stream from the start decompresses no
+        ``.tar.gz`` shard just to size it; once a cycle's sizes are known, whole cycles are skipped at once.
+        """
+        own = self.lane_shards(lane)
+        c, offset = 0, start
         while True:
+            if offset and all(s in self._counts for s in own):
+                per_cycle = sum(self._counts[s] for s in own)
+                c, offset = (c + offset // per_cycle, offset % per_cycle) if per_cycle else (c, offset)
+            found = 0
             for shard in self.cycle(lane, c):
-                n = self.count(shard)
-                if offset >= n:
-                    offset -= n
-                    continue
-                yield from self._members(shard, read=True, skip=offset)
+                if offset:
+                    n = self.count(shard)
+                    found += n
+                    if offset >= n:
+                        offset -= n
+                        continue
+                for sample in self._members(shard, read=True, skip=offset):
+                    found += 1
+                    yield sample
                 offset = 0
+            if not found:
+                raise DataError(
+                    f"lane {lane} of {self.lanes} has shards but no image members",
+                    path=self.shards[own[0]],
+                    expected="image members (.jpg, .png, ...) in every shard",
+                )
             c += 1
+
+
+def _process_share() -> tuple[int, int]:
+    """(rank, processes) of a torch.distributed run in progress, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -74,12 +74,16 @@ class StreamSource:
         return self.epoch_samples
 
     def summary(self) -> dict[str, Any]:
-        return {
+        """What the run streams; the image count only when it is known (counting opens every shard, and a run with
+        ``epoch_samples`` never needs it)."""
+        summary: dict[str, Any] = {
             "source": f"{len(self.lanes.shards)} tar shards, streamed",
             "lanes": self.lanes.lanes,
             "epoch_samples": self.epoch_samples,
-            "images": self.lanes.total,
         }
+        if self.lanes.counted():
+            summary["images"] = self.lanes.total
+        return summary
 
     def prepare_sample(self, image: Any, key: str, position: int) -> tuple[torch.Tensor, str]:
         if self.prepare is not None:
