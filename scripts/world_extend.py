@@ -10,8 +10,9 @@ Per dataset: one PromptSRC teacher (16 shots of the base classes, seed 1, `--pre
   then `promptkd features extend` adds the novel names;
 - calibrated: the same student with a label-free calibration of old against new rows, fitted by
   `promptkd features calibrate` on unlabelled train images of all classes against the teacher;
-- briefly distilled: the extended student distilled for a few epochs on unlabelled images of the new classes (and
-  as many base images, replayed), `promptkd features extend ... --student --images`;
+- briefly distilled: the extended student distilled for a few epochs on unlabelled train images of all classes (the
+  base ones replayed), or of the new classes only, `promptkd features extend ... --student --images
+  --distill-epochs`, then calibrated on the same images;
 - transductive student (reference): distilled on the train images of all classes with all features (the paper);
   and the teacher itself over all names.
 
@@ -99,8 +100,9 @@ def students(data: dict[str, Any], dataset: str, root: str, seed: int) -> dict[s
 
 
 def variants(data: dict[str, Any], run: Path, epochs: int) -> dict[str, tuple[Path, Path, bool]]:
-    """The extended student as is, calibrated, and briefly distilled (as is and calibrated), made through the CLI:
-    name -> (student checkpoint, features, apply the stored calibration)."""
+    """The extended student as is, calibrated, and briefly distilled on unlabelled images of all classes or of the new
+    classes only (each as is and calibrated on the same images), made through the CLI: name -> (student checkpoint,
+    features, apply the stored calibration)."""
     teacher = ["--teacher", data["teacher"]]
     images = ["--images", str(data["base_images"]), str(data["new_images"])]
     classes = ["--classes", str(data["folder"] / "new.txt")]
@@ -113,12 +115,21 @@ def variants(data: dict[str, Any], run: Path, epochs: int) -> dict[str, tuple[Pa
         cli(["features", "extend", str(run / "teacher_features"), *teacher, *classes, "--out",
              str(run / "brief_features"), "--student", str(run / "prompts"), *images, "--distill-epochs",
              str(epochs), "--student-out", str(brief)])  # fmt: skip
+    only_new = run / "brief_new"
+    if not (only_new / "teacher_features.calibration.json").is_file():
+        cli(["features", "extend", str(run / "teacher_features"), *teacher, *classes, "--out",
+             str(run / "brief_new_features"), "--student", str(run / "prompts"), "--images", str(data["new_images"]),
+             "--distill-epochs", str(epochs), "--student-out", str(only_new)])  # fmt: skip
     return {
         "extended student, as is": (run / "prompts", extended, False),
         "extended + calibrated": (run / "prompts", extended, True),
         f"extended + distilled {epochs} epochs": (brief / "prompts", brief / "teacher_features", False),
         f"extended + distilled {epochs} epochs + calibrated": (brief / "prompts", brief / "teacher_features", True),
-    }
+        f"extended + distilled {epochs} epochs on new-class images only": (
+            only_new / "prompts", only_new / "teacher_features", False),
+        f"extended + distilled {epochs} epochs on new-class images only + calibrated": (
+            only_new / "prompts", only_new / "teacher_features", True),
+    }  # fmt: skip
 
 
 def score(logits: Any, labels: Any, num_base: int) -> dict[str, float]:
@@ -203,6 +214,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--stage", choices=["students", "all"], default="all")
     parser.add_argument("--distill-epochs", type=int, default=2, help="the short distillation's epochs")
+    parser.add_argument("--results", default="results.json", help="file name of the results under --out")
     args = parser.parse_args()
 
     from promptkd.data.world import ensure_world
@@ -218,7 +230,7 @@ def main() -> None:
                 continue
             for name, row in evaluate(data, runs, args.distill_epochs).items():
                 results.setdefault(dataset, {}).setdefault(name, []).append({**row, "seed": seed})
-            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            (out / args.results).write_text(json.dumps(results, indent=2) + "\n")
     if results:
         print(table(results))
 

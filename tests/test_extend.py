@@ -4,6 +4,8 @@ unlabelled images. Teacher: a zero-shot pkd-tiny-wide with weights in a file; st
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +76,15 @@ def test_calibration_fits_the_teacher_without_labels_and_round_trips(setup, tmp_
     assert calibration.scale == again.scale and calibration.bias == again.bias  # deterministic
     assert calibration.bias[0] == 0.0 and len(calibration.scale) == 2
     assert calibration.fitted["images"] == 6 and "no labels" in calibration.fitted["objective"]
+    # label-free: the same images filed under (wrong) class folders give the same calibration
+    filed = []
+    for k, path in enumerate(setup["images"]):
+        target = tmp_path / (BASE + NEW)[k % 5] / f"{k}.png"
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(Path(path).read_bytes())
+        filed.append(str(target))
+    relabelled = calibrate(student, setup["teacher"], filed)
+    assert relabelled.scale == pytest.approx(calibration.scale) and relabelled.bias == pytest.approx(calibration.bias)
     saved = Calibration.load(calibration.save(tmp_path / "c.calibration.json"))
     assert saved.groups == calibration.groups and saved.scale == calibration.scale and saved.bias == calibration.bias
     with pytest.raises(CalibrationError, match="extend the features first"):
