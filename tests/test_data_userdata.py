@@ -276,3 +276,11 @@ def test_own_splits_say_how_they_were_made(tmp_path: Path) -> None:
     items = [Datum(str(tmp_path / f"{c}{i}.png"), c, f"c{c}") for c in range(2) for i in range(10)]
     splits = make_splits(items, ["c0", "c1"])
     assert splits.notes == ["images split per class 50/20/30 into train/val/test by promptkd (CoOp's rule, seeded)"]
+
+
+def test_image_lists_that_are_not_utf8_are_one_message(tmp_path: Path) -> None:
+    lists = {"list.csv": "path,label,classname\na.png,0,caf\u00e9\n", "list.json": '[["caf\u00e9.png", 0]]'}
+    for name, body in lists.items():
+        (tmp_path / name).write_bytes(body.encode("latin-1"))
+        with pytest.raises(DataError, match=rf"{name}:\d: image list is not UTF-8 text"):
+            image_list(tmp_path / name, ["cafe"])

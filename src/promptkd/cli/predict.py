@@ -28,11 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from promptkd.cli.common import check_positive, print_table, resolve_device
+    from promptkd.cli.common import print_table, resolve_device
     from promptkd.deploy import image_paths, load_for_inference, predict, write_predictions_csv
     from promptkd.paths import writable_file
 
-    check_positive(top_k=args.top_k, batch_size=args.batch_size)
     writable_file(args.out)  # before any prediction is made
     paths = image_paths(args.images)
     method = load_for_inference(args.checkpoint, args.features, device=resolve_device(args.device))

@@ -8,6 +8,7 @@ line); ``skip_bad_rows=True`` skips bad list rows instead and reports each in ``
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -232,38 +233,39 @@ class _Row(NamedTuple):
 
 
 def _csv_rows(path: str) -> tuple[list[_Row], bool]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        cols = [c.strip().lower() for c in header] if header else []
-        if "path" not in cols or "label" not in cols:
-            raise DataError(
-                f"CSV header is {header!r}",
-                path=path,
-                line=1,
-                expected="a header row naming the columns 'path' and 'label' (optional 'classname')",
-                fix="add the header line 'path,label' (or 'path,label,classname')",
-            )
-        ip, il = cols.index("path"), cols.index("label")
-        ic = cols.index("classname") if "classname" in cols else None
-        rows: list[_Row] = []
-        for fields in reader:
-            line = reader.line_num
-            if not fields or all(not x.strip() for x in fields):
-                continue
-            if len(fields) < len(cols):
-                problem = f"{len(fields)} fields, the header has {len(cols)}"
-                rows.append(_Row(f"{path}:{line}", line, None, None, None, problem))
-                continue
-            cname = fields[ic].strip() if ic is not None else None
-            rows.append(_Row(f"{path}:{line}", line, fields[ip].strip(), fields[il].strip(), cname))
+    text = read_text(path, "image list")
+    # one reader for every user text file: a Latin-1 list is one DataError, not a traceback
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    cols = [c.strip().lower() for c in header] if header else []
+    if "path" not in cols or "label" not in cols:
+        raise DataError(
+            f"CSV header is {header!r}",
+            path=path,
+            line=1,
+            expected="a header row naming the columns 'path' and 'label' (optional 'classname')",
+            fix="add the header line 'path,label' (or 'path,label,classname')",
+        )
+    ip, il = cols.index("path"), cols.index("label")
+    ic = cols.index("classname") if "classname" in cols else None
+    rows: list[_Row] = []
+    for fields in reader:
+        line = reader.line_num
+        if not fields or all(not x.strip() for x in fields):
+            continue
+        if len(fields) < len(cols):
+            problem = f"{len(fields)} fields, the header has {len(cols)}"
+            rows.append(_Row(f"{path}:{line}", line, None, None, None, problem))
+            continue
+        cname = fields[ic].strip() if ic is not None else None
+        rows.append(_Row(f"{path}:{line}", line, fields[ip].strip(), fields[il].strip(), cname))
     return rows, ic is not None
 
 
 def _json_rows(path: str) -> tuple[list[_Row], bool]:
+    text = read_text(path, "image list")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(text)
     except ValueError as e:
         raise DataError(
             f"image list is not valid JSON ({e})",
