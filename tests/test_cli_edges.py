@@ -230,3 +230,31 @@ def test_the_issues_edge_values_are_refused_before_any_work(stubbed):
         code, err = _run(argv)
         assert code == 2 and named in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not calls
+
+
+def test_config_overrides_refuse_edge_values_before_any_work(tmp_path, monkeypatch):
+    """--set reaches the typed configs: nan/inf, 0 epochs of a method that trains, a zero batch or LoRA alpha are one
+    message from the command itself (not stubbed), before any data or model is read."""
+    monkeypatch.chdir(tmp_path)
+    commands = {
+        "train": ["train", "--method", "coop", "--dataset", "shapes"],
+        "distill": ["distill", "--teacher-model", "pkd-world-teacher", "--student-model", "pkd-world-student"],
+        "teacher-cache": ["teacher-cache", "--teacher-model", "pkd-world-teacher", "--student-model", "x"],
+        "protocol": ["protocol", "base2new", "--method", "coop", "--datasets", "shapes"],
+        "pretrain": ["pretrain", "--data", "world", "--out", str(tmp_path / "p")],
+    }
+    bad = ["train.lr=nan", "train.lr=inf", "train.epochs=0", "train.batch_size=0", "train.weight_decay=-1"]
+    with_set = {path[0] for path, _, action in _arguments() if action.dest in ("overrides", "set")}
+    assert with_set == {*commands, "tta"}  # a new command with --set is added here
+    for name, argv in commands.items():
+        for override in bad:
+            code, err = _run([*argv, "--set", override])
+            key = override.split("=")[0].split(".")[-1]
+            assert code == 2 and err.startswith("error: ") and key in err, (name, override, err)
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, override, err)
+    for override, key in (("batch_size=0", "batch_size"), ("max_images=-1", "max_images"), ("seed=-3", "seed")):
+        code, err = _run(["tta", "--datasets", "shapes", "--set", override])
+        assert code == 2 and key in err and len(err.strip().splitlines()) == 1, (override, err)
+    code, err = _run([*commands["distill"], "--set", "method.lora_alpha=0"])
+    assert code == 2 and "lora_alpha: must be above 0, got 0" in err
+    assert not list(tmp_path.iterdir())  # nothing written by any refused run
