@@ -305,6 +305,21 @@ def test_a_run_lowers_the_loss_and_writes_a_model_that_reloads(corpus, tmp_path)
         _run(out, corpus)
 
 
+def test_a_local_dir_model_is_recorded_as_starting_from_its_folders_weights(corpus, tmp_path, tiny_backbone, caplog):
+    import logging
+
+    from promptkd.backbones.export import save_local_dir
+
+    folder = save_local_dir(tiny_backbone, tmp_path / "start")
+    caplog.set_level(logging.INFO, logger="promptkd")
+    history = _run(tmp_path / "run", corpus, "train.epochs=1", model=f"local-dir:{folder}").history
+    assert history["init"] == f"local-dir:{folder}"
+    log = caplog.text
+    assert "random weights" not in log and f"starts from the weights of local-dir:{folder}" in log
+    with pytest.raises(PromptKDError, match="a local-dir folder carries its own weights"):
+        _run(tmp_path / "other", corpus, model=f"local-dir:{folder}", pretrained="openai")
+
+
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(corpus, tmp_path):
     runs = [
         _run(tmp_path / f"s{k}", corpus, f"train.seed={seed}", "method.objective=clip")
@@ -508,3 +523,24 @@ def test_cli_run_summary_refusals_and_exit_codes(corpus, tmp_path, capsys):
     assert "--batch-size" in capsys.readouterr().err
     assert main([*argv[:4], str(tmp_path / "nothing"), *argv[5:], "--overwrite"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_shipped_weights_records_say_what_made_them_and_what_remakes_them_now():
+    """The records named a schedule (onecycle, 2,400 steps) that no command runs any more: what made the weights (the
+    loop before the engine) and what remakes them now (the world preset through the engine) are told apart."""
+    from promptkd.backbones import load_backbone
+    from promptkd.backbones.weights import WEIGHTS_DIR, shipped_record
+
+    preset = resolve_pretrain_config("world", [], {"data": "world"})
+    for model in ("pkd-world-teacher", "pkd-world-student"):
+        pretrain = shipped_record(WEIGHTS_DIR / f"{model}.safetensors")["pretrain"]
+        made_by = pretrain["made_by"]
+        assert "c8e27db" in made_by["script"] and (made_by["schedule"], made_by["steps"]) == ("onecycle", 2400)
+        assert "schedule" not in pretrain and "steps" not in pretrain  # nothing claimed of the current command
+        assert pretrain["command"] == "python scripts/pretrain_world.py" and pretrain["preset"] == "world"
+        steps = 11040 // preset.train.batch_size * preset.train.epochs  # the world corpus: 11,040 captioned images
+        assert f"{preset.train.epochs} epochs = {steps:,} steps of {preset.train.batch_size}" in pretrain["remake"]
+        assert f"lr {preset.train.lr:g}" in pretrain["remake"] and preset.method_config["objective"] == "itl"
+        for key in ("batch_size", "lr", "weight_decay", "grad_clip", "seed"):  # the recipe both share
+            assert made_by[key] == getattr(preset.train, key), (model, key)
+        assert load_backbone(model, "shipped").spec.pretrained == "shipped"  # the weight files' hashes still hold

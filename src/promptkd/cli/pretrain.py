@@ -47,14 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=v.text,
         default="pkd-world-student",
-        help="open_clip model name (pkd-world-student, pkd-world-teacher, pkd-tiny, ViT-B-16, ...) or "
-        "local-dir:<folder> (default: %(default)s)",
+        help="open_clip model name (pkd-world-student, pkd-world-teacher, pkd-tiny, ViT-B-16, ...; random weights "
+        "unless --pretrained) or local-dir:<folder> (continues from the folder's weights) (default: %(default)s)",
     )
     parser.add_argument(
         "--pretrained",
         type=v.text,
         default="random",
-        help="random (from scratch, the default) or a tag / weight file to continue pre-training from",
+        help="random (from scratch, the default) or a tag / weight file to continue pre-training from (not with a "
+        "local-dir model, which carries its own weights)",
     )
     parser.add_argument(
         "--out",

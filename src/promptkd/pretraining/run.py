@@ -1,8 +1,9 @@
 """One pre-training run (what ``promptkd pretrain`` does), through the shared engine.
 
 captioned images (a caption file read lazily, or WebDataset shards streamed) → a CLIP (random weights unless
-``pretrained`` names some) → the ``contrastive`` method (the objective) → the engine's :class:`Trainer` (data order,
-precision, checkpoints, exact resume after a kill, DDP under torchrun, logs) → the model as an open_clip
+``pretrained`` names some; a ``local-dir:`` model starts from its folder's weights) → the ``contrastive`` method
+(the objective) → the engine's :class:`Trainer` (data order, precision, checkpoints, exact resume after a kill, DDP
+under torchrun, logs) → the model as an open_clip
 ``local-dir`` folder in ``<out>`` (``--model local-dir:<out>``) with ``pretrain_history.json`` (losses, zero-shot
 accuracy per evaluated epoch, timings) and ``pretrain_curve.png``.
 
@@ -53,7 +54,7 @@ class PretrainRunConfig:
     """Everything that defines a pre-training run (written to ``<out>/config.yaml``)."""
 
     data: str = ""  # world (its cache), a world root, captions.jsonl, COCO .json, or shards ('d/{000..009}.tar')
-    model: str = "pkd-world-student"  # open_clip model name (built with random weights) or local-dir:<folder>
+    model: str = "pkd-world-student"  # open_clip model name (random weights) or local-dir:<folder> (its weights)
     pretrained: str = "random"  # random (pre-training from scratch, the default), or a tag / weight file to continue
     device: str = "auto"
     out: str = "runs/pretrain"
@@ -167,11 +168,16 @@ def run_pretraining(config: PretrainRunConfig, *, overwrite: bool = False) -> Pr
     handler = attach_run_log(out, info.is_main)
     try:
         torch.manual_seed(config.train.seed)  # the random initialisation is part of the run's identity
-        random_init = config.pretrained == "random"
-        if random_init:
+        init = initial_weights(config)
+        if init == "random":
             logger.info("%s starts from random weights (pre-training from scratch)", config.model)
+        else:
+            logger.info("%s starts from the weights of %s", config.model, init)
         backbone = load_backbone(
-            config.model, None if random_init else config.pretrained, device=device, precision=config.train.precision
+            config.model,
+            None if config.pretrained == "random" else config.pretrained,
+            device=device,
+            precision=config.train.precision,
         )
         views = CaptionViews(
             backbone.image_size,
@@ -205,6 +211,19 @@ def run_pretraining(config: PretrainRunConfig, *, overwrite: bool = False) -> Pr
         detach_run_log(handler)
 
 
+def initial_weights(config: PretrainRunConfig) -> str:
+    """What the model starts from, as the log and the history say: ``random``, the ``pretrained`` tag or file, or
+    for ``--model local-dir:X`` the folder itself (open_clip loads X's weights; a second source is refused)."""
+    if config.model.startswith("local-dir:"):
+        if config.pretrained not in ("random", ""):
+            raise ConfigError(
+                f"--pretrained {config.pretrained} with --model {config.model}: a local-dir folder carries its own "
+                "weights, and those are loaded; drop --pretrained, or name the architecture instead of the folder."
+            )
+        return config.model
+    return config.pretrained or "random"
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -231,7 +250,7 @@ def _history(
     final = evaluations[-1] if evaluations else {}
     return {
         "config": resolved,
-        "init": "random" if config.pretrained == "random" else config.pretrained,
+        "init": initial_weights(config),
         "model": backbone.describe(),
         "data": data_summary,
         "train": steps,
