@@ -174,6 +174,7 @@ def test_every_option_has_a_checked_kind():
     assert len(_arguments()) > 150
 
 
+@pytest.mark.slow
 def test_every_option_refuses_its_edge_values_in_one_line_and_accepts_the_rest(stubbed):
     calls, p = stubbed
     checked = 0
@@ -232,6 +233,7 @@ def test_the_issues_edge_values_are_refused_before_any_work(stubbed):
     assert not calls
 
 
+@pytest.mark.slow
 def test_config_overrides_refuse_edge_values_before_any_work(tmp_path, monkeypatch):
     """--set reaches the typed configs: nan/inf, 0 epochs of a method that trains, a zero batch or LoRA alpha are one
     message from the command itself (not stubbed), before any data or model is read."""
