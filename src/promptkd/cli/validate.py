@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -190,6 +189,8 @@ def checkpoint(value: str) -> str:
 def _can_write_in(folder: Path) -> bool:
     """Whether a file can be made in ``folder``, proved by making (and at once removing) one: permission bits
     say nothing for root, read-only mounts or /proc."""
+    import tempfile  # here, not at the top: `promptkd --help` never needs it
+
     try:
         with tempfile.TemporaryFile(dir=folder):
             return True
