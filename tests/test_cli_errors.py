@@ -255,3 +255,17 @@ def test_weights_of_another_architecture_list_a_few_keys_and_the_count():
         check_state_fits(expected, found, "other.safetensors")
     message = str(info.value)
     assert "... (132 more, 140 in all)" in message and message.count("blocks.") == 8 and len(message) < 1500
+
+
+def test_offline_hint_names_the_option_the_command_has(monkeypatch):
+    """distill's teacher is given with --teacher-pretrained: the offline hint says so (it said --pretrained)."""
+    from promptkd.backbones import loading
+    from promptkd.backbones.types import BackboneError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(loading, "is_cached", lambda cfg, cache_dir=None: False)
+    with pytest.raises(BackboneError) as info:
+        loading.run_weights("ViT-B-16", "openai", flag="--teacher-pretrained")
+    message = str(info.value)
+    assert "--teacher-pretrained /path/to/weights" in message and "--teacher-model local-dir:" in message
+    assert " --pretrained " not in message

@@ -182,6 +182,8 @@ def run_weights(model_name: str | None, pretrained: str | None, *, flag: str = "
         logger.warning("%s starts from RANDOM weights (%s random)", model_name, flag)
         return None
     if pretrained:
+        if model_name and not model_name.startswith(("local-dir:", "timm:")) and _tag_cfg(model_name, pretrained):
+            _require_cached_or_online(model_name, pretrained, _tag_cfg(model_name, pretrained), None, flag=flag)
         return pretrained
     if model_name and shipped_weights(model_name) is not None:
         return SHIPPED
@@ -314,14 +316,19 @@ def _hub_reachable(host: str = "huggingface.co") -> bool:
     return True
 
 
-def _require_cached_or_online(name: str, tag: str, cfg: dict, cache_dir: str | None) -> None:
+def _require_cached_or_online(
+    name: str, tag: str, cfg: dict, cache_dir: str | None, *, flag: str = "--pretrained"
+) -> None:
+    """``flag``: how the command spells the weights option (--teacher-pretrained for distill's teacher), so the
+    hint names an option that exists; :func:`run_weights` checks here first, where the spelling is known."""
     if is_cached(cfg, cache_dir) or _hub_reachable():
         return
     raise BackboneError(
         f"weights for {name} / {tag} are not in the local cache and this machine is offline. "
         f"On a connected machine run `promptkd models --download {name} {tag}` and copy the Hugging Face cache "
-        "(~/.cache/huggingface) here; or pass the weight file itself: --pretrained /path/to/weights "
-        "(.pt, .bin or .safetensors), or a converted folder: --model local-dir:/path/to/folder."
+        f"(~/.cache/huggingface) here; or pass the weight file itself: {flag} /path/to/weights "
+        f"(.pt, .bin or .safetensors), or a converted folder: {flag.replace('pretrained', 'model')} "
+        "local-dir:/path/to/folder."
     )
 
 
