@@ -181,8 +181,9 @@ def checkpoint(value: str) -> str:
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{value} is a folder; give a checkpoint file (e.g. {path / 'prompts'})")
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    if not (path.is_file() or stem.with_suffix(".safetensors").is_file() or stem.with_suffix(".json").is_file()):
-        raise argparse.ArgumentTypeError(f"{value}: no such checkpoint (no {stem.with_suffix('.safetensors')})")
+    tensors = stem.with_name(stem.name + ".safetensors")  # as promptkd.checkpoints.checkpoint_paths pairs them
+    if not (path.is_file() or tensors.is_file() or stem.with_name(stem.name + ".json").is_file()):
+        raise argparse.ArgumentTypeError(f"{value}: no such checkpoint (no {tensors})")
     return value
 
 
