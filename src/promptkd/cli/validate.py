@@ -182,7 +182,8 @@ def checkpoint(value: str) -> str:
         raise argparse.ArgumentTypeError(f"{value} is a folder; give a checkpoint file (e.g. {path / 'prompts'})")
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     tensors = stem.with_name(stem.name + ".safetensors")  # as promptkd.checkpoints.checkpoint_paths pairs them
-    if not (path.is_file() or tensors.is_file() or stem.with_name(stem.name + ".json").is_file()):
+    paired = (tensors, stem.with_name(stem.name + ".json"), stem.with_suffix(".safetensors"))  # tta sources
+    if not (path.is_file() or any(candidate.is_file() for candidate in paired)):
         raise argparse.ArgumentTypeError(f"{value}: no such checkpoint (no {tensors})")
     return value
 
