@@ -261,6 +261,7 @@ def _teacher_cache_record(run: Path) -> dict:
     return yaml.safe_load((run / "config.yaml").read_text())["teacher_cache"]
 
 
+@pytest.mark.slow
 def test_a_cache_filled_on_other_images_with_the_same_names_recomputes_them_and_says_so(
     teacher_ckpt,  # noqa: F811 (the fixture)
     toy,
@@ -291,6 +292,7 @@ def test_a_cache_filled_on_other_images_with_the_same_names_recomputes_them_and_
     assert _teacher_cache_record(tmp_path / "a2")["misses"] == 0
 
 
+@pytest.mark.slow
 def test_streamed_shard_members_are_bound_to_their_bytes(teacher_ckpt, student_weights, tmp_path, monkeypatch):  # noqa: F811
     from engine_helpers import make_shards
     from promptkd.cli.main import main
@@ -315,6 +317,7 @@ def test_streamed_shard_members_are_bound_to_their_bytes(teacher_ckpt, student_w
 
 
 # --- inductive runs -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_inductive_runs_cache_the_base_class_logits(teacher_ckpt, toy, tmp_path, monkeypatch):  # noqa: F811
     from promptkd.cli.main import main
     from promptkd.distill.teacher import Teacher
@@ -394,6 +397,7 @@ def test_a_programming_error_while_reading_a_chunk_is_not_taken_for_damage(tmp_p
         TeacherCache(tmp_path / "c", _identity()).get(["a#0"])
 
 
+@pytest.mark.slow
 def test_teacher_cache_command_repairs_a_damaged_cache_and_refuses_a_place_it_cannot_store(
     teacher_ckpt,  # noqa: F811 (the fixture)
     toy,

@@ -224,6 +224,19 @@ Location = tuple[str, int]
 Entry = tuple[str, str]  # (<image key>#<view>, fingerprint of the image's content)
 
 
+def _what_differs(key: str, stored: Any, ours: Any) -> str:
+    """``key.field: stored vs ours`` for the fields of a record entry that differ (hashes abridged)."""
+
+    def short(value: Any) -> str:
+        text = json.dumps(value, default=str) if not isinstance(value, str) else value
+        return text[:12] + "..." if len(text) > 40 else text
+
+    if isinstance(stored, dict) and isinstance(ours, dict):
+        fields = sorted(k for k in {*stored, *ours} if stored.get(k) != ours.get(k))
+        return ", ".join(f"{key}.{k}: {short(stored.get(k))} vs {short(ours.get(k))}" for k in fields)
+    return f"{key}: {short(stored)} vs {short(ours)}"
+
+
 class TeacherCache:
     """Teacher logits per view entry in ``folder``, each bound to its image's content (see the module docstring).
 
@@ -348,7 +361,11 @@ class TeacherCache:
             "storage": "another storage form (full or top-k, dtype)",
         }
         ours = json.loads(json.dumps(self.identity, default=str))
-        differ = [f"{reasons[k]} ({k})" for k in reasons if found.get(k) != ours.get(k)]
+        differ = [
+            f"{reasons[k]} ({_what_differs(k, found.get(k), ours.get(k))})"
+            for k in reasons
+            if found.get(k) != ours.get(k)
+        ]
         teacher = teacher_differences(found.get("teacher"), ours.get("teacher"))
         if teacher:
             differ.insert(0, f"another teacher ({'; '.join(teacher)}; stored vs this run)")
@@ -474,10 +491,12 @@ class TeacherCache:
             try:
                 with safe_open(str(path), "pt") as handle:
                     meta = handle.metadata() or {}
+                if "keys" not in meta or "content" not in meta:
+                    raise _DamagedChunk("no entry names or content fingerprints in its header")
                 keys, content = json.loads(meta["keys"]), json.loads(meta["content"])
-                if len(keys) != len(content):
-                    raise _DamagedChunk("its entries and their content fingerprints differ in number")
-            except (*_DAMAGED, KeyError, TypeError) as error:  # a damaged header: never served
+                if not isinstance(keys, list) or not isinstance(content, list) or len(keys) != len(content):
+                    raise _DamagedChunk("its entries and their content fingerprints do not pair up")
+            except _DAMAGED as error:  # a damaged header: never served
                 self._set_aside(path.name, f"unreadable header: {error}")
                 continue
             for row, entry in enumerate(zip(keys, content)):
