@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from engine_helpers import NoisyImages, make_method, train
-from promptkd.checkpoints import load_checkpoint
+from promptkd.checkpoints import load_checkpoint, read_with_digest
 from promptkd.engine import TrainConfig, Trainer, TrainingDivergedError, learning_rate
 from promptkd.engine.trainer import RESUME_FILE, ResumeError
 
@@ -75,7 +76,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingDivergedError, match=r"loss is nan at epoch 2, step 1.*after epoch 1\) is unchanged"):
         train(tmp_path, epochs=3, method_config={"nan_at_epoch": 2})
-    state = torch.load(tmp_path / RESUME_FILE, weights_only=True)
+    state = torch.load(io.BytesIO(read_with_digest(tmp_path / RESUME_FILE)), weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["learner"].values())
     assert not (tmp_path / "prompts.safetensors").exists()
 
