@@ -215,7 +215,11 @@ def main() -> None:
     parser.add_argument("--stage", choices=["students", "all"], default="all")
     parser.add_argument("--distill-epochs", type=int, default=2, help="the short distillation's epochs")
     parser.add_argument("--results", default="results.json", help="file name of the results under --out")
+    parser.add_argument("--table-only", action="store_true", help="print the table of --results and exit")
     args = parser.parse_args()
+    if args.table_only:
+        print(table(json.loads((Path(args.out) / args.results).read_text())))
+        return
 
     from promptkd.data.world import ensure_world
 
@@ -245,8 +249,10 @@ def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
     for dataset, rows in results.items():
         for name, seeds in rows.items():
             mean = {k: sum(r[k] for r in seeds) / len(seeds) for k in (*COLUMNS, "novel_to_base")}
-            cells = " | ".join(f"{mean[k]:.1f}" for k in (*COLUMNS, "novel_to_base"))
-            lines.append(f"| {dataset} | {name} | {cells} | {len(seeds)} |")
+            spread = (sum((r["all"] - mean["all"]) ** 2 for r in seeds) / len(seeds)) ** 0.5
+            cells = [f"{mean[k]:.1f}" for k in (*COLUMNS, "novel_to_base")]
+            cells[COLUMNS.index("all")] += f" ± {spread:.1f}" if len(seeds) > 1 else ""
+            lines.append(f"| {dataset} | {name} | {' | '.join(cells)} | {len(seeds)} |")
     return "\n".join(lines)
 
 

@@ -141,7 +141,11 @@ def test_cli_extend_calibrates_and_distils_briefly(setup, tmp_path):
     assert cli([*common, "--out", str(tmp_path / "x"), "--student", str(setup["checkpoint"])]) == 2
     assert not (tmp_path / "x.safetensors").exists()  # refused before anything was written
     assert cli([*common, "--out", str(tmp_path / "ext" / "teacher_features"), *student]) == 0
-    assert (tmp_path / "ext" / "teacher_features.calibration.json").is_file()
+    calibration = tmp_path / "ext" / "teacher_features.calibration.json"
+    first = Calibration.load(calibration)
+    calibration.unlink()
+    assert cli(["features", "calibrate", str(tmp_path / "ext" / "teacher_features"), *teacher, *student]) == 0
+    assert Calibration.load(calibration).scale == first.scale  # the same fit, by the calibrate action
     out = tmp_path / "predictions.csv"
     argv = [
         "predict",
