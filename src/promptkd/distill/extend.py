@@ -307,7 +307,7 @@ def distill_new_classes(
     from promptkd.engine.trainer import Trainer
 
     if epochs < 1:
-        raise CalibrationError(f"--epochs must be at least 1 for a short distillation, not {epochs}.")
+        raise CalibrationError(f"--distill-epochs must be at least 1 for a short distillation, not {epochs}.")
     if not paths:
         raise CalibrationError("no unlabelled images to distil on; give them with --images DIR.")
     stored = method.stored
