@@ -269,3 +269,26 @@ def test_offline_hint_names_the_option_the_command_has(monkeypatch):
     message = str(info.value)
     assert "--teacher-pretrained /path/to/weights" in message and "--teacher-model local-dir:" in message
     assert " --pretrained " not in message
+
+
+def test_a_caption_file_naming_a_missing_image_is_skipped_and_counted_with_skip_bad(tmp_path, caplog):
+    """pretrain --skip-bad left a caption file's missing image fatal, and the hint named a key with no flag."""
+    from promptkd.data.captions import CaptionCorpus
+    from promptkd.data.items import DataError, ImageDataset
+
+    (tmp_path / "images").mkdir()
+    lines = []
+    for i in range(3):
+        if i < 2:
+            Image.new("RGB", (32, 32), (90 * i, 20, 90)).save(tmp_path / "images" / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": f"a red star {i}"}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        CaptionCorpus.from_file(tmp_path / "captions.jsonl")
+    assert "--skip-bad" in str(info.value) and "image_root" not in str(info.value)
+    with caplog.at_level("WARNING"):
+        corpus = CaptionCorpus.from_file(tmp_path / "captions.jsonl", skip_bad=True)
+    assert len(corpus) == 3 and "1 of 3 listed images do not exist" in caplog.text
+    images = ImageDataset(corpus.paths, None, skip_bad=True)
+    [images[i] for i in range(len(images))]
+    assert images.skipped == [str(tmp_path / "images" / "2.png")]  # counted as the run's skipped images

@@ -215,11 +215,14 @@ class CaptionCorpus:
         }
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None) -> CaptionCorpus:
+    def from_file(
+        cls, path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None, *, skip_bad: bool = False
+    ) -> CaptionCorpus:
         """Read a ``captions.jsonl`` or COCO captions JSON and check that every image it names exists.
 
         Image paths are relative to ``image_root``, by default the ``images/`` folder next to the file or else the
-        file's folder.
+        file's folder. ``skip_bad`` (--skip-bad): missing images are warned about and kept, so the dataset skips and
+        counts them like any unreadable image.
         """
         path = Path(path)
         if not path.is_file():
@@ -227,7 +230,15 @@ class CaptionCorpus:
         root = Path(image_root) if image_root is not None else _image_root(path)
         items = _merge(_read_jsonl(path) if path.suffix == ".jsonl" else _read_coco(path))
         missing = [e for e in items if not (root / e.image).is_file()]
-        if missing:
+        if missing and skip_bad:
+            logger.warning(
+                "%s: %d of %d listed images do not exist (relative to %s); they are skipped and counted",
+                path,
+                len(missing),
+                len(items),
+                root,
+            )
+        elif missing:
             first = missing[0]
             listed = "\n".join(f"    {_where(e)}: {root / e.image}" for e in missing[:10])
             more = f"\n    ... and {len(missing) - 10} more" if len(missing) > 10 else ""
@@ -236,7 +247,8 @@ class CaptionCorpus:
                 path=path,
                 line=first.where if isinstance(first.where, int) else None,
                 expected="every image named in the caption file to exist",
-                fix="restore the images, fix the paths, or pass the folder they are relative to (image_root)",
+                fix=f"restore the images or fix their paths (relative to {root}: the images/ folder beside the "
+                "caption file, else its own folder), or leave them out and count them with --skip-bad",
             )
         labels, classnames = _labels_of(items, path)
         logger.info("%s: %d images with %d captions", path, len(items), sum(len(e.captions) for e in items))

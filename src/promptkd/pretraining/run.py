@@ -117,7 +117,7 @@ def _train_data(config: PretrainRunConfig, backbone: Any, views: Any) -> tuple[A
             companion=shard_companion(backbone.tokenize),
         )
         return source, [], source.summary()
-    corpus = CaptionCorpus.from_file(resolve_caption_file(config.data))
+    corpus = CaptionCorpus.from_file(resolve_caption_file(config.data), skip_bad=config.skip_bad)
     if config.method_config.get("objective", "itl") == "itl" and not corpus.has_labels:
         raise ConfigError(
             f"{corpus.source}: objective 'itl' needs a class label for every image; add 'label' or 'classname' to "
