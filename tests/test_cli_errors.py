@@ -292,3 +292,15 @@ def test_a_caption_file_naming_a_missing_image_is_skipped_and_counted_with_skip_
     images = ImageDataset(corpus.paths, None, skip_bad=True)
     [images[i] for i in range(len(images))]
     assert images.skipped == [str(tmp_path / "images" / "2.png")]  # counted as the run's skipped images
+
+
+def test_caption_files_that_are_not_utf8_are_one_message(tmp_path):
+    from promptkd.data.captions import CaptionCorpus
+    from promptkd.data.items import DataError
+
+    (tmp_path / "captions.jsonl").write_bytes('{"image": "a.png", "caption": "a caf\u00e9"}\n'.encode("latin-1"))
+    (tmp_path / "coco.json").write_bytes('{"images": [], "annotations": [], "x": "caf\u00e9"}'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"captions\.jsonl:1: not UTF-8 text"):
+        CaptionCorpus.from_file(tmp_path / "captions.jsonl")
+    with pytest.raises(DataError, match=r"coco\.json: not UTF-8 text"):
+        CaptionCorpus.from_file(tmp_path / "coco.json")

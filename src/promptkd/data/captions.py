@@ -59,8 +59,12 @@ _FORMAT = 'one JSON object per line: {"image": "<path relative to images/>", "ca
 
 def _read_jsonl(path: Path) -> list[_Entry]:
     entries: list[_Entry] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded line by line: a Latin-1 line is named, not a UnicodeDecodeError
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataError("not UTF-8 text", path=path, line=number, fix="save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -96,6 +100,8 @@ def _read_jsonl(path: Path) -> list[_Entry]:
 def _read_coco(path: Path) -> list[_Entry]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError("not UTF-8 text", path=path, fix="save the file as UTF-8") from None
     except json.JSONDecodeError as error:
         raise DataError(
             f"not valid JSON ({error.msg})",
