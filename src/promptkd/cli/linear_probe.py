@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from promptkd.data.datasets import resolve_dataset
+    from promptkd.data.items import small_images
     from promptkd.data.sampling import few_shot_splits
     from promptkd.errors import PromptKDError
     from promptkd.evaluation import evaluate_linear_probe
@@ -103,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         num_samples=outcome.num_test,
         config=config,
         skipped_images=outcome.skipped,
+        small_images=small_images(
+            [d.path for d in (*splits.train, *splits.val, *splits.test)], int(backbone.preprocess.size)
+        ),
         selection=outcome.selection,
         classnames=splits.classnames,
         extra={

@@ -64,6 +64,7 @@ def _annotations(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from promptkd.data.items import small_images
     from promptkd.evaluation import evaluate_retrieval, read_captions
     from promptkd.paths import writable_folder
     from promptkd.results import check_result_free, make_result
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         num_samples=outcome.num_images,
         config=config,
         skipped_images=outcome.skipped,
+        small_images=small_images(captions.images, int(backbone.preprocess.size)),
         extra={
             "annotations": os.path.abspath(path),
             "num_images": outcome.num_images,
