@@ -151,8 +151,9 @@ class Projector(nn.Module):
         # The BatchNorm after fc1 cancels fc1's bias in training, so the bias's exact gradient is 0; autograd's is
         # rounding noise, which AdamW would turn into lr-sized steps that differ between runs on 1 and 2 processes.
         # ``0 * bias`` gives it the exact gradient (and keeps it in DDP's graph); its value still enters the
-        # running mean, as in the reference.
-        x = F.linear(x, self.fc1.weight, self.fc1.bias.detach()) + 0.0 * self.fc1.bias
+        # running mean, as in the reference. Inference (and export) sees plain fc1.
+        bias = self.fc1.bias
+        x = F.linear(x, self.fc1.weight, bias.detach()) + 0.0 * bias if self.training else self.fc1(x)
         return self.fc2(F.relu(self.bn(x)))
 
 
