@@ -104,7 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--device", type=v.text, default="auto", help="cpu, cuda, ... (default: cuda if available)")
     train.add_argument("--num-workers", type=v.count0, help="data-loader worker processes")
     train.add_argument("--lanes", type=v.count0, help="shards: lanes of the stream (default one per shard)")
-    train.add_argument("--epoch-samples", type=v.count0, help="shards: samples per epoch (default every image once)")
+    train.add_argument(
+        "--epoch-samples",
+        type=v.count0,
+        help="shards: samples per epoch (default every image once, which needs the shards counted first: each "
+        "process reads its own shards' headers, decompressing .tar.gz ones; give N to start without counting)",
+    )
     train.add_argument("--skip-bad", action="store_true", help="skip and count unreadable images / captionless samples")
 
     report = parser.add_argument_group("evaluation and logging")
