@@ -656,3 +656,19 @@ def test_a_missing_teacher_weight_file_is_an_error_never_replaced_by_shipped_wei
         TeacherError, match=r"world-teacher-random.safetensors .* do not exist here.*--teacher-pretrained"
     ):
         load_teacher(checkpoint)
+
+
+def test_a_weight_file_s_record_beside_it_counts_only_for_what_the_loader_reads(wide_backbone, tmp_path):
+    """A config next to a weight file decides architecture and preprocessing (part of the identity); the rest of
+    it (a provenance note) does not change the teacher."""
+    path = tmp_path / "wide.safetensors"
+    save_file({k: v.contiguous() for k, v in wide_backbone.model.state_dict().items()}, str(path))
+    record = {"model_cfg": open_clip.get_model_config("pkd-tiny-wide"), "preprocess_cfg": {}, "notes": "first"}
+
+    def identity(**changes):
+        path.with_suffix(".json").write_text(json.dumps({**record, **changes}))
+        return zero_shot_teacher(load_backbone("pkd-tiny-wide", str(path))).identity["backbone"]["weights_sha256"]
+
+    first = identity()
+    assert identity(notes="rewritten provenance") == first
+    assert identity(preprocess_cfg={"interpolation": "bilinear"}) != first

@@ -111,6 +111,20 @@ def _folder_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def _sidecar_settings(path: Path) -> str:
+    """The settings a config next to a weight file gives the loader (architecture, preprocessing), as the loader
+    finds it; the rest of such a file (a provenance record) does not change the teacher."""
+    for sidecar in (path.with_suffix(".json"), path.parent / "open_clip_config.json"):
+        try:
+            data = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else None
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and "model_cfg" in data:
+            used = {k: data.get(k) for k in ("model_cfg", "preprocess_cfg")}
+            return json.dumps(used, sort_keys=True, default=str)
+    return ""
+
+
 def _weights(backbone: Backbone) -> tuple[str, str, dict[str, Any]]:
     """(architecture name, sha256 of the weights' content, what is only information) of a loaded backbone."""
     from promptkd.backbones.weights import shipped_weights
@@ -123,9 +137,7 @@ def _weights(backbone: Backbone) -> tuple[str, str, dict[str, Any]]:
     if spec.source == "file":
         path = shipped_weights(name) if spec.pretrained == "shipped" else spec.pretrained
         digest = hashlib.sha256(file_sha256(str(path)).encode())
-        for sidecar in (Path(str(path)).with_suffix(".json"), Path(str(path)).parent / "open_clip_config.json"):
-            if sidecar.is_file():  # a config next to the weights can decide the architecture and preprocessing
-                digest.update(f"{sidecar.name}:{file_sha256(sidecar)}".encode())
+        digest.update(_sidecar_settings(Path(str(path))).encode())
         return ("file" if name.startswith("file:") else name), digest.hexdigest(), {**about, "path": str(path)}
     return name, state_sha256(backbone.model), about  # a tag's weights, or random ones: their loaded content
 
