@@ -37,6 +37,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=v.text, default=None)
     parser.add_argument("--out", type=v.output_folder, default="runs/protocols")
     add_overrides_arg(parser, "train.epochs=5 method.n_ctx=8")
+    kd = parser.add_argument_group(
+        "--method promptkd (per dataset and seed: PromptSRC teacher -> stored features -> distilled student; "
+        "--model/--pretrained/--preset name the student)"
+    )
+    kd.add_argument(
+        "--teacher",
+        type=v.input_folder,
+        default=None,
+        help="folder of teachers: <dataset>/[seed_<s>/]<checkpoint> (promptkd or the reference's Dassl files, "
+        "converted on the fly); default: train PromptSRC on 16 shots per dataset and seed",
+    )
+    kd.add_argument("--teacher-preset", type=v.text, default=None, help="PromptSRC preset of trained teachers")
+    kd.add_argument("--teacher-model", type=v.text, default=None, help="teacher backbone (default: the preset's pair)")
+    kd.add_argument("--teacher-pretrained", type=v.text, default=None, help="teacher weights (tag or file)")
+    kd.add_argument(
+        "--teacher-set",
+        dest="teacher_overrides",
+        nargs="*",
+        type=v.text,
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides of trained teachers' config, e.g. train.epochs=5 (--set applies to the students)",
+    )
+    kd.add_argument(
+        "--mode",
+        choices=("transductive", "inductive"),
+        default="transductive",
+        help="students see the unlabelled train images of all classes (the paper) or of the base classes only",
+    )
+    kd.add_argument(
+        "--teacher-cache",
+        action="store_true",
+        help="store the teacher's soft labels per dataset and seed (<run>/teacher_cache) and distil from them",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,8 +90,25 @@ def run(args: argparse.Namespace) -> int:
         pretrained=args.pretrained,
         device=args.device,
         overrides=args.overrides,
+        teacher=args.teacher,
+        teacher_preset=args.teacher_preset,
+        teacher_model=args.teacher_model,
+        teacher_pretrained=args.teacher_pretrained,
+        teacher_overrides=args.teacher_overrides,
+        mode=args.mode,
+        teacher_cache=args.teacher_cache,
     )
     summary = run_protocol(spec)
+    if spec.method == "promptkd":
+        print(
+            f"{summary['runs']} dataset x seed runs: {summary['teachers']} teachers trained, {summary['features']} "
+            f"feature files computed, {summary['students']} students distilled, {summary['scored']} rows scored; "
+            f"report: {summary['report']}"
+        )
+        md = summary["report"].get("markdown")
+        if md:
+            print(Path(md).read_text())
+        return 0
     print(f"{summary['ran']} runs trained, {summary['skipped']} already done; report: {summary['report']}")
     md = summary["report"].get("markdown") or next((v for k, v in summary["report"].items() if v.endswith(".md")), None)
     if md:

@@ -49,6 +49,15 @@ class ProtocolSpec:
     pretrained: str | None = None
     device: str | None = None
     overrides: list[str] | None = None
+    # --method promptkd only: where the teacher comes from, how the student sees images, what is kept
+    teacher: str | None = None  # folder of per-dataset (per-seed) teacher checkpoints; None: trained per seed
+    teacher_preset: str | None = None
+    teacher_model: str | None = None
+    teacher_pretrained: str | None = None
+    teacher_overrides: list[str] | None = None
+    mode: str = "transductive"
+    teacher_cache: bool = False
+    progress: bool = True
 
 
 def _results_exist(folder: Path) -> bool:
@@ -106,6 +115,15 @@ def run_protocol(spec: ProtocolSpec) -> dict[str, Any]:
 
     if spec.protocol not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {spec.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    if spec.method == "promptkd":  # teacher -> stored features -> student, per dataset and seed
+        if spec.protocol == "few_shot":
+            raise ProtocolError(
+                "promptkd has no few_shot protocol (the paper: base2new, cross_dataset, domain_generalization)"
+            )
+        from promptkd.protocols.promptkd import run_promptkd_protocol
+
+        return run_promptkd_protocol(spec)
+    _refuse_teacher_options(spec)
     if spec.protocol in ("cross_dataset", "domain_generalization") and not spec.targets:
         raise ProtocolError(f"{spec.protocol} needs --targets (datasets to evaluate the source-trained model on)")
     root = Path(spec.out) / spec.protocol
@@ -127,6 +145,25 @@ def run_protocol(spec: ProtocolSpec) -> dict[str, Any]:
     report = aggregate(results)
     paths = write_report(report, root) if results else {}
     return {"runs": len(jobs), "ran": done, "skipped": skipped, "report": {k: str(v) for k, v in paths.items()}}
+
+
+def _refuse_teacher_options(spec: ProtocolSpec) -> None:
+    """Teacher and distillation options mean nothing to other methods: refused rather than ignored."""
+    given = [
+        name
+        for name, value in (
+            ("--teacher", spec.teacher),
+            ("--teacher-preset", spec.teacher_preset),
+            ("--teacher-model", spec.teacher_model),
+            ("--teacher-pretrained", spec.teacher_pretrained),
+            ("--teacher-set", spec.teacher_overrides),
+            ("--teacher-cache", spec.teacher_cache),
+            ("--mode", spec.mode != "transductive"),
+        )
+        if value
+    ]
+    if given:
+        raise ProtocolError(f"{', '.join(given)} apply to --method promptkd only, not {spec.method}")
 
 
 def _jobs(spec: ProtocolSpec, root: Path) -> list[tuple[RunConfig, list[str]]]:
