@@ -17,9 +17,11 @@ from promptkd.distill import zero_shot_teacher
 from promptkd.distill.extend import (
     Calibration,
     CalibrationError,
+    added_share,
     calibrate,
     calibration_path,
     fit_affine,
+    one_sided_warning,
     row_groups,
     student_sha256,
 )
@@ -97,6 +99,12 @@ def test_calibration_fits_the_teacher_without_labels_and_round_trips(setup, tmp_
     student[:, 3:] = 0.5 * student[:, 3:] - 4.0
     scale, bias = fit_affine(student, teacher, [(0, 3), (3, 5)])
     assert scale[1] == pytest.approx(2.0, rel=1e-3) and bias[1] == pytest.approx(8.0, rel=1e-3)
+    # images the teacher puts almost all in the added rows (new classes only) are flagged, a mix is not
+    groups = [(0, 3), (3, 6)]
+    only_new = torch.nn.functional.one_hot(torch.tensor([3, 4, 5, 3, 4, 5, 3, 0]), 6).float()
+    mixed = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3, 4, 5, 3, 0]), 6).float()
+    assert added_share(only_new, groups) == 7 / 8 and "new classes only" in one_sided_warning(7 / 8, groups)
+    assert one_sided_warning(added_share(mixed, groups), groups) is None
 
 
 def test_predict_applies_the_stored_calibration_and_refuses_a_foreign_one(setup):

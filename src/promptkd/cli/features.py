@@ -4,8 +4,11 @@ their rows against the old ones for a student."""
 from __future__ import annotations
 
 import argparse
+import logging
 
 from promptkd.cli import validate as v
+
+logger = logging.getLogger(__name__)
 
 HELP = (
     "stored teacher features: add classes after distillation (extend), calibrate a student's old rows against the "
@@ -172,7 +175,15 @@ def _calibrate(args: argparse.Namespace, features, teacher) -> None:
     """Optionally distil the student briefly on the images, then fit and store its calibration."""
     from promptkd.checkpoints import load_checkpoint
     from promptkd.deploy import image_paths, load_for_inference
-    from promptkd.distill.extend import calibrate, calibration_path, distill_new_classes
+    from promptkd.distill.extend import (
+        added_share,
+        calibrate,
+        calibration_path,
+        distill_new_classes,
+        one_sided_warning,
+        paired_logits,
+        row_groups,
+    )
     from promptkd.distill.teacher import TeacherFeatures
 
     stored = TeacherFeatures.load(features)
@@ -181,6 +192,11 @@ def _calibrate(args: argparse.Namespace, features, teacher) -> None:
     paths = image_paths(args.images)
     epochs = getattr(args, "distill_epochs", None)
     if epochs is not None:
+        warning = one_sided_warning(
+            added_share(paired_logits(student, teacher, paths)[1], row_groups(stored)), row_groups(stored)
+        )
+        if warning:
+            logger.warning("%s", warning)
         settings = dict(load_checkpoint(args.student)[1].get("train") or {})
         checkpoint = distill_new_classes(
             student, teacher, paths, args.student_out, epochs=epochs, seed=args.seed, settings=settings
@@ -189,6 +205,9 @@ def _calibrate(args: argparse.Namespace, features, teacher) -> None:
         student = load_for_inference(checkpoint, device=args.device)
         stored = student.stored
     calibration = calibrate(student, teacher, paths, images=" ".join(args.images))
+    warning = one_sided_warning(calibration.fitted["teacher_added_share"], calibration.groups)
+    if warning and epochs is None:
+        logger.warning("%s", warning)
     path = calibration.save(calibration_path(stored.source))
     agreement = calibration.fitted["teacher_agreement"]
     print(

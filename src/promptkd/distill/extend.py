@@ -32,11 +32,13 @@ from promptkd.errors import PromptKDError
 __all__ = [
     "Calibration",
     "CalibrationError",
+    "added_share",
     "calibrate",
     "calibration_for",
     "calibration_path",
     "calibrator",
     "distill_new_classes",
+    "one_sided_warning",
     "row_groups",
     "student_sha256",
 ]
@@ -260,6 +262,26 @@ def fit_affine(
         return log_scale.exp().tolist(), torch.cat([torch.zeros(1), free_bias]).tolist()
 
 
+def added_share(reference: torch.Tensor, groups: list[tuple[int, int]]) -> float:
+    """Share of the images whose teacher top-1 is a row added after distillation: near 1, the images show the new
+    classes only (a short distillation on them forgets the old classes, and a calibration on them favours the new
+    rows); about (added rows / all rows) for images of every class."""
+    return (reference.argmax(-1) >= groups[0][1]).float().mean().item()
+
+
+def one_sided_warning(share: float, groups: list[tuple[int, int]]) -> str | None:
+    """A warning when the teacher puts far more of the images in added rows than their share of the rows."""
+    added = (groups[-1][1] - groups[0][1]) / groups[-1][1]
+    if share <= added + 0.15:  # on the world: 50-56% for images of every class, 61-80% for new-class images only
+        return None
+    return (
+        f"the teacher puts {100 * share:.0f}% of these images in the added classes ({100 * added:.0f}% of the names): "
+        "they look like images of the new classes only. A short distillation on them forgets the old classes and "
+        "a calibration on them favours the new rows (on the world, all-class accuracy fell instead of rising); "
+        "add unlabelled images of the old classes too, e.g. those the student was distilled on."
+    )
+
+
 def calibrate(method: Any, teacher: Any, paths: Sequence[str], *, images: str = "") -> Calibration:
     """Fit the student's calibration on unlabelled images (see the module docstring); ``images`` names them."""
     stored = method.stored
@@ -282,6 +304,7 @@ def calibrate(method: Any, teacher: Any, paths: Sequence[str], *, images: str = 
         "source": images,
         "teacher": dict(stored.teacher),
         "teacher_agreement": {"before": round(before, 4), "after": round(after, 4)},
+        "teacher_added_share": round(added_share(reference, groups), 4),
     }
     return replace(calibration, student_sha256=student_sha256(method), fitted=fitted)
 
