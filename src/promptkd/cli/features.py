@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     extend.add_argument(
         "--student-out", type=v.output_folder, default=None, metavar="DIR", help="run folder of the distilled student"
     )
+    extend.add_argument("--seed", type=v.seed, default=1, help="seed of the short distillation (default 1)")
     calibrate = actions.add_parser("calibrate", help="fit a student's calibration of added rows (no labels)")
     calibrate.add_argument("features", type=v.checkpoint, help="extended teacher features (promptkd features extend)")
     calibrate.add_argument(
@@ -97,7 +98,6 @@ def _add_student_args(parser: argparse.ArgumentParser, *, required: bool) -> Non
         metavar="DIR",
         help="unlabelled images (folders, files or .txt lists): new classes, and some old ones",
     )
-    parser.add_argument("--seed", type=v.seed, default=1, help="seed of the short distillation (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
