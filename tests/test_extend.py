@@ -134,6 +134,29 @@ def test_predict_applies_the_stored_calibration_and_refuses_a_foreign_one(setup)
         path.unlink()
 
 
+def test_export_folds_the_stored_calibration_in(setup, tmp_path):
+    """An exported student predicts as `promptkd predict` does: the calibration of the added rows is in the model."""
+    from promptkd.deploy import ExportedStudent, export_student, load_for_inference
+
+    path = calibration_path(setup["extended"])
+    student = extended_student(setup)
+    fitted = calibrate(student, setup["teacher"], setup["images"])
+    Calibration(fitted.groups, [1.0, 2.0], [0.0, -3.0], fitted.features_sha256, fitted.classnames_sha256,
+                fitted.student_sha256).save(path)  # fmt: skip
+    try:
+        manifest = export_student(setup["checkpoint"], tmp_path / "export", setup["extended"])
+        assert manifest["calibration"] == "folded into the logits"
+        exported = ExportedStudent(tmp_path / "export")
+        reloaded = load_for_inference(setup["checkpoint"], setup["extended"])
+        images = torch.randn(3, 3, reloaded.backbone.image_size, reloaded.backbone.image_size)
+        with torch.no_grad():
+            raw = reloaded.logits(images)
+        expected = torch.cat([raw[:, :3], raw[:, 3:] * 2.0 - 3.0], dim=1)
+        torch.testing.assert_close(exported.logits(images), expected, atol=1e-4, rtol=1e-4)
+    finally:
+        path.unlink()
+
+
 @pytest.mark.slow
 def test_cli_extend_calibrates_and_distils_briefly(setup, tmp_path):
     """features extend --student --images writes the calibration predict uses; with --distill-epochs a new student

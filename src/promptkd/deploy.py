@@ -178,7 +178,7 @@ def export_student(
             "checkpoint (use `promptkd predict` with the checkpoint itself)."
         )
     method = get_method(meta["method"]).from_checkpoint(checkpoint, features)
-    module = method.deployable().eval()
+    module, calibrated = _with_calibration(method, method.deployable().eval())
     size = method.backbone.image_size
     probe = _probe_images(method, check_images, size)
     expected = module(probe)
@@ -221,10 +221,37 @@ def export_student(
         "input": {"shape": [None, 3, size, size], "preprocess": asdict(method.backbone.preprocess)},
         "classnames_file": "classnames.json",
         "source_checkpoint": str(checkpoint),
+        "calibration": "folded into the logits" if calibrated else None,
         "check": {"images": int(probe.shape[0]), "same_top1": same_top1, "max_abs_logit_diff": max_diff},
     }
     atomic_write_text(out / "export.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+class _CalibratedLogits(torch.nn.Module):
+    """The student's logits times a per-class scale plus a per-class bias: a stored calibration of classes added
+    after distillation, carried into the exported model so it predicts as ``promptkd predict`` does."""
+
+    def __init__(self, student: torch.nn.Module, scale: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.student = student
+        self.register_buffer("scale", scale.float().clone())
+        self.register_buffer("bias", bias.float().clone())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student(images) * self.scale + self.bias
+
+
+def _with_calibration(method, module: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    """``module`` with the student's stored calibration folded in (checked as ``predict`` checks it), if it has one."""
+    from promptkd.distill.extend import calibrator
+
+    calibrate = calibrator(method)
+    ones = torch.ones(1, len(method.classnames))
+    scale, bias = calibrate(ones) - calibrate(torch.zeros_like(ones)), calibrate(torch.zeros_like(ones))
+    if torch.equal(scale, ones) and not bias.any():
+        return module, False
+    return _CalibratedLogits(module, scale[0], bias[0]).eval(), True
 
 
 def _export_onnx(module: torch.nn.Module, probe: torch.Tensor, target: Path) -> None:
