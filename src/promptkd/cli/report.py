@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from promptkd.results import ResultError, aggregate, find_results, format_markdown, write_report
+    from promptkd.protocols.promptkd import distillation_section, distillation_summary, write_report_with_distillation
+    from promptkd.results import ResultError, aggregate, find_results, format_markdown
 
     results = find_results(args.run_dirs)
     if not results:
@@ -38,8 +39,11 @@ def run(args: argparse.Namespace) -> int:
     report = aggregate(results)
     first = args.run_dirs[0]
     out = args.out or (first if os.path.isdir(first) else os.path.dirname(os.path.abspath(first)))
-    paths = write_report(report, out, plot=not args.no_plot)
+    paths = write_report_with_distillation(report, results, out, plot=not args.no_plot)  # PromptKD protocol runs too
     images = {k.split(":", 1)[1]: v.name for k, v in paths.items() if k.startswith("plot:")}
     print(format_markdown(report, images))
+    summary = distillation_summary(results)
+    if summary:
+        print(distillation_section(summary))
     print(f"wrote {paths['markdown']}, {paths['json']}" + "".join(f", {v}" for k, v in paths.items() if ":" in k))
     return 0

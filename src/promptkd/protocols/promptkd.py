@@ -618,7 +618,7 @@ def check_student_preset(job: Job, device: Any) -> None:
         raise ProtocolError(f"the student preset cannot take this student: {error} Nothing was run.") from error
 
 
-def preflight(spec: ProtocolSpec, jobs: list[Job], device: Any) -> dict[tuple[str, int], GivenTeacher]:
+def preflight(spec: ProtocolSpec, jobs: list[Job], device: Any, info: Any) -> dict[tuple[str, int], GivenTeacher]:
     """Every check that can refuse the command, before any work: teacher files, student preset, folders' recipes."""
     given: dict[tuple[str, int], GivenTeacher] = {}
     teacher_backbone = None
@@ -632,17 +632,23 @@ def preflight(spec: ProtocolSpec, jobs: list[Job], device: Any) -> dict[tuple[st
     for job in jobs:
         sha = given[(job.dataset, job.seed)].sha256 if spec.teacher else None
         check_recipe(job, recipe(spec, job, sha))
-    for job in jobs:  # only now: install converted teachers (nothing above wrote a file)
-        if spec.teacher:
-            install_given_teacher(spec, job, given[(job.dataset, job.seed)], teacher_backbone)
+    from promptkd.checkpoints import atomic_write_text
+    from promptkd.engine.distributed import barrier
+
+    for job in jobs:  # only now: the recipes, then converted teachers (nothing above wrote a file)
+        if info.is_main:
+            sha = given[(job.dataset, job.seed)].sha256 if spec.teacher else None
+            atomic_write_text(job.folder / RECIPE, json.dumps(recipe(spec, job, sha), indent=2) + "\n")
+            if spec.teacher:
+                install_given_teacher(spec, job, given[(job.dataset, job.seed)], teacher_backbone)
+    barrier(info)
     return given
 
 
 def run_promptkd_protocol(spec: ProtocolSpec) -> dict[str, Any]:
     """Teacher, stored features, zero-shot student and distilled student for every (dataset, seed) not finished;
     then the report (the protocol's table plus the distillation summary)."""
-    from promptkd.checkpoints import atomic_write_text
-    from promptkd.engine.distributed import barrier, init_distributed
+    from promptkd.engine.distributed import init_distributed
 
     if spec.mode not in ("transductive", "inductive"):
         raise ProtocolError(f"--mode {spec.mode!r}: expected transductive or inductive")
@@ -650,13 +656,9 @@ def run_promptkd_protocol(spec: ProtocolSpec) -> dict[str, Any]:
         raise ProtocolError("--mode inductive applies to base2new (transfer students see all source classes)")
     jobs = plan(spec)
     info, device = init_distributed(spec.device or "auto")
-    given = preflight(spec, jobs, device)
+    preflight(spec, jobs, device, info)
     ran = {"teachers": 0, "features": 0, "students": 0, "scored": 0}
     for job in jobs:
-        if info.is_main:
-            sha = given[(job.dataset, job.seed)].sha256 if spec.teacher else None
-            atomic_write_text(job.folder / RECIPE, json.dumps(recipe(spec, job, sha), indent=2) + "\n")
-        barrier(info)
         ran["teachers"] += teacher_stage(job, info)
         teacher, splits = build_job_teacher(job, device)
         ran["features"] += stored_features(teacher, list(splits.classnames), job.features, info)[1]
@@ -760,8 +762,12 @@ def distillation_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
         valid = [g for g in per_seed if g is not None]
         row["gap_closed_std"] = _stats(valid)[1] if len(valid) > 1 else None
         out.setdefault(protocol, {"datasets": {}})["datasets"][dataset] = row
+    sources = {(str(r.get("protocol")), str(r.get("source"))) for r in results if r.get("source")}
     for protocol, block in out.items():
-        block["average"] = _average(list(block["datasets"].values()), protocol == "base2new")
+        for dataset, row in block["datasets"].items():
+            row["source"] = (protocol, dataset) in sources
+        targets = [row for row in block["datasets"].values() if not row["source"]]  # transfer: the targets' mean
+        block["average"] = _average(targets, protocol == "base2new") if targets else None
         modes = {r.get("mode") for r in results if result_role(r) == "student" and r.get("protocol") == protocol}
         block["mode"] = ", ".join(sorted(str(m) for m in modes if m)) or "transductive"
     return out
@@ -819,11 +825,14 @@ def distillation_section(summary: dict[str, Any]) -> str:
             gap = "–" if row["gap_closed"] is None else f"{row['gap_closed']:.0f}%"
             if row["gap_closed"] is not None and row.get("gap_closed_std") is not None:
                 gap += f" ± {row['gap_closed_std']:.0f}"
-            body.append([dataset, *(_cell(row[r], b2n) for r in ROLES), spread, gap])
+            name = f"{dataset} (source)" if row["source"] else dataset
+            body.append([name, *(_cell(row[r], b2n) for r in ROLES), spread, gap])
         avg = block["average"]
-        if len(block["datasets"]) > 1:
+        if avg is not None and (not b2n or len(block["datasets"]) > 1):
             gap = "–" if avg["gap_closed"] is None else f"{avg['gap_closed']:.0f}%"
-            body.append([f"**Average** ({len(block['datasets'])})", *(_cell(avg[r], b2n) for r in ROLES), "", gap])
+            count = sum(not row["source"] for row in block["datasets"].values())
+            label = f"**Average** ({count})" if b2n else f"**Average of the {count} targets**"
+            body.append([label, *(_cell(avg[r], b2n) for r in ROLES), "", gap])
         from promptkd.results import _markdown_table
 
         lines += [*_markdown_table(head, body), ""]
@@ -841,13 +850,15 @@ def write_protocol_report(root: Path, info: Any) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-def write_report_with_distillation(report: Any, results: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+def write_report_with_distillation(
+    report: Any, results: list[dict[str, Any]], out: str | Path, *, plot: bool = True
+) -> dict[str, Path]:
     """``write_report`` plus, when the results hold PromptKD protocol runs, their section in ``report.md`` and
     ``report.json`` (``promptkd report`` calls this too: one report)."""
     from promptkd.checkpoints import atomic_write_text
     from promptkd.results import write_report
 
-    paths = write_report(report, out)
+    paths = write_report(report, out, plot=plot)
     summary = distillation_summary(results)
     if summary:
         md = Path(paths["markdown"])
