@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = run_protocol(spec)
     if spec.method == "promptkd":
+        if not summary["report"]:  # another torchrun process: the main one reports
+            return 0
         print(
             f"{summary['runs']} dataset x seed runs: {summary['teachers']} teachers trained, {summary['features']} "
             f"feature files computed, {summary['students']} students distilled, {summary['scored']} rows scored; "

@@ -223,15 +223,16 @@ class GivenTeacher:
     sha256: str
 
 
-def _spellings(dataset: str) -> set[str]:
-    """The names a teacher folder may use for a dataset: its own, and a benchmark's Dassl and folder names."""
-    from promptkd.data.benchmarks import BENCHMARKS, _key
+def _names_dataset(folder_name: str, dataset: str) -> bool:
+    """A teacher folder may name a dataset as promptkd does, or by a benchmark's Dassl name, folder or alias."""
+    from promptkd.data.benchmarks import UnknownDatasetError, _key, resolve_name
 
-    names = {dataset}
-    spec = BENCHMARKS.get(dataset)
-    if spec is not None:
-        names |= {spec.dassl_name, spec.folder}
-    return {_key(n) for n in names}
+    if _key(folder_name) == _key(dataset):
+        return True
+    try:
+        return resolve_name(folder_name) == dataset
+    except UnknownDatasetError:
+        return False
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
@@ -245,10 +246,8 @@ def _checkpoint_files(folder: Path) -> list[Path]:
 def locate_teacher(folder: Path, dataset: str, seed: int) -> tuple[Path | None, str]:
     """The teacher file for (dataset, seed): ``<folder>/<dataset>/[seed_<s>|seed<s>/]...`` (one file; a Dassl
     folder's ``model-best.pth.tar`` when it also holds epoch files). Returns (file, why not found)."""
-    from promptkd.data.benchmarks import _key
 
-    wanted = _spellings(dataset)
-    dirs = [d for d in sorted(folder.iterdir()) if d.is_dir() and _key(d.name) in wanted] if folder.is_dir() else []
+    dirs = [d for d in sorted(folder.iterdir()) if d.is_dir() and _names_dataset(d.name, dataset)]
     if not dirs:
         return None, f"no folder for {dataset!r}"
     base = dirs[0]
@@ -432,14 +431,17 @@ def stored_features(teacher: Any, classnames: list[str], path: Path, info: Any) 
     from promptkd.distill.teacher import TeacherError, TeacherFeatures
     from promptkd.engine.distributed import barrier
 
+    barrier(info)  # every process judges the same file (no rank reads what another is writing)
     if path.is_file():
         try:
             features = TeacherFeatures.load(path)
             features.check(classnames=classnames, teacher=teacher.identity)
+            barrier(info)
             return features, False
         except TeacherError as error:
             logger.info("recomputing teacher features %s (%s)", path, error)
     features = teacher.compute_features(classnames)
+    barrier(info)
     if info.is_main:
         features.save(path)
     barrier(info)
@@ -486,11 +488,10 @@ def score(method: Any, splits: Any, halves: list[str], precision: str, info: Any
 def write_scores(
     scored: list, method: Any, folder: Path, *, protocol: str, seed: int | None, role: str, info: Any, **extra: Any
 ) -> None:
+    from promptkd.engine.distributed import barrier
     from promptkd.results import make_result, write_result
 
-    if not info.is_main:
-        return
-    for half, part, metrics, count in scored:
+    for half, part, metrics, count in scored if info.is_main else []:
         result = make_result(
             dataset=part.name,
             task="classification",
@@ -505,6 +506,7 @@ def write_scores(
             extra={"role": role, **extra},
         )
         write_result(result, folder)
+    barrier(info)  # the next check for finished results sees the same files on every process
 
 
 def zeroshot_student(spec: ProtocolSpec, job: Job, splits: Any, device: Any, info: Any, folder: Path) -> bool:
