@@ -85,15 +85,18 @@ def test_base2new_killed_at_a_stage_boundary_resumes_and_reports(world, tmp_path
 
 @pytest.mark.slow
 def test_teacher_folder_of_dassl_files_is_converted_and_used(world, tmp_path, wide_backbone):
-    """A released-style teacher folder (<dataset>/model-best.pth.tar, one for every seed) converted on the fly."""
+    """A released-style teacher folder (<dataset>/model-best.pth.tar, one for every seed) converted on the fly; the
+    student distilled inductively from a teacher cache."""
     torch.manual_seed(0)  # the teacher's random backbone as the protocol draws it (seed 1) does not matter here
     teachers = tmp_path / "teachers" / "counts" / "MultiModalPromptLearner"
     teachers.mkdir(parents=True)
     save_dassl(teachers / "model-best.pth.tar", ivlp_teacher_state(wide_backbone, n_cls=12))
-    spec = _spec(world, tmp_path / "out", teacher=str(tmp_path / "teachers"), overrides=[*STUDENT, "train.epochs=1"])
+    spec = _spec(world, tmp_path / "out", teacher=str(tmp_path / "teachers"), mode="inductive", teacher_cache=True)
     summary = run_protocol(spec)
     folder = _seed_folder(tmp_path / "out")
     assert summary["teachers"] == 0 and summary["students"] == 1
+    assert any((folder / "teacher_cache").iterdir())  # per dataset and seed, on request
+    assert "the base classes only, inductive" in Path(summary["report"]["markdown"]).read_text()
     converted = json.loads((folder / "teacher" / "prompts.json").read_text())
     assert converted["method"] == "promptsrc" and converted["converted_from"]
     assert json.loads((folder / "teacher" / "source.json").read_text())["kind"] == "dassl"
