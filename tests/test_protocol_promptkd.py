@@ -223,3 +223,18 @@ def test_promptkd_has_no_few_shot_protocol_and_inductive_is_base2new_only(world,
         run_protocol(_spec(world, tmp_path, "few_shot"))
     with pytest.raises(ProtocolError, match="--mode inductive applies to base2new"):
         run_protocol(_spec(world, tmp_path, "cross_dataset", datasets=["shapes"], mode="inductive"))
+
+
+def test_teacher_folders_are_found_by_any_name_of_the_dataset(tmp_path):
+    released = tmp_path / "DescribableTextures" / "VLPromptLearner"
+    released.mkdir(parents=True)
+    for name in ("model.pth.tar-20", "model-best.pth.tar"):
+        (released / name).write_bytes(b"x")
+    assert kd.locate_teacher(tmp_path, "dtd", 2) == (released / "model-best.pth.tar", "")
+    seeded = tmp_path / "fgvc" / "seed1"
+    seeded.mkdir(parents=True)
+    (seeded / "a.pth").write_bytes(b"x")
+    (seeded / "b.pth").write_bytes(b"x")
+    path, why = kd.locate_teacher(tmp_path, "fgvc_aircraft", 1)
+    assert path is None and "2 checkpoints (a.pth, b.pth)" in why
+    assert kd.locate_teacher(tmp_path, "fgvc_aircraft", 3)[1].startswith("no seed 3")
