@@ -138,12 +138,11 @@ def distill_args(world: Path, cell: Cell, out: Path, cache: Path | None) -> list
     ]
     if cache is not None:
         args += ["--teacher-cache", str(cache), "--views", "3"]
-    per_process = 8 // cell.processes
     return [
         *args,
         "--set",
         "train.epochs=3",
-        f"train.batch_size={per_process}",
+        "train.batch_size=8",  # the global batch: 8 // processes images per process
         f"train.num_workers={cell.workers}",
         "train.checkpoint_every=3",
         "train.log_every=1",
