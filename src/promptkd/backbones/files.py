@@ -39,13 +39,22 @@ class WeightFile:
     sha256: str | None = None
 
 
+_HASHES: dict[tuple[str, int, int, int], str] = {}
+
+
 def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file, streamed (ViT-L/14 weights are ~900 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file, streamed (ViT-L/14 weights are ~900 MB) and remembered per (path, size, mtime, inode), so
+    a weight file that identifies a teacher, a cache and stored features is hashed once per process."""
+    resolved = Path(path).expanduser().resolve()
+    stat = resolved.stat()
+    memo = (str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if memo not in _HASHES:
+        digest = hashlib.sha256()
+        with open(resolved, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+        _HASHES[memo] = digest.hexdigest()
+    return _HASHES[memo]
 
 
 def detect_format(path: Path) -> str:

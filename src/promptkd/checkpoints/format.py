@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from promptkd._version import __version__
+from promptkd.backbones.files import sha256_of as file_sha256
 from promptkd.errors import PromptKDError
 
 FORMAT_NAME = "promptkd-checkpoint"
@@ -137,15 +138,6 @@ def load_tensor_record(tensor_path: Path, record_path: Path) -> tuple[dict[str, 
             "was not used. Re-create it, or restore both files from the same save."
         )
     return tensors, record
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 DIGEST_MAGIC = b"promptkd-sha256\n"

@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptkd.backbones import Backbone, PreprocessInfo
-from promptkd.checkpoints import CheckpointError, atomic_path, atomic_write_text, checkpoint_paths, classnames_hash
+from promptkd.checkpoints import (
+    CheckpointError,
+    atomic_path,
+    atomic_write_text,
+    checkpoint_paths,
+    classnames_hash,
+    file_sha256,
+)
 from promptkd.config import to_dict
 from promptkd.errors import PromptKDError
 
@@ -69,27 +76,12 @@ _REFUSED = {
     "promptkd": "a PromptKD student has no text features of its own (it reuses its teacher's)",
     "promptkd_timm": "a distilled student has no text features of its own (it reuses its teacher's)",
 }
-_FILE_HASHES: dict[tuple[str, int, int, int], str] = {}
 #: how identities are recorded: 2 = by content (weight and checkpoint hashes; paths only under ``about``)
 IDENTITY_VERSION = 2
 
 
 class TeacherError(PromptKDError, ValueError):
     """A teacher or a stored-features file that cannot be used for this run; the message names both sides."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, remembered per (path, size, mtime, inode): a large weight file is hashed once."""
-    resolved = Path(path).expanduser().resolve()
-    stat = resolved.stat()
-    memo = (str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    if memo not in _FILE_HASHES:
-        digest = hashlib.sha256()
-        with open(resolved, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        _FILE_HASHES[memo] = digest.hexdigest()
-    return _FILE_HASHES[memo]
 
 
 def state_sha256(module: nn.Module) -> str:
