@@ -672,3 +672,32 @@ def test_a_weight_file_s_record_beside_it_counts_only_for_what_the_loader_reads(
     first = identity()
     assert identity(notes="rewritten provenance") == first
     assert identity(preprocess_cfg={"interpolation": "bilinear"}) != first
+
+
+def test_features_extend_redraws_a_random_teacher_from_its_recorded_seed(tmp_path):
+    """`promptkd features extend --teacher-pretrained random` rebuilds the random teacher from the seed its features
+    record, so it is the same teacher (before, other weights were drawn and the extension was refused)."""
+    from promptkd.cli.main import main
+    from promptkd.distill.teacher import build_teacher
+
+    teacher = build_teacher(None, model="pkd-tiny", pretrained="random", seed=7)
+    teacher.compute_features(CLASSES[:2]).save(tmp_path / "teacher_features")
+    torch.manual_seed(123)  # whatever the process drew before must not matter
+    (tmp_path / "new.txt").write_text("\n".join(CLASSES[2:]) + "\n", encoding="utf-8")
+    code = main(
+        [
+            "features",
+            "extend",
+            str(tmp_path / "teacher_features"),
+            "--teacher-model",
+            "pkd-tiny",
+            "--teacher-pretrained",
+            "random",
+            "--classes",
+            str(tmp_path / "new.txt"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    assert TeacherFeatures.load(tmp_path / "teacher_features").classnames == CLASSES

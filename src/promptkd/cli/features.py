@@ -168,6 +168,7 @@ def _teacher(args: argparse.Namespace, stored):
         quick_gelu=args.teacher_quick_gelu,
         templates=None if args.teacher else (stored.teacher.get("method_config") or {}).get("templates"),
         device=args.device,
+        seed=(stored.teacher.get("about") or {}).get("seed"),  # random teacher weights are drawn from this seed
     )
 
 
