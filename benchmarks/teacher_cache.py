@@ -89,6 +89,9 @@ def _distill(queue, config: dict, overrides: list[str], floor: bool) -> None:
 
 
 def run(config: dict, overrides: list[str], floor: bool = False) -> dict:
+    """One distillation in a fresh process, in an empty run folder (a folder a reused --work left behind would be
+    resumed, finished, and time nothing)."""
+    shutil.rmtree(config["out"], ignore_errors=True)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     process = ctx.Process(target=_distill, args=(queue, config, overrides, floor))
