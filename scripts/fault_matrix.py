@@ -316,10 +316,14 @@ def corruption(world: Path, work: Path, name: str) -> CorruptionResult:
     folder = work / f"corrupt-{name}"
     shutil.rmtree(folder, ignore_errors=True)
     cell = Cell("folder", 0, 1, "cold")
+    shared = work / "corrupt-reference"  # one uninterrupted run (and its cache) serves every corruption
+    if not (shared / "ref" / "prompts.safetensors").is_file():
+        shutil.rmtree(shared, ignore_errors=True)
+        ref = launch(command(distill_args(world, cell, shared / "ref", shared / "cache-ref"), 1, 0.0), shared / "ref")
+        if ref.returncode != 0:
+            return CorruptionResult(name, "CRASH", "reference failed: " + ref.output[-1500:])
+    shutil.copytree(shared, folder)
     ref_cache = folder / "cache-ref"
-    ref = launch(command(distill_args(world, cell, folder / "ref", ref_cache), 1, 0.0), folder / "ref")
-    if ref.returncode != 0:
-        return CorruptionResult(name, "CRASH", "reference failed: " + ref.output[-1500:])
     handler = {
         "cache_chunk": _corrupt_cache_chunk,
         "cache_other_images": _cache_other_images,
