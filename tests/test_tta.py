@@ -377,6 +377,9 @@ def test_cli_tta_stats_and_tta_with_clear_errors(toy, maple_ckpt, tmp_path, caps
     common = ["--datasets", str(toy), "--base", str(maple_ckpt), "--no-progress", "--set", "method.n_views=4"]
     assert main(["tta", "--method", "promptsync", *common, "--prototypes", str(protos), "--out", str(out)]) == 0
     assert "promptsync toyset: acc" in capsys.readouterr().out
+    # the same setting again: the earlier result is kept unless --overwrite
+    assert main(["tta", "--method", "promptsync", *common, "--prototypes", str(protos), "--out", str(out)]) == 2
+    assert "already holds a result" in capsys.readouterr().err
     # PromptAlign without its statistics, and prototypes from other prompts: refused before any adaptation
     assert main(["tta", "--method", "promptalign", *common, "--out", str(out)]) == 2
     assert "tta-stats" in capsys.readouterr().err
@@ -393,6 +396,7 @@ def test_cli_tta_stats_and_tta_with_clear_errors(toy, maple_ckpt, tmp_path, caps
     ]
     assert main([*plain, "--augmented", "1"]) == 0
     bad = ["tta", "--method", "promptsync", *common, "--prototypes", str(tmp_path / "other"), "--out", str(out)]
+    bad.append("--overwrite")  # the refusal below is for the prototypes, not for the earlier result
     assert main(bad) == 2
     assert "other base prompts" in capsys.readouterr().err
     assert main(["tta", "--method", "nope", "--datasets", str(toy), "--model", "pkd-tiny"]) == 2

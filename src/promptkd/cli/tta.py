@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=v.count0, default=None, help="data-loading worker processes (0)")
     parser.add_argument("--out", type=v.output_folder, default=None, help="output folder (runs/tta)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace earlier results of the same setting in --out (refused)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--set", nargs="*", type=v.text, default=[], metavar="KEY=VALUE", help="override settings (method.lr=...)"
@@ -79,5 +82,5 @@ def run(args: argparse.Namespace) -> int:
         "progress": False if args.no_progress else None,
     }
     config = resolve_tta_config(args.preset, list(args.set), base)
-    run_tta(config)
+    run_tta(config, overwrite=args.overwrite)  # an earlier result is never replaced without a word, as zeroshot's
     return 0

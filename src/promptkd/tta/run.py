@@ -26,6 +26,8 @@ __all__ = ["TTAOutcome", "TTARunConfig", "resolve_tta_config", "run_tta"]
 
 logger = logging.getLogger(__name__)
 
+TASK = "test_time_classification"
+
 
 @dataclass
 class TTARunConfig:
@@ -102,15 +104,16 @@ def _augmix(setting: str, dataset: str) -> bool:
     return setting == "on"
 
 
-def run_tta(config: TTARunConfig) -> TTAOutcome:
-    """Adapt and evaluate as ``config`` says; see the module docstring."""
+def run_tta(config: TTARunConfig, *, overwrite: bool = False) -> TTAOutcome:
+    """Adapt and evaluate as ``config`` says; see the module docstring. An earlier result of the same setting in
+    ``config.out`` is refused before any work unless ``overwrite``."""
     from promptkd.backbones import load_backbone
     from promptkd.backbones.loading import run_weights
     from promptkd.data.datasets import resolve_dataset
     from promptkd.engine.distributed import barrier, gather_concat, init_distributed
     from promptkd.evaluation.metrics import classification_metrics
     from promptkd.paths import writable_folder
-    from promptkd.results import make_result, write_result
+    from promptkd.results import check_result_free, make_result, write_result
     from promptkd.tta.base import get_tta_method
     from promptkd.tta.model import build_model
     from promptkd.tta.sources import Prototypes, SourceStats
@@ -129,6 +132,9 @@ def run_tta(config: TTARunConfig) -> TTAOutcome:
         sources["prototypes"] = Prototypes.load(config.prototypes)
     # resolve every dataset before any model work, so a typo fails in milliseconds
     splits = {name: resolve_dataset(name, config.data_root) for name in config.datasets}
+    for key, data in splits.items():
+        naming = {"method": config.method, "dataset": data.name or Path(key).name, "split": config.split}
+        check_result_free(out, {**naming, "seed": config.seed, "task": TASK}, overwrite=overwrite)
     first = splits[config.datasets[0]]
     backbone = None
     if config.base is None:
@@ -216,7 +222,7 @@ def run_tta(config: TTARunConfig) -> TTAOutcome:
         if info.is_main:
             record = make_result(
                 dataset=name,
-                task="test_time_classification",
+                task=TASK,
                 metrics=metrics,
                 method=config.method,
                 backbone=model.backbone,
