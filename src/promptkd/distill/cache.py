@@ -326,7 +326,10 @@ class TeacherCache:
         """Write ``cache.json`` unless another process (a rank of the same run) did first: the record appears
         whole or not at all (a hard link of a complete file), and whoever loses the race checks the winner's."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        if not record.is_file() and any(not p.name.startswith(".") for p in self.folder.iterdir()):
+        # list first, then look for the record: a record another process links meanwhile (with chunks after it) is
+        # then seen, so only files that no cache put there make the folder foreign
+        foreign = [p for p in self.folder.iterdir() if not p.name.startswith(".") and p.name != record.name]
+        if foreign and not record.is_file():
             raise TeacherCacheError(f"{self.folder} is not empty and holds no teacher cache; use an empty folder")
         tmp = self.folder / f".cache.json.{self.writer}.tmp"
         try:
