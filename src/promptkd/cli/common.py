@@ -47,16 +47,18 @@ def add_backbone_args(
     )
 
 
-def add_overrides_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, example: str) -> None:
-    """``--set KEY=VALUE ...``: config overrides applied after the preset and the options (``args.overrides``)."""
+def add_overrides_arg(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    example: str,
+    *,
+    flag: str = "--set",
+    dest: str = "overrides",
+    what: str = "overrides",
+) -> None:
+    """``--set KEY=VALUE ...``: config overrides applied after the preset and the options (``args.overrides``;
+    ``flag``/``dest`` name another set, e.g. a protocol's teacher overrides)."""
     parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="*",
-        type=v.text,
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"overrides, e.g. {example}",
+        flag, dest=dest, nargs="*", type=v.text, default=[], metavar="KEY=VALUE", help=f"{what}, e.g. {example}"
     )
 
 

@@ -51,14 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kd.add_argument("--teacher-preset", type=v.text, default=None, help="PromptSRC preset of trained teachers")
     kd.add_argument("--teacher-model", type=v.text, default=None, help="teacher backbone (default: the preset's pair)")
     kd.add_argument("--teacher-pretrained", type=v.text, default=None, help="teacher weights (tag or file)")
-    kd.add_argument(
-        "--teacher-set",
+    add_overrides_arg(
+        kd,
+        "train.epochs=5 (--set applies to the students)",
+        flag="--teacher-set",
         dest="teacher_overrides",
-        nargs="*",
-        type=v.text,
-        default=[],
-        metavar="KEY=VALUE",
-        help="overrides of trained teachers' config, e.g. train.epochs=5 (--set applies to the students)",
+        what="overrides of trained teachers' config",
     )
     kd.add_argument(
         "--mode",
