@@ -143,3 +143,17 @@ def test_crop_scale_is_checked_and_world_presets_keep_half_the_image():
     assert TrainConfig().crop_scale == (0.08, 1.0)  # Dassl's default for the papers' presets
     assert resolve_run_config("coop", "world", [], {}).train.crop_scale == (0.5, 1.0)
     assert resolve_run_config("coop", "vit_b16", [], {}).train.crop_scale == (0.08, 1.0)
+
+
+def test_resume_identity_binds_files_by_content_not_spelling(tmp_path, monkeypatch):
+    """A resumed run given another spelling of the same teacher file is the same run; another file is not."""
+    from promptkd.engine.trainer import _bound_to_content
+
+    (tmp_path / "teacher.safetensors").write_bytes(b"one")
+    monkeypatch.chdir(tmp_path)
+    relative = _bound_to_content({"teacher": "teacher.safetensors", "root": ".", "name": "coop"})
+    absolute = _bound_to_content({"teacher": str(tmp_path / "teacher.safetensors"), "root": str(tmp_path)})
+    assert relative["teacher"] == absolute["teacher"] and relative["root"] == absolute["root"]
+    assert relative["name"] == "coop"
+    (tmp_path / "teacher.safetensors").write_bytes(b"other")  # another size: the hash memo cannot answer
+    assert _bound_to_content("teacher.safetensors") != relative["teacher"]

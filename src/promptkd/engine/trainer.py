@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from promptkd.backbones import autocast_for
-from promptkd.checkpoints import atomic_write_text, read_with_digest, write_with_digest
+from promptkd.checkpoints import atomic_write_text, file_sha256, read_with_digest, write_with_digest
 from promptkd.config import to_dict
 from promptkd.engine.config import TrainConfig
 from promptkd.engine.data import make_loader, sample_seed, set_epoch
@@ -78,6 +78,26 @@ def _differences(old: Any, new: Any, where: str) -> list[str]:
         return json.dumps(value, default=str)
 
     return [f"{where}: {short(old)} -> {short(new)}"]
+
+
+def _bound_to_content(value: Any) -> Any:
+    """The value with every string that names an existing file replaced by that file's SHA-256 and every folder by
+    its resolved path: a resumed run is the same run whichever spelling of a path it is given (relative, absolute,
+    a link), and another file under the same name is a different run."""
+    if isinstance(value, dict):
+        return {k: _bound_to_content(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bound_to_content(v) for v in value]
+    if isinstance(value, str) and value and "\0" not in value and len(value) < 4096:
+        try:
+            path = Path(value)
+            if path.is_file():
+                return f"sha256:{file_sha256(path)}"
+            if path.is_dir():
+                return str(path.resolve())
+        except OSError:
+            return value
+    return value
 
 
 def learning_rate(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -203,8 +223,8 @@ class Trainer:
     def _identity(self) -> dict[str, Any]:
         return {
             "method": self.method.name,
-            "method_config": to_dict(self.method.config),
-            "train": to_dict(self.cfg),
+            "method_config": _bound_to_content(to_dict(self.method.config)),
+            "train": _bound_to_content(to_dict(self.cfg)),
             "classnames": self.method.classnames,
             "backbone": {k: self.method.backbone.spec.to_dict()[k] for k in ("model_name", "pretrained", "quick_gelu")},
         }
