@@ -11,6 +11,11 @@ One adaptation of B test images (each with V views, view 0 the original):
 4. predict from view 0 with each sample's adapted prompts. When the tuned prompts do not reach the image tower
    (CoOp-style text context), view features come from step 1 and only the selected views are ever re-encoded
    when they do (MaPLe-style coupled prompts), so back-propagation runs through the selected views only.
+
+``mode = "online"`` (set by the engine) carries the adapted prompts from one test image to the next instead of
+resetting them: the images of a batch are then adapted one after another, in stream order, and the carried prompts
+are the method's saved state (:meth:`TTAMethod.state_dict`). Training-free methods subclass
+:class:`promptkd.tta.online.OnlineMethod` instead (the interface is described there).
 """
 
 from __future__ import annotations
@@ -150,6 +155,11 @@ BUILTIN_TTA_METHODS: dict[str, str] = {
     "ctpt": "promptkd.tta.methods.ctpt",
     "promptalign": "promptkd.tta.methods.promptalign",
     "promptsync": "promptkd.tta.methods.promptsync",
+    # training-free / online methods (promptkd.tta.online.OnlineMethod)
+    "tda": "promptkd.tta.methods.tda",
+    "zero": "promptkd.tta.methods.zero",
+    "dpe": "promptkd.tta.methods.dpe",
+    "boostadapter": "promptkd.tta.methods.boostadapter",
 }
 
 
@@ -157,7 +167,11 @@ def _load_builtins() -> None:
     import importlib
 
     for module in BUILTIN_TTA_METHODS.values():
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:  # a listed method whose module has not landed yet; its own imports fail
+            if error.name != module:
+                raise
 
 
 def list_tta_methods() -> list[str]:
@@ -193,6 +207,22 @@ class TTAMethod:
                 "`promptkd tta-stats` and pass the file(s) with --stats / --prototypes."
             )
         self.check_sources()
+        self.mode = "episodic"  # "online": prompts carried from one test image to the next (set by the engine)
+        self.reset_state()
+
+    # --- online state (prompt-tuning methods: the prompts carried across the stream) ---------------------------
+    def reset_state(self) -> None:
+        self._carried: PromptParams | None = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self._carried is None else {f"prompt.{k}": v.detach().cpu() for k, v in self._carried.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = [k for k in state if not k.startswith("prompt.") or k[7:] not in self.tuned_keys()]
+        if unknown:
+            raise TTAError(f"{self.name}: the saved run state has {unknown}, not prompts this method tunes")
+        carried = {k[7:]: v.to(self.model.device) for k, v in state.items()}
+        self._carried = carried or None
 
     def tuned_keys(self) -> tuple[str, ...]:
         """The tuned prompts the base model has (a MaPLe base has deep prompts and coupling maps, CoOp only ctx)."""
@@ -236,14 +266,40 @@ class TTAMethod:
         return terms
 
     def adapt(self, views: torch.Tensor) -> AdaptResult:
-        """Adapt and predict for views [B, V, 3, H, W] (view 0 = the original image of each sample)."""
+        """Adapt and predict for views [B, V, 3, H, W] (view 0 = the original image of each sample).
+
+        Episodic: B independent episodes from the base prompts, batched. Online: one image at a time in row order,
+        each starting from the prompts the previous image ended with (a fresh optimiser per image).
+        """
         if views.dim() != 5:
             raise TTAError(f"views must be [B, V, 3, H, W]; got {tuple(views.shape)}")
         tic = time.perf_counter()
+        views = views.to(self.model.device)
+        if self.mode != "online":
+            result = self._episode(views, None)
+        else:
+            parts = []
+            for b in range(views.shape[0]):
+                parts.append(self._episode(views[b : b + 1], self._carried))
+                self._carried = {k: v.detach().clone() for k, v in parts[-1].params.items()}
+            result = AdaptResult(
+                logits=torch.cat([p.logits for p in parts]),
+                initial_logits=torch.cat([p.initial_logits for p in parts]),
+                params={k: torch.cat([p.params[k] for p in parts]) for k in parts[0].params},
+                selected=torch.cat([p.selected for p in parts]),
+                losses=parts[-1].losses,
+                seconds=0.0,
+            )
+        result.seconds = time.perf_counter() - tic
+        return result
+
+    def _episode(self, views: torch.Tensor, start: PromptParams | None) -> AdaptResult:
         model = self.model
-        views = views.to(model.device)
         ctx = AdaptContext(model, views, self.config.selection, self.tuned_keys())
-        params = model.initial_params(ctx.batch, self.tuned_keys())
+        if start is None:
+            params = model.initial_params(ctx.batch, self.tuned_keys())
+        else:
+            params = {k: v.detach().clone().requires_grad_(True) for k, v in start.items()}
         terms = self.run_steps(params, ctx) if self.config.steps > 0 else {}
         logits = ctx.predict(params)
         return AdaptResult(
@@ -252,5 +308,5 @@ class TTAMethod:
             params={k: v.detach() for k, v in params.items()},
             selected=ctx.selected,
             losses=terms,
-            seconds=time.perf_counter() - tic,
+            seconds=0.0,
         )
