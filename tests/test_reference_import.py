@@ -248,3 +248,125 @@ def test_truncated_reference_file(tiny_backbone, tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="cannot be read as a Dassl/torch checkpoint"):
         read_reference_checkpoint(path)
+
+
+# --- a converted MaPLe checkpoint as the base of test-time alignment ---------------------------------------------
+
+
+def maple_reference_state(backbone, classes, n_ctx=2, depth=2):
+    """A MaPLe checkpoint as the reference trainer saves it: the whole CustomCLIP in fp16 (its configs' PREC),
+    ``prompt_learner.*`` prompts and coupling maps, token buffers of the training classes, frozen CLIP weights."""
+    g = torch.Generator().manual_seed(7)
+    wt, wv = backbone.text_width, backbone.vision_width
+    length = backbone.tokenize(["x"]).shape[1]
+
+    def rand(*shape, std=0.05):
+        return (torch.randn(*shape, generator=g) * std).half()
+
+    state = {
+        "prompt_learner.ctx": rand(n_ctx, wt, std=0.02),
+        "prompt_learner.token_prefix": rand(len(classes), 1, wt),
+        "prompt_learner.token_suffix": rand(len(classes), length - 1 - n_ctx, wt),
+        "prompt_learner.proj.weight": rand(wv, wt),
+        "prompt_learner.proj.bias": rand(wv),
+        "image_encoder.conv1.weight": backbone.model.visual.conv1.weight.detach().half(),
+        "text_encoder.positional_embedding": backbone.model.positional_embedding.detach().half(),
+        "text_encoder.ln_final.weight": backbone.model.ln_final.weight.detach().half(),
+        "logit_scale": backbone.model.logit_scale.detach().half(),
+    }
+    for k in range(depth - 1):
+        state[f"prompt_learner.compound_prompts_text.{k}"] = rand(n_ctx, wt, std=0.02)
+        state[f"prompt_learner.compound_prompt_projections.{k}.weight"] = rand(wv, wt)
+        state[f"prompt_learner.compound_prompt_projections.{k}.bias"] = rand(wv)
+    return state
+
+
+def _toy_images(root, classes, per_class=2, size=40):
+    """A split-file dataset of flat-coloured images with a few random pixels (train and test splits)."""
+    import json
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(0)
+    split = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(classes):
+        for which in ("train", "val", "test"):
+            for j in range(per_class):
+                rel = f"{label}/{which}_{j}.png"
+                (root / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+                image = Image.new("RGB", (size, size), tuple((label * 71 + 50 * c) % 256 for c in range(3)))
+                for _ in range(20):
+                    image.putpixel((rng.randrange(size), rng.randrange(size)), (rng.randrange(256),) * 3)
+                image.save(root / "images" / rel)
+                split[which].append([rel, label, name])
+    (root / "split_zhou_Toy.json").write_text(json.dumps(split))
+    return root
+
+
+@pytest.mark.slow
+def test_converted_maple_checkpoint_is_a_promptalign_and_promptsync_base(tiny_backbone, tmp_path, capsys):
+    """Dassl MaPLe file -> `promptkd convert` -> `tta-stats` -> `tta --method promptalign / promptsync`."""
+    from promptkd.cli.main import main
+    from promptkd.tta import build_model
+
+    classes = ["red star", "blue ring", "green cross"]
+    reference = tmp_path / "MultiModalPromptLearner" / "model.pth.tar-2"
+    reference.parent.mkdir()
+    state = maple_reference_state(tiny_backbone, classes)
+    save_dassl(reference, state, epoch=2)
+    (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
+    base = tmp_path / "maple"
+    argv = ["convert", str(reference), "--out", str(base), "--model", "pkd-tiny", "--classnames"]
+    assert main([*argv, str(tmp_path / "classes.txt")]) == 0
+    assert "detected maple checkpoint (epoch 2)" in capsys.readouterr().out
+
+    model, description = build_model(classes, checkpoint=str(base))
+    assert "maple" in description
+    assert torch.equal(model.base["ctx"], state["prompt_learner.ctx"].float())
+    assert torch.equal(model.base["deep"][0], state["prompt_learner.compound_prompts_text.0"].float())
+    assert torch.equal(model.base["coupling_weight"][0], state["prompt_learner.proj.weight"].float())
+    assert model.learner.prefix_text == "a photo of a"  # the reference's CTX_INIT: 2 learnt tokens, then "of a"
+
+    toy = _toy_images(tmp_path / "toy", classes)
+    stats, protos = tmp_path / "stats", tmp_path / "protos"
+    argv = ["tta-stats", "--dataset", str(toy), "--base", str(base), "--layers", "0", "1", "--augmented", "1"]
+    assert main([*argv, "--stats", str(stats), "--prototypes", str(protos)]) == 0
+    common = ["--datasets", str(toy), "--base", str(base), "--no-progress", "--set", "method.n_views=4"]
+    out = tmp_path / "runs"
+    assert main(["tta", "--method", "promptalign", *common, "--stats", str(stats), "--out", str(out)]) == 0
+    assert main(["tta", "--method", "promptsync", *common, "--prototypes", str(protos), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "promptalign toy: acc" in printed and "promptsync toy: acc" in printed
+
+
+def test_converted_checkpoints_load_as_their_method(tiny_backbone, tmp_path):
+    """Each converted record rebuilds its method through the ordinary loader (the config keys it writes are the
+    method's own), with the file's prompts in place."""
+    from promptkd.deploy import load_for_inference
+
+    wt, wv = tiny_backbone.text_width, tiny_backbone.vision_width
+    classes = ["red star", "blue ring", "green cross"]
+    states = {
+        "promptsrc": ivlp_teacher_state(tiny_backbone),
+        "ivlp": ivlp_teacher_state(tiny_backbone, n_ctx=2, promptsrc=False),
+        "coop": {"ctx": torch.randn(3, 6, wt), "token_prefix": torch.zeros(3, 1, wt)},
+        "vpt": {
+            "image_encoder.VPT": torch.randn(5, wv),
+            "image_encoder.transformer.resblocks.1.VPT_shallow": torch.randn(5, wv),
+        },
+        "maple": maple_reference_state(tiny_backbone, classes, n_ctx=3),
+    }
+    for name, state in states.items():
+        path = tmp_path / f"{name}.pth"
+        save_dassl(path, state)
+        written, report = convert_reference_checkpoint(
+            path, tmp_path / name, backbone=tiny_backbone, classnames=classes
+        )
+        assert report.method == name
+        method = load_for_inference(written)
+        assert method.name == name
+        tensors, _ = load_checkpoint(written)
+        own = method.learner.state_dict()
+        for key, value in tensors.items():
+            assert torch.equal(own[key].float(), value.float()), (name, key)

@@ -25,6 +25,10 @@ reference key                                                          promptkd 
 Ignored, and reported: the ``token_prefix``/``token_suffix`` buffers (rebuilt from the current class names), the
 frozen CLIP weights that PromptSRC/MaPLe/PromptKD files also carry (checked against the backbone's shapes when one
 is given), and PromptSRC's frozen ``ZS_image_encoder`` copy.
+
+The written config holds the method's own config keys (:func:`method_config_for`), so the checkpoint loads wherever
+promptkd checkpoints do (``predict``, a test-time ``--base``, a PromptKD teacher); what the tensors say (widths,
+depths) is kept under ``converted_from.settings``.
 """
 
 from __future__ import annotations
@@ -164,7 +168,8 @@ class ConversionReport:
     mapped: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)
     ignored_buffers: list[str] = field(default_factory=list)
     frozen_weights: list[str] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # what the tensors say (widths, depths)
+    method_config: dict[str, Any] = field(default_factory=dict)  # what the method is rebuilt with
     meta: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -173,6 +178,12 @@ class ConversionReport:
             + (f" (epoch {self.meta['epoch']})" if "epoch" in self.meta else "")
         ]
         lines.append("  settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
+        lines.append("  method config: " + ", ".join(f"{k}={v!r}" for k, v in self.method_config.items()))
+        if self.method_config.get("ctx_init") and self.settings.get("n_ctx", 0) < 4:
+            lines.append(
+                f"  assumed CTX_INIT {self.method_config['ctx_init']!r} (the reference configs'): its words after the "
+                f"first {self.settings['n_ctx']} context tokens stay fixed text, as in the reference's prompts"
+            )
         for src, dst, shape in self.mapped:
             lines.append(f"  {src} -> {dst} {list(shape)}")
         if self.ignored_buffers:
@@ -268,6 +279,7 @@ def convert_reference_state_dict(
     if not out:
         raise CheckpointError(f"{source}: no prompt tensors found (only {len(report.frozen_weights)} frozen weights).")
     report.method, report.settings = _describe(out, report, state)
+    report.method_config = method_config_for(report.method, report.settings)
     for name in sorted(out):
         report.mapped.append(
             (", ".join(sources[name][:2]) + (" ..." if len(sources[name]) > 2 else ""), name, tuple(out[name].shape))
@@ -304,6 +316,44 @@ def _describe(out: dict[str, torch.Tensor], report: ConversionReport, state: dic
     if "visual.prompts" in out:
         return "vpt", settings
     return "coop", settings
+
+
+#: CTX_INIT of the reference configs; their prompt learners use it only when N_CTX <= 4 (else random context)
+REFERENCE_CTX_INIT = "a photo of a"
+
+
+def _ctx_init(n_ctx: int) -> str:
+    """The init phrase that gives the reference's prompt layout: with N_CTX < 4 its last words stay fixed text."""
+    return REFERENCE_CTX_INIT if n_ctx <= 4 else ""
+
+
+def method_config_for(method: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The promptkd method config that rebuilds a checkpoint's tensors exactly (the keys its config class accepts).
+
+    ``settings`` describe the tensors (widths, depths); the config names what the method builds. CoOp/CoCoOp use
+    their whole init phrase as context, so a random init ('') of the same length has the same prompt layout. MaPLe,
+    IVLP and PromptSRC keep the words of "a photo of a" after the first N_CTX tokens fixed: the file does not say
+    which CTX_INIT was used, and the reference configs' one is assumed (reported by the converter).
+    """
+    n_ctx = settings.get("n_ctx", 0)
+    if method == "coop":
+        return {"n_ctx": n_ctx, "class_specific": bool(settings["class_specific"]), "ctx_init": ""}
+    if method == "cocoop":
+        return {"n_ctx": n_ctx, "ctx_init": ""}
+    if method == "maple":
+        return {"n_ctx": n_ctx, "depth": settings["depth"], "ctx_init": _ctx_init(n_ctx)}
+    if method in ("ivlp", "promptsrc"):
+        config = {
+            "n_ctx_text": n_ctx,
+            "text_depth": settings.get("text_depth", 1),
+            "n_ctx_vision": settings.get("n_vision_tokens", 0),
+            "vision_depth": settings.get("vision_depth", 0),
+            "ctx_init": _ctx_init(n_ctx),
+        }
+        return config | ({"gpa": False} if method == "promptsrc" else {})  # GPA acts during training only
+    if method == "vpt":
+        return {"n_tokens": settings["n_vision_tokens"], "depth": settings["vision_depth"]}
+    return {"n_ctx_vision": settings["n_vision_tokens"], "vision_depth": settings["vision_depth"]}  # promptkd
 
 
 def check_fits_backbone(
@@ -371,10 +421,10 @@ def convert_reference_checkpoint(
             )
     config = {
         "method": report.method,
-        "method_config": report.settings,
+        "method_config": report.method_config,
         "backbone": backbone.spec.to_dict() if backbone is not None else None,
         "classnames": classnames,
-        "converted_from": {"path": str(path), **meta},
+        "converted_from": {"path": str(path), **meta, "settings": report.settings},
     }
     written = save_checkpoint(out, tensors, config)
     return written, report

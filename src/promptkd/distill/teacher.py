@@ -657,7 +657,7 @@ def load_teacher(
         )
     method_cls = get_method(name)
     raw_config = config.get("method_config") or {}
-    if "converted_from" in config:
+    if "converted_from" in config and "settings" not in config["converted_from"]:  # converted before the fix
         raw_config = converted_method_config(name, raw_config)
     method_config = config_from(method_cls, raw_config)
     spec = dict(config.get("backbone") or {})

@@ -3,9 +3,13 @@ plus the alignment of the confident views' visual token statistics to source sta
 (``promptkd tta-stats``): L = H(p̄) + β · L_align.
 
 All MaPLe prompts are tuned (context, deep text prompts and the text→vision coupling maps), reset per image.
-Deviations from the reference, documented: the reference's loop stops one layer early (``ALIGN_LAYER_TO=3`` aligns
-layers 0 and 1 only); we align the layers given (default 0, 1, 2, the stated intent). L_align averages over elements
-and layers with the scale in β; β = 100/3 with layers (0, 1) reproduces the reference's loss exactly.
+
+Layers: the reference's domain-generalisation config sets ``ALIGN_LAYER_FROM=0, ALIGN_LAYER_TO=3`` and divides the
+weight by 3, but its loop runs ``range(FROM, TO - 1)``, so only the inputs of visual blocks 0 and 1 are aligned. The
+default ``align_layers = (0, 1)`` is what the reference computes (its published numbers come from it); with it and
+β = 100/3 our L_align (averaged over elements and layers, scale in β) equals the reference's loss exactly.
+``--set method.align_layers=[0,1,2]`` aligns the three layers the config names (the promptkd default before; β is
+then spread over three layers instead of two).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from promptkd.tta.sources import SourceStats
 class PromptAlignConfig(TTAConfig):
     lr: float = 4e-2  # the domain-generalisation config (5e-4 for the fine-grained sets)
     align_weight: float = field(default=100.0 / 3.0, metadata={"help": "β of the token-statistics alignment"})
-    align_layers: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "visual block inputs aligned"})
+    align_layers: tuple[int, ...] = field(
+        default=(0, 1), metadata={"help": "visual block inputs aligned (reference: 0, 1; its config names 0-2)"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
