@@ -1,6 +1,7 @@
 """TPT (Shu et al., NeurIPS 2022; azshue/TPT ``tpt_classification.py``): minimise the marginal entropy of the
 confident views' averaged prediction by tuning the text context, one AdamW step (lr 5e-3) from "a photo of a" or
-CoOp's context, reset for every test image; predict from the original view."""
+CoOp's context, reset for every test image; predict from the original view. The views are TPT's own (bilinear
+random crops + flip, its AugMix on the fine-grained family only: :mod:`promptkd.tta.views`)."""
 
 from __future__ import annotations
 
