@@ -1,4 +1,4 @@
-"""`promptkd tta`: test-time prompt tuning (TPT, C-TPT, PromptAlign, PromptSync) over datasets, batched."""
+"""`promptkd tta`: test-time adaptation (prompt tuning and training-free methods) over datasets, batched."""
 
 from __future__ import annotations
 
@@ -6,13 +6,25 @@ import argparse
 
 from promptkd.cli import validate as v
 
-HELP = "test-time prompt tuning of each test image (tpt, ctpt, promptalign, promptsync), with accuracy and ECE"
+HELP = (
+    "test-time adaptation of each test image (tpt, ctpt, promptalign, promptsync; training-free tda, zero, dpe, "
+    "boostadapter), episodic or online, with accuracy, ECE, seconds per image and peak memory"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from promptkd.cli.common import add_backbone_args, add_runtime_args
 
-    parser.add_argument("--method", type=v.text, default="tpt", help="tpt, ctpt, promptalign or promptsync")
+    parser.add_argument(
+        "--method", type=v.text, default="tpt", help="tpt, ctpt, promptalign, promptsync, tda, zero, dpe, boostadapter"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["episodic", "online"],
+        default=None,
+        help="episodic: reset per image (default); online: state carried across the test stream (order from --seed)",
+    )
+    parser.add_argument("--orders", type=v.count, default=None, help="online: stream orders to run, seeds S..S+N-1 (1)")
     parser.add_argument(
         "--preset", type=v.text, default=None, help="settings preset of the method (e.g. default, world)"
     )
@@ -39,14 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-images", type=v.count0, default=None, help="adapt at most N images per dataset (0 = all)"
     )
-    parser.add_argument("--seed", type=v.seed, default=None, help="seed of the views (per image path)")
+    parser.add_argument(
+        "--seed", type=v.seed, default=None, help="seed of the views (per image path) and of the online stream order"
+    )
     parser.add_argument(
         "--allow-small-images", action="store_true", default=None, help="upsample images too small for the crops"
     )
     parser.add_argument("--workers", type=v.count0, default=None, help="data-loading worker processes (0)")
     parser.add_argument("--out", type=v.output_folder, default=None, help="output folder (runs/tta)")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace earlier results of the same setting in --out (refused)"
+        "--overwrite",
+        action="store_true",
+        help="replace earlier results of the same setting in --out, or discard an interrupted run there (refused)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -74,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "max_images": args.max_images,
         "seed": args.seed,
+        "mode": args.mode,
+        "orders": args.orders,
         "allow_small_images": args.allow_small_images,
         "workers": args.workers,
         "out": args.out,
@@ -82,5 +100,5 @@ def run(args: argparse.Namespace) -> int:
         "progress": False if args.no_progress else None,
     }
     config = resolve_tta_config(args.preset, list(args.set), base)
-    run_tta(config, overwrite=args.overwrite)  # an earlier result is never replaced without a word, as zeroshot's
+    run_tta(config, overwrite=args.overwrite)  # an earlier result (or interrupted run) is never replaced silently
     return 0

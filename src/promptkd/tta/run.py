@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 
 from promptkd.checkpoints import atomic_write_text
 from promptkd.config import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, apply_overrides, from_dict, load_preset, to_dict
-from promptkd.tta import progress as progress_files
 
 __all__ = ["TTAOutcome", "TTARunConfig", "resolve_tta_config", "run_tta", "stream_order"]
 
@@ -158,7 +157,7 @@ class _Run:
     out: Path
     sources: dict[str, Any]
     datasets: dict[str, tuple[Any, list]]  # key -> (splits, items)
-    progress: progress_files.RunProgress
+    progress: Any  # promptkd.tta.progress.RunProgress
     overwrite: bool
 
 
@@ -189,7 +188,9 @@ def run_tta(config: TTARunConfig, *, overwrite: bool = False) -> TTAOutcome:
         for seed in config.order_seeds:
             stream = _make_stream(run, model, key, data, items, seed)
             if run.progress.is_done(stream.key):
-                logger.info("%s %s seed %d: done in an earlier, interrupted invocation", config.label, stream.name, seed)
+                logger.info(
+                    "%s %s seed %d: done in an earlier, interrupted invocation", config.label, stream.name, seed
+                )
                 continue
             table, timing = _adapt_stream(run, stream)
             if run.info.is_main:
@@ -207,6 +208,7 @@ def _prepare(config: TTARunConfig, overwrite: bool) -> _Run:
     from promptkd.engine.distributed import barrier, init_distributed
     from promptkd.paths import writable_folder
     from promptkd.results import check_result_free
+    from promptkd.tta import progress as progress_files
     from promptkd.tta.base import get_tta_method
     from promptkd.tta.sources import Prototypes, SourceStats
 
@@ -229,9 +231,9 @@ def _prepare(config: TTARunConfig, overwrite: bool) -> _Run:
         datasets[key] = (data, items)
     identity = progress_files.run_identity(config, datasets, info.world_size)
     progress = progress_files.RunProgress.open(out, identity, info, overwrite=overwrite)
-    for data, _ in datasets.values():
+    for key, (data, _) in datasets.items():
         for seed in config.order_seeds:
-            naming = {"method": config.label, "dataset": _name(data, config), "split": config.split, "seed": seed}
+            naming = {"method": config.label, "dataset": _name(data, key), "split": config.split, "seed": seed}
             if not progress.is_done(progress_files.stream_key(naming["dataset"], seed)):
                 check_result_free(out, {**naming, "task": TASK}, overwrite=overwrite)
     barrier(info)  # every rank has checked the old progress before the main rank writes the new one
@@ -253,8 +255,8 @@ def _check_mode(config: TTARunConfig, method_cls: type) -> None:
         raise TTAError(f"unknown mode {config.mode!r}")
 
 
-def _name(data: Any, config: TTARunConfig, key: str | None = None) -> str:
-    return data.name or Path(key or config.datasets[0]).name
+def _name(data: Any, key: str) -> str:
+    return data.name or Path(key).name
 
 
 def _load_base_model(run: _Run) -> tuple[Any, str]:
@@ -298,10 +300,11 @@ def _method_settings(run: _Run, name: str) -> Any:
 
 def _make_stream(run: _Run, model: Any, key: str, data: Any, items: list, seed: int) -> _Stream:
     """Class list, method (its checks against model, sources and classes), views and this rank's shard."""
+    from promptkd.tta.progress import stream_key
     from promptkd.tta.views import TTAViewDataset, ViewConfig, check_image_sizes
 
     config, info = run.config, run.info
-    name = _name(data, config, key)
+    name = _name(data, key)
     model.set_classnames(data.classnames)
     settings = _method_settings(run, name)
     method = run.method_cls(model, settings, run.sources)  # checks sources against backbone, prompts, classes
@@ -317,7 +320,7 @@ def _make_stream(run: _Run, model: Any, key: str, data: Any, items: list, seed: 
     order = stream_order(items, config.mode, seed)
     shard = order[info.rank :: info.world_size]
     dataset = TTAViewDataset(items, model.backbone.preprocess, views)
-    return _Stream(name, data, items, seed, order, shard, method, dataset, progress_files.stream_key(name, seed))
+    return _Stream(name, data, items, seed, order, shard, method, dataset, stream_key(name, seed))
 
 
 @dataclass
@@ -331,7 +334,7 @@ class _Timing:
 def _adapt_stream(run: _Run, stream: _Stream) -> tuple[torch.Tensor, _Timing]:
     """Adapt this rank's shard in stream order, saving progress; returns every rank's rows, in stream order."""
     from promptkd.engine.distributed import gather_concat
-    from promptkd.tta.memory import PeakMemory
+    from promptkd.tta.progress import PeakMemory
 
     config, info = run.config, run.info
     saved = run.progress.load_stream(stream.key, info.rank)
@@ -347,20 +350,27 @@ def _adapt_stream(run: _Run, stream: _Stream) -> tuple[torch.Tensor, _Timing]:
         shuffle=False,
     )
     meter = PeakMemory(run.device)
-    bar = tqdm(total=len(stream.shard), initial=done, desc=f"{config.label} {stream.name}", disable=not (
-        config.progress and info.is_main))
+    bar = tqdm(
+        total=len(stream.shard),
+        initial=done,
+        desc=f"{config.label} {stream.name}",
+        disable=not (config.progress and info.is_main),
+    )
     tic, last_save = time.perf_counter(), time.perf_counter()
     for batch_views, labels, indices in loader:
         result = stream.method.adapt(batch_views)
         adapt_seconds += result.seconds
         rows.append(_rows(indices, labels, result))
         bar.update(len(labels))
-        bar.set_postfix(ms_per_image=f"{1000 * result.seconds / len(labels):.0f}", **{
-            k: f"{v:.3f}" for k, v in result.losses.items()})
+        bar.set_postfix(
+            ms_per_image=f"{1000 * result.seconds / len(labels):.0f}",
+            **{k: f"{v:.3f}" for k, v in result.losses.items()},
+        )
         if time.perf_counter() - last_save >= config.progress_every_s:
             elapsed = seconds + time.perf_counter() - tic
-            run.progress.save_stream(stream.key, info.rank, torch.cat(rows), stream.method.state_dict(), elapsed,
-                                     adapt_seconds)
+            run.progress.save_stream(
+                stream.key, info.rank, torch.cat(rows), stream.method.state_dict(), elapsed, adapt_seconds
+            )
             last_save = time.perf_counter()
     bar.close()
     seconds += time.perf_counter() - tic
@@ -371,8 +381,9 @@ def _adapt_stream(run: _Run, stream: _Stream) -> tuple[torch.Tensor, _Timing]:
     table = table[torch.tensor([position[int(i)] for i in table[:, 0].tolist()]).argsort()] if len(table) else table
     per_rank = torch.tensor([[seconds, adapt_seconds, meter.peak_mb()]], dtype=torch.float64)
     gathered = gather_concat(per_rank, info)
-    timing = _Timing(float(gathered[:, 0].max()), float(gathered[:, 1].sum()), float(gathered[:, 2].max()),
-                     meter.measure)
+    timing = _Timing(
+        float(gathered[:, 0].max()), float(gathered[:, 1].sum()), float(gathered[:, 2].max()), meter.measure
+    )
     return table, timing
 
 
@@ -389,11 +400,13 @@ def _rows(indices: torch.Tensor, labels: torch.Tensor, result: Any) -> torch.Ten
     )
 
 
-def _write_outputs(run: _Run, stream: _Stream, model: Any, description: str, table: torch.Tensor,
-                   timing: _Timing) -> dict[str, Any]:
+def _write_outputs(
+    run: _Run, stream: _Stream, model: Any, description: str, table: torch.Tensor, timing: _Timing
+) -> dict[str, Any]:
     """Metrics as TTA-VLM reports them (accuracy, ECE, seconds per image, peak memory), result JSON, predictions."""
     from promptkd.evaluation.metrics import classification_metrics
     from promptkd.results import make_result, write_result
+    from promptkd.tta.progress import order_hash
 
     config, n_cls, n_items = run.config, len(stream.data.classnames), len(stream.items)
     labels = table[:, 1].long()
@@ -407,7 +420,7 @@ def _write_outputs(run: _Run, stream: _Stream, model: Any, description: str, tab
     stream_record = {
         "mode": config.mode,
         "order_seed": stream.seed if config.mode == "online" else None,
-        "order_sha256": progress_files.order_hash(stream.items, stream.order),
+        "order_sha256": order_hash(stream.items, stream.order),
         "world_size": run.info.world_size,
         "memory_measure": timing.memory_measure,
     }
