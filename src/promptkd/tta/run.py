@@ -294,8 +294,10 @@ def _load_base_model(run: _Run) -> tuple[Any, str]:
 
 
 def _method_settings(run: _Run, name: str) -> Any:
-    """The method's settings for dataset ``name`` (the run's settings; a per-dataset default hook may refine them)."""
-    return run.method_config
+    """The method's settings for dataset ``name``: unset ones take its family's defaults (promptkd.tta.views)."""
+    from promptkd.tta.views import dataset_settings
+
+    return dataset_settings(run.method_config, name)
 
 
 def _make_stream(run: _Run, model: Any, key: str, data: Any, items: list, seed: int) -> _Stream:
@@ -404,15 +406,15 @@ def _write_outputs(
     run: _Run, stream: _Stream, model: Any, description: str, table: torch.Tensor, timing: _Timing
 ) -> dict[str, Any]:
     """Metrics as TTA-VLM reports them (accuracy, ECE, seconds per image, peak memory), result JSON, predictions."""
-    from promptkd.evaluation.metrics import classification_metrics
+    from promptkd.evaluation.metrics import TTA_ECE_BINS, classification_metrics
     from promptkd.results import make_result, write_result
     from promptkd.tta.progress import order_hash
 
     config, n_cls, n_items = run.config, len(stream.data.classnames), len(stream.items)
     labels = table[:, 1].long()
     adapted, initial = table[:, 2 : 2 + n_cls].float(), table[:, 2 + n_cls :].float()
-    metrics = classification_metrics(adapted, labels)
-    base_metrics = classification_metrics(initial, labels)
+    metrics = classification_metrics(adapted, labels, n_bins=TTA_ECE_BINS)
+    base_metrics = classification_metrics(initial, labels, n_bins=TTA_ECE_BINS)
     metrics |= {f"base_{k}": v for k, v in base_metrics.items()}
     metrics["seconds_per_image"] = timing.seconds * run.info.world_size / max(1, n_items)
     metrics["adapt_seconds_per_image"] = timing.adapt_seconds / max(1, n_items)
