@@ -82,7 +82,7 @@ def test_summarise_views_keeps_confident_views():
 def test_dpe_cache_prediction_and_textual_evolution_by_hand():
     """One view, lr 0 (the residuals stay 0): logits = 20 f·t + α exp(−β(1 − f·v)); confident, so evolve."""
     text = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    state = DPEState(text, shot_capacity=3)
+    state = DPEState(text, shots=3)
     cfg = DPEConfig(alpha=1.0, beta=1.0, lr_text=0.0, lr_image=0.0)
     logits = dpe_adapt_one(state, torch.tensor([[0.6, 0.8]]), cfg, logit_scale=20.0)
     assert logits.tolist() == pytest.approx([12.0, 17.0], abs=1e-5)
@@ -91,7 +91,7 @@ def test_dpe_cache_prediction_and_textual_evolution_by_hand():
     assert entropy2(12, 17) < 0.1
     assert state.updates == 1 and state.text.flatten().tolist() == pytest.approx([1.5, 0.0, 0.0, 1.0])
     # an unsure image (entropy 0.20 > 0.1 after the cache) does not evolve the prototypes
-    state2 = DPEState(text, shot_capacity=3)
+    state2 = DPEState(text, shots=3)
     dpe_adapt_one(state2, torch.tensor([[0.6, 0.8]]), cfg, logit_scale=10.0)
     assert entropy2(6, 9) > 0.1 and state2.updates == 0 and torch.equal(state2.text, text)
 
@@ -127,7 +127,7 @@ def test_dpe_residual_step_equals_the_reference_procedure():
     text = F.normalize(torch.randn(4, 8), dim=-1)
     feats = F.normalize(torch.randn(3, 8), dim=-1)
     cfg = DPEConfig(alpha=3.0, beta=8.0, lr_text=0.05, lr_image=0.05, align=0.5, evolve_threshold=0.0)
-    state = DPEState(text, shot_capacity=3)
+    state = DPEState(text, shots=3)
     cached: dict[int, list[torch.Tensor]] = {}
     for f in feats:
         logits = dpe_adapt_one(state, f[None], cfg, logit_scale=10.0)
@@ -145,7 +145,7 @@ def test_boostadapter_caches_by_hand():
     """text = I, scale 10, 10 views: view 0 = (.6, .8), view 1 = (0, 1) the confident one, the rest (.8, .6)."""
     text = torch.eye(2)
     views = torch.tensor([[0.6, 0.8], [0.0, 1.0]] + [[0.8, 0.6]] * 8)
-    cfg = BoostConfig(query="original", alpha=1.0, beta=8.0, delta=3)
+    cfg = BoostConfig(query="original", pos_alpha=1.0, pos_beta=8.0, delta=3)
     state = BoostState(2, 2, cfg)
     logits = boost_adapt_one(state, views, text, cfg, logit_scale=10.0)
     h0 = entropy2(6, 8)
@@ -162,7 +162,7 @@ def test_boostadapter_caches_by_hand():
 def test_boostadapter_confident_query_and_state_round_trip():
     text = torch.eye(2)
     views = torch.tensor([[0.6, 0.8], [0.0, 1.0], [1.0, 0.0]] + [[0.8, 0.6]] * 7)
-    cfg = BoostConfig(query="confident", selection=0.2, negative=False, alpha=2.0, beta=1.0, delta=0)
+    cfg = BoostConfig(query="confident", selection=0.2, negative=False, pos_alpha=2.0, pos_beta=1.0, delta=0)
     state = BoostState(2, 2, cfg)
     logits = boost_adapt_one(state, views, text, cfg, logit_scale=10.0)
     # query = mean of views 1, 2 = (.5, .5), logits (5, 5), pred 0; history: class 0 <- (.5, .5);

@@ -5,7 +5,7 @@ Per test image, in stream order (the rules of the reference's ``run_test_dpe``):
 1. the views are scored against the *evolved* textual prototypes; with several views, the ``selection`` fraction
    of lowest-entropy views is kept and averaged (feature, logits; the mean feature is not renormalised), its
    entropy is H of the mean probability; with one view, that view;
-2. the averaged feature enters a per-class priority queue (``shot_capacity`` entries of lowest entropy / log2 C,
+2. the averaged feature enters a per-class priority queue (``shots`` entries of lowest entropy / log2 C,
    an earlier entry wins a tie) under its predicted class; each cached class's visual prototype is the mean of
    its entries;
 3. two zero residuals, one on the textual prototypes [C, E] and one on the cached visual prototypes [K, E], are
@@ -24,24 +24,33 @@ Choices (where promptkd departs or the reference leaves it open):
   reference averages 80 templates and CuPL descriptions, which the world has no counterpart for;
 - with ``steps`` > 1 the CLIP logits are recomputed at the current residual each step (the reference keeps the
   first step's graph; with its default of 1 step the two agree exactly);
-- fewer than 10 views keep at least one (the reference's ``int(V · 0.1)`` would keep none and average nothing);
+- several views whose ``selection`` keeps none are refused (the reference's ``int(V · 0.1)`` would average none);
 - the per-image residual learning is kept: it costs one backward pass over [C, E] features (no encoder), which
   is a small part of the time per image next to encoding the views;
 - the world's shifted ``shapes`` sets stand for the ImageNet family, so ``world.yaml`` takes the reference's
-  ImageNet settings (64 AugMix views, 3 shots, α 6, β 5, lr 6e-4, align 0.5).
+  ImageNet settings (64 AugMix views, 3 shots, α 6, β 5, lr 6e-4, align 0.5); the reference tunes them per set
+  (A 6/5/3e-4/2.5, V2 3/8/5e-4/0.5, R 3/8/6e-4/0, Sketch 7/7.45/6e-4/0.2 as α/β/lr/align) and uses one view on
+  its fine-grained sets (preset ``fine_grained``; α, β, lr tuned per dataset there);
+- float32 throughout (the reference runs under float16 autocast, its residuals float16 parameters).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
+from promptkd.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
+from promptkd.tta.base import TTAError, register_tta_method
 from promptkd.tta.losses import confident_views, marginal_entropy, view_entropy
+from promptkd.tta.online import OnlineBatch, OnlineConfig, OnlineMethod
 
 __all__ = [
+    "DPE",
+    "DPEConfig",
     "DPEState",
     "PriorityCache",
     "ViewSummary",
@@ -169,32 +178,47 @@ def adamw_fresh_step(
 
 
 @dataclass
-class DPEConfig:
-    """The numbers of one DPE run (the reference's per-dataset YAML and fixed constants)."""
+class DPEConfig(OnlineConfig):
+    """DPE's settings; defaults are the reference's ImageNet ones (``configs/imagenet.yaml``, 63 AugMix views + the
+    original as its ``get_preprocess``); the reference's fine-grained sets use one view (preset ``fine_grained``)."""
 
-    selection: float = 0.1
-    shot_capacity: int = 3
-    alpha: float = 6.0
-    beta: float = 5.0
-    lr_text: float = 6e-4
-    lr_image: float = 6e-4
-    align: float = 0.5
-    align_temperature: float = 0.01
-    steps: int = 1
-    weight_decay: float = 0.1
-    adam_eps: float = 1e-3
-    evolve_threshold: float = 0.1
-    predict_views: str = "original"
+    n_views: int = field(default=64, metadata={"help": "views per test image, the original included (1 = no views)"})
+    augmix: Literal["auto", "on", "off"] = field(default="on", metadata={"help": "AugMix views (the reference: on)"})
+    selection: float = field(default=0.1, metadata={"help": "fraction of lowest-entropy views averaged (0.1)"})
+    shots: int = field(default=3, metadata={"help": "cache entries per class (shot capacity)", "rule": AT_LEAST_ONE})
+    alpha: float = field(default=6.0, metadata={"help": "weight of the cache logits", "rule": NON_NEGATIVE})
+    beta: float = field(default=5.0, metadata={"help": "sharpness of the cache affinities", "rule": NON_NEGATIVE})
+    lr_text: float = field(default=6e-4, metadata={"help": "AdamW lr of the textual residual", "rule": NON_NEGATIVE})
+    lr_image: float = field(default=6e-4, metadata={"help": "AdamW lr of the visual residual", "rule": NON_NEGATIVE})
+    align: float = field(default=0.5, metadata={"help": "weight of the InfoNCE alignment loss", "rule": NON_NEGATIVE})
+    align_temperature: float = field(default=0.01, metadata={"help": "InfoNCE temperature", "rule": POSITIVE})
+    steps: int = field(default=1, metadata={"help": "residual AdamW steps per test image"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of the residuals"})
+    adam_eps: float = field(default=1e-3, metadata={"help": "AdamW eps of the residuals", "rule": POSITIVE})
+    evolve_threshold: float = field(
+        default=0.1,
+        metadata={"help": "evolve the textual prototypes below this entropy / log2 C", "rule": NON_NEGATIVE},
+    )
+    predict_views: Literal["original", "confident"] = field(
+        default="original", metadata={"help": "predict from the original view or the confident views' mean"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.selection <= 1:
+            raise ValueError("selection must be a fraction in (0, 1]")
+        if self.shots < 1 or self.steps < 1:
+            raise ValueError(f"shots and steps must be >= 1; got shots={self.shots}, steps={self.steps}")
 
 
 class DPEState:
     """What DPE carries along the stream: the evolved textual prototypes (unnormalised running mean), how many
     updates it averages, and the priority queue of confident features."""
 
-    def __init__(self, text: torch.Tensor, shot_capacity: int):
+    def __init__(self, text: torch.Tensor, shots: int):
         self.text = text.detach().float().clone()  # [C, E]
         self.updates = 0
-        self.cache = PriorityCache(text.shape[0], shot_capacity, text.shape[1], device=text.device)
+        self.cache = PriorityCache(text.shape[0], shots, text.shape[1], device=text.device)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"text": self.text.clone(), "updates": torch.tensor(self.updates)} | {
@@ -269,3 +293,54 @@ def dpe_adapt_one(state: DPEState, features: torch.Tensor, cfg: DPEConfig, logit
             n = state.updates
             state.text = state.text * (n / (n + 1)) + text_new / (n + 1)
     return logits
+
+
+#: the cache's largest allowed size, far above any real setting
+MAX_CACHE_MB = 4096.0
+
+
+def check_views(name: str, n_views: int, selection: float) -> None:
+    """Several views with a selection that keeps none of them cannot work (the reference would average none)."""
+    if n_views > 1 and int(n_views * selection) < 1:
+        raise TTAError(
+            f"{name}: {n_views} views with selection {selection} keep no view; use n_views >= "
+            f"{math.ceil(1 / selection)} or n_views=1"
+        )
+
+
+def check_cache_size(name: str, n_classes: int, floats_per_class: int, hint: str) -> None:
+    megabytes = n_classes * floats_per_class * 4 / 2**20
+    if megabytes > MAX_CACHE_MB:
+        raise TTAError(f"{name}: the caches of {n_classes} classes need {megabytes:.0f} MB; {hint}")
+
+
+@register_tta_method
+class DPE(OnlineMethod):
+    name: ClassVar[str] = "dpe"
+    config_class: ClassVar[type] = DPEConfig
+    config: DPEConfig
+
+    def check_config(self) -> None:
+        cfg = self.config
+        check_views(self.name, cfg.n_views, cfg.selection)
+        text = self.model.initial_text_features()
+        check_cache_size(self.name, text.shape[0], cfg.shots * (text.shape[1] + 1), "lower method.shots")
+
+    def reset_state(self) -> None:
+        self.state = DPEState(self.model.initial_text_features(), self.config.shots)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.state.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {k: tuple(v.shape) for k, v in self.state.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != expected:
+            raise TTAError(f"dpe: the saved state {got} does not fit this run's {expected}")
+        self.state.load_state_dict({k: v.to(self.model.device) for k, v in state.items()})
+
+    def predict_one(self, features: torch.Tensor, clip_logits: torch.Tensor, batch: OnlineBatch) -> torch.Tensor:
+        return dpe_adapt_one(self.state, features, self.config, batch.logit_scale)
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"cache": float(self.state.cache.valid.sum()), "evolved": float(self.state.updates)}
