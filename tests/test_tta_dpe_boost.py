@@ -172,3 +172,96 @@ def test_boostadapter_confident_query_and_state_round_trip():
     copy = BoostState(2, 2, cfg)
     copy.load_state_dict(state.state_dict())
     assert torch.equal(copy.positive.keys, state.positive.keys) and torch.equal(copy.negative.keys, state.negative.keys)
+
+
+# --- the plug-ins: the online contract on a tiny model, then the CLI ----------------------------------------------
+
+CLASSES = ["red circle", "blue square", "green star", "yellow cross", "purple ring"]
+
+
+def _method(tiny_backbone, name: str, **settings):
+    from promptkd.tta import build_model, get_tta_method
+
+    model, _ = build_model(CLASSES, backbone=tiny_backbone)
+    cls = get_tta_method(name)
+    return cls(model, cls.config_class(n_views=10, **settings))
+
+
+def _batch(method, rows: slice, n: int = 6):
+    from promptkd.tta.online import OnlineBatch
+
+    generator = torch.Generator().manual_seed(0)
+    text = method.model.initial_text_features()
+    # features near the class texts, so that predictions are confident enough to fill and evolve the caches
+    labels = torch.arange(n * 10) % len(CLASSES)
+    features = F.normalize(text[labels] + 0.6 * torch.randn(n * 10, text.shape[1], generator=generator), dim=-1)
+    features = features.view(n, 10, -1)[rows]
+    return OnlineBatch(features, text, method.model.logit_scale, method.model.logits(features, text))
+
+
+@pytest.mark.parametrize("name", ["dpe", "boostadapter"])
+def test_online_state_resumes_exactly_and_episodic_resets(tiny_backbone, name):
+    settings = {"evolve_threshold": 1.0} if name == "dpe" else {}  # DPE: every image evolves the prototypes
+    whole = _method(tiny_backbone, name, **settings)
+    whole.mode = "online"
+    online = whole.predict(_batch(whole, slice(0, 6)))
+    first = _method(tiny_backbone, name, **settings)
+    first.mode = "online"
+    first.predict(_batch(first, slice(0, 3)))
+    resumed = _method(tiny_backbone, name, **settings)
+    resumed.mode = "online"
+    resumed.load_state_dict(first.state_dict())
+    assert torch.equal(resumed.predict(_batch(resumed, slice(3, 6))), online[3:])
+    episodic = _method(tiny_backbone, name, **settings)
+    episodic.mode = "episodic"
+    alone = episodic.predict(_batch(episodic, slice(0, 6)))
+    assert torch.equal(episodic.predict(_batch(episodic, slice(4, 5)))[0], alone[4])  # no carried state
+    assert torch.equal(alone[0], online[0]) and not torch.equal(alone[1:], online[1:])
+    from promptkd.tta.base import TTAError
+
+    other = _method(tiny_backbone, name, **settings)
+    with pytest.raises(TTAError, match="does not fit"):  # a state saved for another class list
+        other.load_state_dict({k: v[:1] if v.dim() else v for k, v in first.state_dict().items()})
+
+
+def _small_dataset(root) -> str:
+    from PIL import Image
+
+    folder = root / "tiny3"
+    split: dict[str, list] = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(CLASSES[:3]):
+        for j in range(2):
+            rel = f"{label}/{j}.png"
+            (folder / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 40), ((label * 90 + j * 7) % 256, 40 * label, 200 - 50 * label)).save(
+                folder / "images" / rel
+            )
+            split["test"].append([rel, label, name])
+    split["train"] = split["val"] = split["test"]
+    import json
+
+    (folder / "split_zhou_Tiny3.json").write_text(json.dumps(split))
+    return str(folder)
+
+
+@pytest.mark.parametrize("name", ["dpe", "boostadapter"])
+def test_cli_runs_both_modes_and_refuses_bad_settings(tmp_path, capsys, name):
+    import json
+
+    from promptkd.cli.main import main
+
+    data = _small_dataset(tmp_path)
+    common = ["tta", "--method", name, "--datasets", data, "--model", "pkd-tiny", "--pretrained", "random"]
+    common += ["--no-progress", "--batch-size", "4", "--preset", "world", "--out", str(tmp_path / "run")]
+    for mode in ("episodic", "online"):
+        assert main([*common, "--mode", mode, "--set", "method.n_views=10"]) == 0
+        label = name if mode == "episodic" else f"{name}-online"
+        record = json.loads((tmp_path / "run" / f"{label}-tiny3-seed0-test_time_classification.json").read_text())
+        assert record["num_samples"] == 6 and 0 <= record["metrics"]["acc1"] <= 1
+        assert record["config"]["method_config"]["n_views"] == 10
+    capsys.readouterr()
+    shots = "method.shots=0" if name == "dpe" else "method.pos_shots=0"
+    assert main([*common, "--overwrite", "--set", shots]) == 2
+    assert "shots" in capsys.readouterr().err
+    assert main([*common, "--overwrite", "--set", "method.n_views=5"]) == 2  # 10% of 5 views keeps none
+    assert "keep no view" in capsys.readouterr().err

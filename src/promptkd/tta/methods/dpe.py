@@ -336,7 +336,9 @@ class DPE(OnlineMethod):
         expected = {k: tuple(v.shape) for k, v in self.state.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in state.items()}
         if got != expected:
-            raise TTAError(f"dpe: the saved state {got} does not fit this run's {expected}")
+            raise TTAError(
+                f"dpe: the saved state {got} does not fit this run's {expected} (another class list or settings)"
+            )
         self.state.load_state_dict({k: v.to(self.model.device) for k, v in state.items()})
 
     def predict_one(self, features: torch.Tensor, clip_logits: torch.Tensor, batch: OnlineBatch) -> torch.Tensor:
