@@ -44,7 +44,7 @@ import torch
 from promptkd.config import AT_LEAST_ONE, NON_NEGATIVE
 from promptkd.tta.base import TTAError, register_tta_method
 from promptkd.tta.losses import confident_views, view_entropy
-from promptkd.tta.methods.dpe import PriorityCache, check_cache_size, check_views, summarise_views
+from promptkd.tta.methods.dpe import PriorityCache, check_cache_size, summarise_views
 from promptkd.tta.online import OnlineBatch, OnlineConfig, OnlineMethod
 
 __all__ = [
@@ -145,6 +145,11 @@ class BoostConfig(OnlineConfig):
         super().__post_init__()
         if not 0 < self.selection <= 1:
             raise ValueError("selection must be a fraction in (0, 1]")
+        if self.n_views > 1 and int(self.n_views * self.selection) < 1:  # the reference would average no view
+            raise ValueError(
+                f"{self.n_views} views with selection {self.selection} keep no view; use n_views >= "
+                f"{math.ceil(1 / self.selection)} or n_views=1"
+            )
         if self.pos_shots < 1 or self.neg_shots < 1 or self.delta < 0:
             raise ValueError(
                 f"pos_shots and neg_shots must be >= 1 and delta >= 0; got pos_shots={self.pos_shots}, "
@@ -216,7 +221,6 @@ class BoostAdapter(OnlineMethod):
 
     def check_config(self) -> None:
         cfg = self.config
-        check_views(self.name, cfg.n_views, cfg.selection)
         n_cls, width = self.model.initial_text_features().shape
         floats = (2 * cfg.pos_shots + cfg.delta) * (width + 1) + cfg.neg_shots * (width + n_cls + 1)
         check_cache_size(self.name, n_cls, floats, "lower method.pos_shots / delta / neg_shots")

@@ -207,6 +207,11 @@ class DPEConfig(OnlineConfig):
         super().__post_init__()
         if not 0 < self.selection <= 1:
             raise ValueError("selection must be a fraction in (0, 1]")
+        if self.n_views > 1 and int(self.n_views * self.selection) < 1:  # the reference would average no view
+            raise ValueError(
+                f"{self.n_views} views with selection {self.selection} keep no view; use n_views >= "
+                f"{math.ceil(1 / self.selection)} or n_views=1"
+            )
         if self.shots < 1 or self.steps < 1:
             raise ValueError(f"shots and steps must be >= 1; got shots={self.shots}, steps={self.steps}")
 
@@ -299,15 +304,6 @@ def dpe_adapt_one(state: DPEState, features: torch.Tensor, cfg: DPEConfig, logit
 MAX_CACHE_MB = 4096.0
 
 
-def check_views(name: str, n_views: int, selection: float) -> None:
-    """Several views with a selection that keeps none of them cannot work (the reference would average none)."""
-    if n_views > 1 and int(n_views * selection) < 1:
-        raise TTAError(
-            f"{name}: {n_views} views with selection {selection} keep no view; use n_views >= "
-            f"{math.ceil(1 / selection)} or n_views=1"
-        )
-
-
 def check_cache_size(name: str, n_classes: int, floats_per_class: int, hint: str) -> None:
     megabytes = n_classes * floats_per_class * 4 / 2**20
     if megabytes > MAX_CACHE_MB:
@@ -322,7 +318,6 @@ class DPE(OnlineMethod):
 
     def check_config(self) -> None:
         cfg = self.config
-        check_views(self.name, cfg.n_views, cfg.selection)
         text = self.model.initial_text_features()
         check_cache_size(self.name, text.shape[0], cfg.shots * (text.shape[1] + 1), "lower method.shots")
 
