@@ -195,6 +195,8 @@ class TTAMethod:
     tuned: ClassVar[tuple[str, ...]] = ("ctx",)
     #: the source files it needs: "stats" (PromptAlign) and/or "prototypes" (PromptSync)
     needs: ClassVar[tuple[str, ...]] = ()
+    #: the mode a run uses unless told (--mode): prompt tuning resets per image, cache methods carry their caches
+    default_mode: ClassVar[str] = "episodic"
 
     def __init__(self, model: PromptedCLIP, config: TTAConfig | None = None, sources: dict[str, Any] | None = None):
         self.model = model

@@ -24,6 +24,7 @@ How a method plugs in (subclass :class:`OnlineMethod`, decorate with ``register_
   an interrupted run resumes bit-identically from it. Methods must be deterministic given (state, batch): no global
   RNG (use a ``torch.Generator`` kept in the state if randomness is unavoidable).
 - ``stateful = False`` (ZERO) declares that nothing carries over: episodic and online give the same predictions.
+  ``default_mode`` is the mode a run uses without ``--mode`` ("online" here; ZERO sets "episodic").
 - Learned prompt bases: the engine gives base-prompt features, so every method here works on zero-shot CLIP and on
   a CoOp / MaPLe checkpoint without change. :meth:`predict` runs under ``torch.no_grad()``; a method that optimises
   its own small tensors (DPE's residuals) wraps that part in ``torch.enable_grad()``, never the CLIP towers.
@@ -95,6 +96,7 @@ class OnlineMethod(TTAMethod):
     config_class: ClassVar[type] = OnlineConfig  # type: ignore[assignment]
     tuned: ClassVar[tuple[str, ...]] = ()
     stateful: ClassVar[bool] = True
+    default_mode: ClassVar[str] = "online"
     needs_pixels: ClassVar[bool] = False
 
     def __init__(self, model: PromptedCLIP, config: Any = None, sources: dict[str, Any] | None = None):

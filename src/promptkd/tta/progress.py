@@ -111,7 +111,8 @@ class RunProgress:
             old_identity, done = old["identity"], set(old["done"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise TTAError(f"{record}: unreadable progress of an interrupted run ({error}); delete {folder}") from None
-        differ = [k for k in sorted({*old_identity, *identity}) if old_identity.get(k) != identity.get(k)]
+        old_flat, new_flat = _flat(old_identity), _flat(identity)
+        differ = [k for k in sorted({*old_flat, *new_flat}) if old_flat.get(k) != new_flat.get(k)]
         if not differ and not overwrite:
             return cls(folder, identity, info, done, discard=False)
         if differ and not overwrite:
@@ -171,6 +172,16 @@ class RunProgress:
 
     def finish(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted fields of a nested identity (``method_config.n_views``), so a refusal names exactly what differs."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def _short(value: Any) -> str:

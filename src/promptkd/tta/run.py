@@ -63,7 +63,7 @@ class TTARunConfig:
     batch_size: int = 8
     max_images: int = 0
     seed: int = 0
-    mode: Literal["episodic", "online"] = "episodic"
+    mode: Literal["episodic", "online"] | None = None  # None: the method's default_mode (online for cache methods)
     orders: int = field(default=1, metadata={"rule": AT_LEAST_ONE})
     progress_every_s: float = field(default=30.0, metadata={"rule": NON_NEGATIVE})
     allow_small_images: bool = False
@@ -106,6 +106,8 @@ def resolve_tta_config(preset: str | None, overrides: list[str], base: dict[str,
     from_dict(method_cls.config_class, config.method_config, where=f"{name} settings")
     if not config.datasets:
         raise ConfigError("give at least one dataset (--datasets NAME ...)")
+    if config.mode is None:
+        config.mode = method_cls.default_mode
     if config.orders > 1 and config.mode != "online":
         raise ConfigError(
             f"--orders {config.orders} needs --mode online: episodic predictions do not depend on the test order"
@@ -182,7 +184,10 @@ def run_tta(config: TTARunConfig, *, overwrite: bool = False) -> TTAOutcome:
     from promptkd.engine.distributed import barrier
 
     run = _prepare(config, overwrite)
-    model, description = _load_base_model(run)
+    model, description = _load_base_model(run)  # a checkpoint no method can adapt is refused here, nothing written
+    for key, (data, items) in run.datasets.items():  # the method's checks on each class list and image set, too
+        _make_stream(run, model, key, data, items, config.seed)
+    _begin(run)
     results = []
     for key, (data, items) in run.datasets.items():
         for seed in config.order_seeds:
@@ -205,7 +210,7 @@ def run_tta(config: TTARunConfig, *, overwrite: bool = False) -> TTAOutcome:
 def _prepare(config: TTARunConfig, overwrite: bool) -> _Run:
     """Settings, sources, datasets, earlier results and interrupted runs: everything checked before model work."""
     from promptkd.data.datasets import resolve_dataset
-    from promptkd.engine.distributed import barrier, init_distributed
+    from promptkd.engine.distributed import init_distributed
     from promptkd.paths import writable_folder
     from promptkd.results import check_result_free
     from promptkd.tta import progress as progress_files
@@ -214,6 +219,8 @@ def _prepare(config: TTARunConfig, overwrite: bool) -> _Run:
 
     info, device = init_distributed(config.device)
     method_cls = get_tta_method(config.method)
+    if config.mode is None:  # built without resolve_tta_config
+        config.mode = method_cls.default_mode
     method_config = from_dict(method_cls.config_class, config.method_config, where=f"{config.method} settings")
     _check_mode(config, method_cls)
     out = writable_folder(config.out) if info.is_main else Path(config.out)
@@ -236,23 +243,23 @@ def _prepare(config: TTARunConfig, overwrite: bool) -> _Run:
             naming = {"method": config.label, "dataset": _name(data, key), "split": config.split, "seed": seed}
             if not progress.is_done(progress_files.stream_key(naming["dataset"], seed)):
                 check_result_free(out, {**naming, "task": TASK}, overwrite=overwrite)
-    barrier(info)  # every rank has checked the old progress before the main rank writes the new one
-    if info.is_main:
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
-        progress.start()
-    barrier(info)
     return _Run(config, info, device, method_cls, method_config, out, sources, datasets, progress, overwrite)
 
 
-def _check_mode(config: TTARunConfig, method_cls: type) -> None:
-    from promptkd.tta.base import TTAError
+def _begin(run: _Run) -> None:
+    """Write the run's config and progress record, once every rank has checked the old ones."""
+    from promptkd.engine.distributed import barrier
 
+    barrier(run.info)
+    if run.info.is_main:
+        atomic_write_text(run.out / "config.yaml", yaml.safe_dump(to_dict(run.config), sort_keys=False))
+        run.progress.start()
+    barrier(run.info)
+
+
+def _check_mode(config: TTARunConfig, method_cls: type) -> None:
     if config.mode == "online" and not getattr(method_cls, "stateful", True):
         logger.warning("%s keeps no state: its online predictions equal its episodic ones", config.method)
-    if config.mode == "online" and config.batch_size > 1 and not hasattr(method_cls, "predict_one"):
-        logger.info("%s online: images of a batch are adapted one after another", config.method)
-    if config.mode not in ("episodic", "online"):  # pragma: no cover - the config type refuses it first
-        raise TTAError(f"unknown mode {config.mode!r}")
 
 
 def _name(data: Any, key: str) -> str:

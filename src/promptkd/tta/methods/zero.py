@@ -60,6 +60,7 @@ class ZERO(OnlineMethod):
     name: ClassVar[str] = "zero"
     config_class: ClassVar[type] = ZEROConfig
     stateful: ClassVar[bool] = False
+    default_mode: ClassVar[str] = "episodic"
     config: ZEROConfig
 
     def check_config(self) -> None:
