@@ -218,7 +218,11 @@ def test_online_order_is_seeded_recorded_and_orders_give_a_spread(toy, tmp_path)
         m = r["metrics"]
         assert m["seconds_per_image"] > 0 and m["peak_memory_mb"] >= 0 and "ece" in m and "base_acc1" in m
     rows = [row for row in aggregate(outcome.results).rows if row.method == "tda-online"]
-    assert len(rows) == 1 and rows[0].metrics["acc1"].n == 3 and "seconds_per_image" in rows[0].metrics
+    assert len(rows) == 1 and rows[0].metrics["acc1"].n == 3 and "ms_per_image" in rows[0].metrics
+    from promptkd.results import format_markdown
+
+    table = format_markdown(aggregate(outcome.results))
+    assert "ms_per_image" in table and "peak_memory_mb" in table and " ± " in table  # the spread over 3 orders
     items = [type("I", (), {"path": f"img{i}"})() for i in range(20)]
     assert stream_order(items, "online", 5) == stream_order(items, "online", 5) != stream_order(items, "online", 6)
     assert stream_order(items, "episodic", 5) == list(range(20))
