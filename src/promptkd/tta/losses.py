@@ -78,9 +78,10 @@ def token_statistics_alignment(
 
 
 def prototype_discrimination(
-    text_features: torch.Tensor, view_prototypes: torch.Tensor, temperature: float
+    text_features: torch.Tensor, view_prototypes: torch.Tensor, temperature: float, *, bounded: bool = False
 ) -> torch.Tensor:
-    """PromptSync's L_D per sample: mean_k −log(pos_k / neg_k).
+    """PromptSync's L_D per sample: mean_k −log(pos_k / neg_k), or with ``bounded`` (the contrastive form PromptSync
+    uses by default) mean_k −log(pos_k / (pos_k + neg_k)): ≥ 0, approached as the negatives vanish.
 
     text_features [B, C, E]: the class prototypes under the sample's current prompts; view_prototypes [C, A, E]:
     stored features of each class's augmented proxy views (normalised). With s(a, b) = exp(cos(a, b) / τ):
@@ -99,7 +100,8 @@ def prototype_discrimination(
     # views of class k against other prototypes m: tv[b, m, k, a] for m != k
     neg_vt = tv.transpose(1, 2).masked_fill(eye[None, :, :, None], float("-inf")).flatten(2)
     log_neg = torch.logsumexp(torch.cat([neg_tt, neg_vt, neg_tv], dim=-1), dim=-1)
-    return (log_neg - log_pos).mean(-1)
+    log_denominator = torch.logaddexp(log_pos, log_neg) if bounded else log_neg
+    return (log_denominator - log_pos).mean(-1)
 
 
 def amplitude_angle_alignment(
