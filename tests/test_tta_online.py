@@ -24,10 +24,12 @@ def toy(tmp_path_factory) -> Path:
     return _toy_dataset(tmp_path_factory.mktemp("online"))
 
 
-def _batch(n: int, n_views: int, n_cls: int, width: int, seed: int = 0, scale: float = 30.0) -> OnlineBatch:
+def _batch(
+    n: int, n_views: int, n_cls: int, width: int, seed: int = 0, scale: float = 30.0, pull: float = 2.0
+) -> OnlineBatch:
     g = torch.Generator().manual_seed(seed)
     text = torch.nn.functional.normalize(torch.randn(n_cls, width, generator=g), dim=-1)
-    features = torch.nn.functional.normalize(torch.randn(n, n_views, width, generator=g) + 2 * text[0], dim=-1)
+    features = torch.nn.functional.normalize(torch.randn(n, n_views, width, generator=g) + pull * text[0], dim=-1)
     return OnlineBatch(features, text, scale, scale * features @ text.t())
 
 
@@ -94,7 +96,7 @@ def test_tda_caches_follow_the_reference_rules(tiny_backbone, n_views):
     cfg = TDAConfig(n_views=n_views, pos_shots=2, neg_shots=1, entropy_lower=0.0, entropy_upper=0.7)
     method = get_tta_method("tda")(model, cfg)
     method.mode = "online"
-    batch = _batch(24, n_views, len(CLASSES), width, scale=8.0)
+    batch = _batch(24, n_views, len(CLASSES), width, scale=100.0, pull=0.2)  # CLIP's scale, the reference's units
     got = torch.cat(
         [
             method.predict(

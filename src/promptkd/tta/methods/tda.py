@@ -14,11 +14,14 @@ With views (the reference's ImageNet-A/V/R/Sketch pipeline: 63 AugMix views + th
 logits and probabilities are the means over the 10% lowest-entropy views and its entropy is the entropy of those
 views' averaged probabilities; with one view they are the view's own.
 
-Choices (docs/tta.md): the normalised entropy is the reference's ``H (nats) / log2(C)``, kept as is because its
-thresholds (0.2, 0.5) were tuned with it; the mean feature is not renormalised (as in the reference); affinities
-and cache values are float32 here (float16 on the reference's GPU). Defaults are the reference's ImageNet values
-(``configs/imagenet.yaml``): positive 3 shots, α 2.0, β 5.0; negative 2 shots, α 0.117, β 1.0, entropy (0.2, 0.5),
-mask (0.03, 1.0). The reference tunes α⁺/β⁺ per set (e.g. Sketch 2.363/7.45, V2 1.0/8.0); promptkd does not.
+Choices: the cache logits are added in units of CLIP's logits, ``s/100 · α · ...`` for a model of logit scale ``s``
+(the reference adds α·... to 100·cos; scaling keeps its decision for a model whose scale is not 100, such as the
+world's tiny CLIPs, s ≈ 20, and changes nothing for CLIP); the normalised entropy is the reference's
+``H (nats) / log2(C)``, kept as is because its thresholds (0.2, 0.5) were tuned with it; the mean feature is not
+renormalised (as in the reference); affinities and cache values are float32 here (float16 on the reference's GPU).
+Defaults are the reference's ImageNet values (``configs/imagenet.yaml``): positive 3 shots, α 2.0, β 5.0; negative
+2 shots, α 0.117, β 1.0, entropy (0.2, 0.5), mask (0.03, 1.0). The reference tunes α⁺/β⁺ per set (e.g. Sketch
+2.363/7.45, V2 1.0/8.0); promptkd does not.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from promptkd.tta.base import TTAError, register_tta_method
 from promptkd.tta.losses import confident_views
 from promptkd.tta.online import OnlineBatch, OnlineConfig, OnlineMethod, entropy
 
+#: the logit scale TDA's α values were set for (CLIP's 100 · cosine)
+CLIP_LOGIT_SCALE = 100.0
 #: the caches' largest allowed size (keys and negative masks), far above any real setting
 MAX_CACHE_MB = 4096.0
 
@@ -159,10 +164,11 @@ class TDA(OnlineMethod):
         if cfg.negative and cfg.entropy_lower < normalised < cfg.entropy_upper:
             self.insert("neg", label, feature, ent, probs)
         out = logits.clone()
+        ratio = batch.logit_scale / CLIP_LOGIT_SCALE  # α is in units of CLIP's logits (see the module docstring)
         if cfg.positive:
-            out = out + self.cache_logits("pos", feature, cfg.pos_alpha, cfg.pos_beta)
+            out = out + ratio * self.cache_logits("pos", feature, cfg.pos_alpha, cfg.pos_beta)
         if cfg.negative and bool(torch.isfinite(self.state["neg_entropy"]).any()):
-            out = out - self.cache_logits("neg", feature, cfg.neg_alpha, cfg.neg_beta)
+            out = out - ratio * self.cache_logits("neg", feature, cfg.neg_alpha, cfg.neg_beta)
         return out
 
     def diagnostics(self) -> dict[str, float]:
