@@ -351,6 +351,30 @@ def test_tda_and_zero_on_a_coop_checkpoint(toy, tiny_backbone, tmp_path):
         assert outcome.results[0]["num_samples"] == 15
 
 
+def test_training_free_methods_run_on_a_promptkd_student_with_stored_features(tiny_backbone, tmp_path):
+    import torch.nn.functional as F
+
+    from promptkd.distill.teacher import TeacherFeatures
+    from promptkd.methods.promptkd import PromptKD, PromptKDConfig
+    from promptkd.tta.model import StudentFeatures, TTAModelError
+
+    torch.manual_seed(0)
+    stored = TeacherFeatures(F.normalize(torch.randn(5, 128), dim=-1), 50.0, CLASSES, {"method": "zeroshot"})
+    student = PromptKD(tiny_backbone, CLASSES, PromptKDConfig(vision_depth=2), features=stored).eval()
+    model = StudentFeatures(student)
+    views = torch.randn(3, 1, 3, tiny_backbone.image_size, tiny_backbone.image_size)
+    off = get_tta_method("tda")(model, get_tta_method("tda").config_class(positive=False, negative=False))
+    with torch.no_grad():
+        expected = student.logits(views[:, 0])
+    torch.testing.assert_close(off.adapt(views).logits, expected)  # caches off: the student's own prediction
+    tda = get_tta_method("tda")(model)
+    tda.mode = "online"
+    assert tda.adapt(views).logits.shape == (3, 5) and tda.diagnostics()["pos"] == 3
+    path = student.save(tmp_path / "student")
+    with pytest.raises(TTAModelError, match="training-free methods"):  # TPT has no text prompts to tune there
+        build_model(CLASSES, checkpoint=str(path))
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_each_adapt_their_own_shard_online(toy, tmp_path):
     import socket

@@ -31,7 +31,15 @@ from promptkd.backbones import Backbone
 from promptkd.errors import PromptKDError
 from promptkd.prompts import PromptedImageEncoder, PromptedTextEncoder, TextPromptLearner
 
-__all__ = ["PROMPT_KEYS", "PromptParams", "PromptedCLIP", "TTAModelError", "base_from_method", "build_model"]
+__all__ = [
+    "PROMPT_KEYS",
+    "PromptParams",
+    "PromptedCLIP",
+    "StudentFeatures",
+    "TTAModelError",
+    "base_from_method",
+    "build_model",
+]
 
 PromptParams = dict[str, torch.Tensor]
 PROMPT_KEYS = ("ctx", "deep", "coupling_weight", "coupling_bias")
@@ -275,6 +283,45 @@ class PromptedCLIP(torch.nn.Module):
         return self.logit_scale * torch.bmm(image_features, text_features.transpose(1, 2))
 
 
+class StudentFeatures(torch.nn.Module):
+    """A PromptKD student as a frozen feature model for the training-free methods (TDA, ZERO, ...): its projected
+    image features and the teacher's stored class features, at the teacher's logit scale. It has no text prompts,
+    so prompt-tuning methods cannot adapt it; classes must be among the stored features (the student's own check).
+    """
+
+    def __init__(self, method: Any):
+        super().__init__()
+        self.method = method
+        self.backbone = method.backbone
+        self.base: PromptParams = {}
+        self.logit_scale = float(method.teacher_logit_scale)
+        self.image_chunk = 256
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.method.parameters()).device
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.method.classnames)
+
+    def set_classnames(self, classnames: list[str]) -> None:
+        self.method.set_classnames(list(classnames))
+
+    def visual_depends_on(self, tuned: tuple[str, ...]) -> bool:
+        return False
+
+    def encode_many(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.method.image_features(chunk).float() for chunk in images.split(self.image_chunk)])
+
+    def initial_text_features(self) -> torch.Tensor:
+        return self.method.text_features.float()
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * image_features @ text_features.t()
+
+
 def base_from_method(method: Any) -> tuple[TextPromptLearner, PromptParams, torch.Tensor | None]:
     """(class-token learner, initial prompts, fixed visual prompts) of a loaded zero-shot, CoOp or MaPLe model.
 
@@ -313,21 +360,32 @@ def build_model(
     device: str = "cpu",
     precision: str = "fp32",
     text_memory_mb: float = 1024.0,
+    features_only: bool = False,
 ) -> tuple[PromptedCLIP, str]:
     """The frozen base model for test-time tuning and a description of its prompts.
 
     From ``checkpoint`` (a CoOp, IVLP or MaPLe checkpoint; its class list is replaced by ``classnames``) or from
-    ``backbone`` with the hand-written context ``init`` (TPT's "a photo of a", n_ctx of its tokens).
+    ``backbone`` with the hand-written context ``init`` (TPT's "a photo of a", n_ctx of its tokens). With
+    ``features_only`` (training-free methods) a PromptKD student checkpoint is accepted too (:class:`StudentFeatures`,
+    with the stored features the checkpoint names or that lie beside it).
     """
     if checkpoint is not None:
         from promptkd.checkpoints import load_checkpoint
         from promptkd.deploy import load_for_inference
 
         _, meta = load_checkpoint(checkpoint)
-        if meta.get("method") in ("promptkd", "promptkd_timm", "zeroshot"):
+        students = ("promptkd", "promptkd_timm")
+        if features_only and meta.get("method") in students:
+            student = load_for_inference(checkpoint, device=device, precision=precision)
+            student.set_classnames(list(classnames))
+            return StudentFeatures(student).to(device), f"{meta.get('method')} student from {checkpoint}"
+        if meta.get("method") in (*students, "zeroshot"):
+            also = (
+                " (training-free methods such as tda and zero can use a student)" if meta["method"] in students else ""
+            )
             raise TTAModelError(
                 f"{checkpoint}: a {meta.get('method')} checkpoint has no text prompts to tune; use a CoOp or MaPLe "
-                "checkpoint, or no --base for 'a photo of a'."
+                f"checkpoint, or no --base for 'a photo of a'{also}."
             )
         method = load_for_inference(checkpoint, device=device, precision=precision)
         learner, base, fixed = base_from_method(method)

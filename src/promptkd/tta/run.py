@@ -294,10 +294,17 @@ def _load_base_model(run: _Run) -> tuple[Any, str]:
         device=str(run.device),
         precision=config.precision,
         text_memory_mb=config.text_memory_mb,
+        features_only=_training_free(run.method_cls),
     )
     model.eval()
     logger.info("%s: base model %s (%s)", config.method, model.backbone.spec.model_name, description)
     return model, description
+
+
+def _training_free(method_cls: type) -> bool:
+    from promptkd.tta.online import OnlineMethod
+
+    return issubclass(method_cls, OnlineMethod)
 
 
 def _method_settings(run: _Run, name: str) -> Any:
