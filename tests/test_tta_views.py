@@ -167,10 +167,10 @@ def test_dataset_families_and_per_family_defaults():
     assert dataset_settings(TTAConfig(), "shapes_sketch").augmix == "off"
     assert dataset_settings(TTAConfig(), "patterns").augmix == "on"
     assert dataset_settings(TTAConfig(augmix="on"), "shapes").augmix == "on"  # what the user set is kept
-    # C-TPT: λ 20 with AugMix on the ImageNet family, 50 (AugMix) on the fine-grained, resolved anew per dataset
+    # C-TPT: λ 20 with AugMix on the ImageNet family, 50 (AugMix) on the fine-grained
     shift = dataset_settings(CTPTConfig(), "shapes_noise")
     assert (shift.augmix, shift.dispersion_weight) == ("on", 20.0)
-    fine = dataset_settings(shift, "dtd")
+    fine = dataset_settings(CTPTConfig(), "dtd")
     assert (fine.augmix, fine.dispersion_weight) == ("on", 50.0)
     assert dataset_settings(CTPTConfig(dispersion_weight=7.0, augmix="off"), "shapes").dispersion_weight == 7.0
     with pytest.raises(TTAError, match="dispersion_weight"):

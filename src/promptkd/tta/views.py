@@ -2,14 +2,15 @@
 
 Per test image: view 0 is the evaluation view (the model's resize + centre crop); views 1..N-1 are each a
 ``RandomResizedCrop(size, scale=(0.08, 1))`` of the *original* image with torchvision's default ratio and bilinear
-interpolation (the reference never passes one, so bilinear even for bicubic CLIP) + a horizontal flip, then, where
-the dataset's family asks for it, TPT's AugMix: 3 chains of 1-3 ops drawn uniformly from autocontrast, equalize,
-posterize, rotate, solarize, shear x/y, translate x/y, each op drawing its own level ``uniform(0.1, severity)``
-(severity 1), chain weights Dirichlet(1, 1, 1) and the crop mixed in with Beta(1, 1), all on the normalised float
-tensors (not on 8-bit images). At severity 1 that gives rotations of 0-2 degrees, shears up to 0.03, translations of
-0-7 px at 224 px, solarize thresholds 231-254 and posterize to 4 bits. Translations are in pixels in the reference
-(``int(level * 224 / 3 / 10)``); here that integer is scaled by ``size / 224`` so that at any model size they cover
-the same fraction of the image (0-1 px at the world's 32 px); every other magnitude does not depend on the size.
+interpolation (the reference passes none, so torchvision's bilinear even for bicubic CLIP) + a horizontal flip; where
+the dataset's family asks for it, TPT's AugMix follows: 3 chains of 1-3 ops drawn uniformly from autocontrast,
+equalize, posterize, rotate, solarize, shear x/y, translate x/y, each op drawing its own level
+``uniform(0.1, severity)`` (severity 1), chain weights Dirichlet(1, 1, 1) and the crop mixed in with Beta(1, 1), in
+floats (not on 8-bit images; :class:`TPTAugMix` says why mixing before the normalisation is the reference's mix).
+At severity 1 that gives rotations of 0-2 degrees, shears up to 0.03, translations of 0-7 px at 224 px, solarize
+thresholds 231-254 and posterize to 4 bits. Translations are in pixels in the reference (``int(level * 224 / 3 /
+10)``); here that integer is scaled by ``size / 224`` so that at any model size they cover the same fraction of the
+image (0-1 px in steps of 1/7, bilinear, at the world's 32 px); the other magnitudes do not depend on the size.
 torchvision's ``AugMix(severity=1)`` is not this: its magnitude bins make severity 1 always the weakest magnitude
 (no rotation, shear or translation, solarize at 255), and it mixes 8-bit images.
 
@@ -111,23 +112,15 @@ def dataset_settings(settings: Any, dataset: str) -> Any:
     its reference's scripts use on the dataset's family; anything the user set (preset or ``--set``) is kept.
 
     TPT's rule (AugMix on the fine-grained family only) applies to every method; a settings class refines it with a
-    ``family_defaults(family) -> dict`` static method (C-TPT: AugMix everywhere, λ 50 / 20). Settings already
-    resolved for another dataset are resolved again from the user's values (kept on them, outside the fields), so a
-    run over several datasets may rebind one variable.
+    ``family_defaults(family) -> dict`` static method (C-TPT: AugMix everywhere, λ 50 / 20).
     """
-    settings = getattr(settings, _USER_SETTINGS, settings)
     family = dataset_family(dataset)
     defaults: dict[str, Any] = {"augmix": "on" if family == "fine_grained" else "off"}
     refine = getattr(type(settings), "family_defaults", None)
     if refine is not None:
         defaults.update(refine(family))
     unset = {k: v for k, v in defaults.items() if hasattr(settings, k) and getattr(settings, k) in (None, "auto")}
-    resolved = dataclasses.replace(settings, **unset)
-    object.__setattr__(resolved, _USER_SETTINGS, settings)
-    return resolved
-
-
-_USER_SETTINGS = "_settings_before_dataset_defaults"
+    return dataclasses.replace(settings, **unset) if unset else settings
 
 
 # ----------------------------------------------------------------------------------------------------------------------
