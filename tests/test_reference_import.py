@@ -253,20 +253,27 @@ def test_truncated_reference_file(tiny_backbone, tmp_path):
 # --- a converted MaPLe checkpoint as the base of test-time alignment ---------------------------------------------
 
 
-def maple_reference_state(backbone, classes, n_ctx=2, depth=2):
+def token_buffers(backbone, classes, n_ctx, ctx_init="a photo of a"):
+    """The reference prompt learners' SOS / after-context buffers of "<CTX_INIT or X X> <class>.", in fp16."""
+    prefix = ctx_init or " ".join(["X"] * n_ctx)
+    with torch.no_grad():
+        tokens = backbone.model.token_embedding(backbone.tokenize([f"{prefix} {name}." for name in classes])).half()
+    return {"prompt_learner.token_prefix": tokens[:, :1], "prompt_learner.token_suffix": tokens[:, 1 + n_ctx :]}
+
+
+def maple_reference_state(backbone, classes, n_ctx=2, depth=2, ctx_init="a photo of a"):
     """A MaPLe checkpoint as the reference trainer saves it: the whole CustomCLIP in fp16 (its configs' PREC),
-    ``prompt_learner.*`` prompts and coupling maps, token buffers of the training classes, frozen CLIP weights."""
+    ``prompt_learner.*`` prompts and coupling maps, the token buffers of "<CTX_INIT> <class>." (or "X X <class>."
+    for random context) of the training classes, frozen CLIP weights."""
     g = torch.Generator().manual_seed(7)
     wt, wv = backbone.text_width, backbone.vision_width
-    length = backbone.tokenize(["x"]).shape[1]
 
     def rand(*shape, std=0.05):
         return (torch.randn(*shape, generator=g) * std).half()
 
     state = {
         "prompt_learner.ctx": rand(n_ctx, wt, std=0.02),
-        "prompt_learner.token_prefix": rand(len(classes), 1, wt),
-        "prompt_learner.token_suffix": rand(len(classes), length - 1 - n_ctx, wt),
+        **token_buffers(backbone, classes, n_ctx, ctx_init),
         "prompt_learner.proj.weight": rand(wv, wt),
         "prompt_learner.proj.bias": rand(wv),
         "image_encoder.conv1.weight": backbone.model.visual.conv1.weight.detach().half(),
@@ -279,6 +286,15 @@ def maple_reference_state(backbone, classes, n_ctx=2, depth=2):
         state[f"prompt_learner.compound_prompt_projections.{k}.weight"] = rand(wv, wt)
         state[f"prompt_learner.compound_prompt_projections.{k}.bias"] = rand(wv)
     return state
+
+
+def tiny_weights(backbone, folder):
+    """The fixture backbone's weights as a file, so that the CLI loads this very backbone (pkd-tiny is random)."""
+    from safetensors.torch import save_file
+
+    path = folder / "pkd-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(path))
+    return str(path)
 
 
 def _toy_images(root, classes, per_class=2, size=40):
@@ -318,7 +334,8 @@ def test_converted_maple_checkpoint_is_a_promptalign_and_promptsync_base(tiny_ba
     (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
     base = tmp_path / "maple"
     argv = ["convert", str(reference), "--out", str(base), "--model", "pkd-tiny", "--classnames"]
-    assert main([*argv, str(tmp_path / "classes.txt")]) == 0
+    argv += [str(tmp_path / "classes.txt"), "--pretrained", tiny_weights(tiny_backbone, tmp_path)]
+    assert main(argv) == 0
     assert "detected maple checkpoint (epoch 2)" in capsys.readouterr().out
 
     model, description = build_model(classes, checkpoint=str(base))
@@ -349,7 +366,7 @@ def test_converted_checkpoints_load_as_their_method(tiny_backbone, tmp_path):
     classes = ["red star", "blue ring", "green cross"]
     states = {
         "promptsrc": ivlp_teacher_state(tiny_backbone),
-        "ivlp": ivlp_teacher_state(tiny_backbone, n_ctx=2, promptsrc=False),
+        "ivlp": ivlp_teacher_state(tiny_backbone, n_ctx=2, promptsrc=False) | token_buffers(tiny_backbone, classes, 2),
         "coop": {"ctx": torch.randn(3, 6, wt), "token_prefix": torch.zeros(3, 1, wt)},
         "vpt": {
             "image_encoder.VPT": torch.randn(5, wv),
@@ -370,3 +387,30 @@ def test_converted_checkpoints_load_as_their_method(tiny_backbone, tmp_path):
         own = method.learner.state_dict()
         for key, value in tensors.items():
             assert torch.equal(own[key].float(), value.float()), (name, key)
+
+
+def test_maple_file_trained_with_another_ctx_init_needs_it_named(tiny_backbone, tmp_path, capsys):
+    """The token buffers tell which words follow the learnt tokens; a file trained with random context is refused
+    under the assumed "a photo of a" (its prompts would be rebuilt with other text) and converts with --ctx-init."""
+    from promptkd.cli.main import main
+    from promptkd.tta import build_model
+
+    classes = ["red star", "blue ring"]
+    path = tmp_path / "model.pth.tar-2"
+    save_dassl(path, maple_reference_state(tiny_backbone, classes, ctx_init=""))
+    (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
+    argv = ["convert", str(path), "--model", "pkd-tiny", "--pretrained", tiny_weights(tiny_backbone, tmp_path)]
+    argv += ["--classnames", str(tmp_path / "classes.txt"), "--out"]
+    assert main([*argv, str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "do not continue with 'of a' after the 2 learnt tokens" in err and "--ctx-init" in err
+    assert not (tmp_path / "a.safetensors").exists()
+    assert main([*argv, str(tmp_path / "b"), "--ctx-init", "random"]) == 0
+    model, _ = build_model(classes, checkpoint=str(tmp_path / "b"))
+    assert model.learner.prefix_text == "X X"
+    assert main([*argv, str(tmp_path / "c"), "--ctx-init", "a"]) == 2
+    assert "has 1 tokens, fewer than the file's 2 context tokens" in capsys.readouterr().err
+    coop = tmp_path / "coop.pth"
+    save_dassl(coop, {"ctx": torch.randn(4, tiny_backbone.text_width)})
+    assert main(["convert", str(coop), "--out", str(tmp_path / "d"), "--ctx-init", "random"]) == 2
+    assert "--ctx-init applies to MaPLe, IVLP and PromptSRC files" in capsys.readouterr().err

@@ -181,8 +181,9 @@ class ConversionReport:
         lines.append("  method config: " + ", ".join(f"{k}={v!r}" for k, v in self.method_config.items()))
         if self.method_config.get("ctx_init") and self.settings.get("n_ctx", 0) < 4:
             lines.append(
-                f"  assumed CTX_INIT {self.method_config['ctx_init']!r} (the reference configs'): its words after the "
-                f"first {self.settings['n_ctx']} context tokens stay fixed text, as in the reference's prompts"
+                f"  CTX_INIT {self.method_config['ctx_init']!r}: its words after the first {self.settings['n_ctx']} "
+                "context tokens stay fixed text, as in the reference's prompts (checked against the file's token "
+                "buffers when a backbone is given; --ctx-init sets another)"
             )
         for src, dst, shape in self.mapped:
             lines.append(f"  {src} -> {dst} {list(shape)}")
@@ -356,6 +357,38 @@ def method_config_for(method: str, settings: dict[str, Any]) -> dict[str, Any]:
     return {"n_ctx_vision": settings["n_vision_tokens"], "vision_depth": settings["vision_depth"]}  # promptkd
 
 
+def check_init_layout(state: dict[str, torch.Tensor], report: ConversionReport, backbone: Any) -> None:
+    """Refuse a file whose token buffers contradict the assumed CTX_INIT: the words an init phrase keeps fixed after
+    the first N_CTX tokens ("of a" for N_CTX 2) must open every stored ``token_suffix`` row, else the prompts would
+    be rebuilt with other text, silently. Nothing to check without the buffers or with an all-learnt context."""
+    from promptkd.prompts import PromptedTextEncoder
+
+    init = report.method_config.get("ctx_init") or ""
+    suffix = state.get("prompt_learner.token_suffix")
+    if not init or suffix is None:
+        return
+    encoder = PromptedTextEncoder(backbone.model)
+    ids = backbone.tokenize([init]).to(encoder.positional_embedding.device)
+    n_ctx, n_init = int(report.settings["n_ctx"]), int(encoder.pool_positions(ids)[0]) - 1
+    if n_init < n_ctx:
+        raise CheckpointError(
+            f"{report.source}: CTX_INIT {init!r} has {n_init} tokens, fewer than the file's {n_ctx} context tokens; "
+            "pass the phrase it was trained with to --ctx-init ('random' for random context)."
+        )
+    if n_init == n_ctx:
+        return
+    with torch.no_grad():
+        words = encoder.embed_tokens(ids)[0, 1 + n_ctx : 1 + n_init].float().cpu()
+    stored = suffix[:, : n_init - n_ctx].float()
+    if stored.shape[1:] != words.shape or not torch.allclose(stored, words.expand_as(stored), rtol=1e-2, atol=1e-3):
+        fixed = " ".join(init.split()[n_ctx:]) if len(init.split()) == n_init else "the rest of the phrase"
+        raise CheckpointError(
+            f"{report.source}: its prompts do not continue with {fixed!r} after the {n_ctx} learnt tokens, so it was "
+            f"not trained with CTX_INIT {init!r}. Pass --ctx-init with the CTX_INIT of its config ('random' for "
+            "random context)."
+        )
+
+
 def check_fits_backbone(
     tensors: dict[str, torch.Tensor], report: ConversionReport, backbone: Any, frozen: dict[str, torch.Tensor] | None
 ) -> None:
@@ -403,16 +436,29 @@ def convert_reference_checkpoint(
     *,
     backbone: Any | None = None,
     classnames: list[str] | None = None,
+    ctx_init: str | None = None,
 ) -> tuple[Path, ConversionReport]:
-    """Convert a reference checkpoint into a promptkd checkpoint at ``out`` (``.safetensors`` + ``.json``)."""
+    """Convert a reference checkpoint into a promptkd checkpoint at ``out`` (``.safetensors`` + ``.json``).
+
+    ``ctx_init``: the CTX_INIT the MaPLe/IVLP/PromptSRC file was trained with ('' = random context), when it is not
+    the reference configs' "a photo of a"; with a backbone, the file's token buffers are checked against it.
+    """
     from promptkd.checkpoints.format import save_checkpoint
 
     state, meta = read_reference_checkpoint(path)
     tensors, report = convert_reference_state_dict(state, str(path))
     report.meta = meta
+    if ctx_init is not None:
+        if report.method not in ("maple", "ivlp", "promptsrc"):
+            raise CheckpointError(
+                f"{path}: --ctx-init applies to MaPLe, IVLP and PromptSRC files; this is a {report.method} checkpoint "
+                "(its whole init phrase is learnt context, so the phrase does not change its prompts)."
+            )
+        report.method_config["ctx_init"] = ctx_init.strip()
     if backbone is not None:
         frozen = {k: state[k] for k in report.frozen_weights}
         check_fits_backbone(tensors, report, backbone, frozen)
+        check_init_layout(state, report, backbone)
     if report.settings.get("class_specific") and classnames is not None:
         n_classes = int(tensors["text.ctx"].shape[0])
         if n_classes != len(classnames):

@@ -24,11 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="text file with one class name per line, bound to the checkpoint (optional)",
     )
+    parser.add_argument(
+        "--ctx-init",
+        type=v.text,
+        default=None,
+        help="CTX_INIT a MaPLe/IVLP/PromptSRC file was trained with, when not the reference's 'a photo of a' "
+        "('random' for random context)",
+    )
     add_backbone_args(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-
     from promptkd.checkpoints import convert_reference_checkpoint
     from promptkd.cli.common import backbone_from_args
 
@@ -38,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
         from promptkd.data.userdata import read_classnames
 
         classnames = read_classnames(args.classnames)
-    written, report = convert_reference_checkpoint(args.checkpoint, args.out, backbone=backbone, classnames=classnames)
+    ctx_init = None if args.ctx_init is None else ("" if args.ctx_init.strip().lower() == "random" else args.ctx_init)
+    written, report = convert_reference_checkpoint(
+        args.checkpoint, args.out, backbone=backbone, classnames=classnames, ctx_init=ctx_init
+    )
     print(report.summary())
     if backbone is None:
         print("  (no --model given: prompt shapes were not checked against a backbone)")
