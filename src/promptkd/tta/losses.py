@@ -81,7 +81,7 @@ def prototype_discrimination(
     text_features: torch.Tensor, view_prototypes: torch.Tensor, temperature: float, *, bounded: bool = False
 ) -> torch.Tensor:
     """PromptSync's L_D per sample: mean_k −log(pos_k / neg_k), or with ``bounded`` (the contrastive form PromptSync
-    uses by default) mean_k −log(pos_k / (pos_k + neg_k)): ≥ 0, approached as the negatives vanish.
+    uses by default) mean_k −log(pos_k / (pos_k + neg_k)): ≥ 0, tending to 0 as the negatives vanish.
 
     text_features [B, C, E]: the class prototypes under the sample's current prompts; view_prototypes [C, A, E]:
     stored features of each class's augmented proxy views (normalised). With s(a, b) = exp(cos(a, b) / τ):

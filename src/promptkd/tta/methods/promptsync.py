@@ -20,7 +20,8 @@ open choice a flag:
 - Confident views: the paper filters the views again with the updated prompts. With ``view_selection='updated'``
   (default) every iteration re-scores all views with the prompts θ' of the meta-test step (one extra no-gradient
   pass over the views per iteration) and keeps the lowest-entropy ``selection`` fraction; *choice*: θ' (the prompts
-  the meta-test loss is evaluated at) rather than θ. ``'initial'``: once, with the base prompts (as TPT).
+  the meta-test loss is evaluated at) rather than θ; the result reports the last selection. ``'initial'``: once,
+  with the base prompts (as TPT).
 - Update: meta-train gradient g_D at θ; inner step θ' = θ − α · g_D / (|g_D| + ε) (one fresh-AdamW step, scale-free);
   meta-test gradient g_T of H(p̄) + λ_A · L_A at θ' (first order); g = (g_D + g_T) / 2. ``accumulate='final'``
   (the paper): the n iterations walk θ ← θ' and their gradients are averaged into one final AdamW step from the
@@ -29,8 +30,9 @@ open choice a flag:
 Departures from the paper that remain, and why:
 
 - Views: 128 per image (the original and 127 augmented, the paper's count) but made by promptkd's TPT views
-  (random resized crops and flips, AugMix on fine-grained sets), not the paper's background replacement and
-  corruptions: background replacement needs a segmentation model promptkd does not ship.
+  (random resized crops and flips, AugMix on fine-grained sets; ``promptkd.tta.views``, shared with TPT, whose
+  views follow TPT's code), not the paper's background replacement and corruptions: background replacement needs a
+  segmentation model promptkd does not ship, and corruption views would make a PromptSync-only view family.
 - No WordNet text augmentation of the class prompts: WordNet is not available offline, and promptkd's class lists
   (the embedded world's shapes) have no synsets.
 - Prototypes are final embeddings (after the towers' projections), not the encoders' output tokens: L_D contrasts
