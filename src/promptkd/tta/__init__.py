@@ -1,4 +1,5 @@
-"""Test-time prompt tuning (TPT, C-TPT, PromptAlign, PromptSync), batched over test images."""
+"""Test-time adaptation, batched over test images: prompt tuning (TPT, C-TPT, PromptAlign, PromptSync) and
+training-free / online methods (TDA, ZERO, DPE, BoostAdapter; interface in :mod:`promptkd.tta.online`)."""
 
 from promptkd.tta.base import (
     AdaptResult,
@@ -9,15 +10,20 @@ from promptkd.tta.base import (
     list_tta_methods,
     register_tta_method,
 )
-from promptkd.tta.model import PromptedCLIP, build_model
+from promptkd.tta.model import PromptedCLIP, StudentFeatures, build_model
+from promptkd.tta.online import OnlineBatch, OnlineConfig, OnlineMethod
 from promptkd.tta.sources import Prototypes, SourceStats, compute_prototypes, compute_stats
 from promptkd.tta.views import TTAViewDataset, ViewConfig
 
 __all__ = [
     "AdaptResult",
+    "OnlineBatch",
+    "OnlineConfig",
+    "OnlineMethod",
     "PromptedCLIP",
     "Prototypes",
     "SourceStats",
+    "StudentFeatures",
     "TTAConfig",
     "TTAError",
     "TTAMethod",
