@@ -265,3 +265,19 @@ def test_cli_runs_both_modes_and_refuses_bad_settings(tmp_path, capsys, name):
     assert "shots" in capsys.readouterr().err
     assert main([*common, "--overwrite", "--set", "method.n_views=5"]) == 2  # 10% of 5 views keeps none
     assert "keep no view" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["dpe", "boostadapter"])
+def test_plugin_computes_at_the_reference_scale_and_returns_the_models_temperature(tiny_backbone, name):
+    """Inside: 100 · cos as the reference (its α, β, thresholds); out: × model scale / 100 (same argmax)."""
+    method = _method(tiny_backbone, name)
+    batch = _batch(method, slice(0, 1))
+    got = method.predict(batch)[0]
+    if name == "dpe":
+        core = dpe_adapt_one(DPEState(batch.text, 3), batch.features[0], method.config, 100.0)
+    else:
+        core = boost_adapt_one(
+            BoostState(5, batch.text.shape[1], method.config), batch.features[0], batch.text, method.config, 100.0
+        )
+    assert method.model.logit_scale != 100.0
+    assert torch.allclose(got, core * method.model.logit_scale / 100.0, atol=1e-5)

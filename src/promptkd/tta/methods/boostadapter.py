@@ -25,8 +25,10 @@ TDA's (2 shots, α 0.117, β 1, entropy (0.2, 0.5), mask (0.03, 1)). Preset ``fi
 pipeline (original-view query; α, β, δ are tuned per dataset there, e.g. DTD 2/3/0, Pets 2/7/0, Caltech 5/5/2).
 
 Choices:
-- the logit scale is the model's (the reference hard-codes 100) and the class text features the model's prompt
-  (the reference averages CLIP's ImageNet templates);
+- CLIP logits are 100 · cos inside the method as in the reference (``logit_scale``; α, β and the entropy window
+  were tuned at CLIP's temperature, the world teacher's is 19.7); the returned logits are brought back to the
+  model's temperature (× model scale / 100) for ECE, which changes no prediction;
+- the class text features are the model's prompt (the reference averages CLIP's ImageNet templates);
 - several views whose ``selection`` keeps none are refused (the reference would average none); one view is
   allowed (no bootstrapping: TDA with a FIFO negative queue);
 - float32 throughout (the reference's caches are float16 on its GPU);
@@ -41,7 +43,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from promptkd.config import AT_LEAST_ONE, NON_NEGATIVE
+from promptkd.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 from promptkd.tta.base import TTAError, register_tta_method
 from promptkd.tta.losses import confident_views, view_entropy
 from promptkd.tta.methods.dpe import PriorityCache, check_cache_size, summarise_views
@@ -117,6 +119,10 @@ class BoostConfig(OnlineConfig):
     n_views: int = field(default=64, metadata={"help": "views per test image, the original included (--views 64)"})
     augmix: Literal["auto", "on", "off"] = field(default="off", metadata={"help": "AugMix views (reference: off)"})
     selection: float = field(default=0.1, metadata={"help": "fraction of lowest-entropy views (query and boosting)"})
+    logit_scale: float = field(
+        default=100.0,
+        metadata={"help": "CLIP logit scale inside the method (the reference's fixed 100)", "rule": POSITIVE},
+    )
     query: Literal["confident", "original"] = field(
         default="confident", metadata={"help": "query: the confident views' mean (ImageNet family) or the original"}
     )
@@ -243,7 +249,8 @@ class BoostAdapter(OnlineMethod):
         self.state.load_state_dict({k: v.to(self.model.device) for k, v in state.items()})
 
     def predict_one(self, features: torch.Tensor, clip_logits: torch.Tensor, batch: OnlineBatch) -> torch.Tensor:
-        return boost_adapt_one(self.state, features, batch.text, self.config, batch.logit_scale)
+        scale = self.config.logit_scale
+        return boost_adapt_one(self.state, features, batch.text, self.config, scale) * (batch.logit_scale / scale)
 
     def diagnostics(self) -> dict[str, float]:
         return {"pos": float(self.state.positive.valid.sum()), "neg": float(self.state.negative.counts.sum())}

@@ -19,7 +19,10 @@ Per test image, in stream order (the rules of the reference's ``run_test_dpe``):
    average). The visual residual is per image; visual evolution is the queue itself.
 
 Choices (where promptkd departs or the reference leaves it open):
-- the logit scale is the model's (the reference hard-codes 100, CLIP's learned value);
+- CLIP logits are 100 · cos inside the method as in the reference (``logit_scale``; its α, β and entropy threshold
+  were tuned at CLIP's temperature, and the world teacher's learned scale is 19.7), and the returned logits are
+  brought back to the model's temperature (× model scale / 100): the reference's decisions, with probabilities on
+  the model's own scale for ECE (for CLIP, scale 100, both are the reference's exactly);
 - the class text features are the model's prompt (hand-written context or a learned prompt checkpoint); the
   reference averages 80 templates and CuPL descriptions, which the world has no counterpart for;
 - with ``steps`` > 1 the CLIP logits are recomputed at the current residual each step (the reference keeps the
@@ -185,6 +188,10 @@ class DPEConfig(OnlineConfig):
     n_views: int = field(default=64, metadata={"help": "views per test image, the original included (1 = no views)"})
     augmix: Literal["auto", "on", "off"] = field(default="on", metadata={"help": "AugMix views (the reference: on)"})
     selection: float = field(default=0.1, metadata={"help": "fraction of lowest-entropy views averaged (0.1)"})
+    logit_scale: float = field(
+        default=100.0,
+        metadata={"help": "CLIP logit scale inside the method (the reference's fixed 100)", "rule": POSITIVE},
+    )
     shots: int = field(default=3, metadata={"help": "cache entries per class (shot capacity)", "rule": AT_LEAST_ONE})
     alpha: float = field(default=6.0, metadata={"help": "weight of the cache logits", "rule": NON_NEGATIVE})
     beta: float = field(default=5.0, metadata={"help": "sharpness of the cache affinities", "rule": NON_NEGATIVE})
@@ -337,7 +344,8 @@ class DPE(OnlineMethod):
         self.state.load_state_dict({k: v.to(self.model.device) for k, v in state.items()})
 
     def predict_one(self, features: torch.Tensor, clip_logits: torch.Tensor, batch: OnlineBatch) -> torch.Tensor:
-        return dpe_adapt_one(self.state, features, self.config, batch.logit_scale)
+        scale = self.config.logit_scale
+        return dpe_adapt_one(self.state, features, self.config, scale) * (batch.logit_scale / scale)
 
     def diagnostics(self) -> dict[str, float]:
         return {"cache": float(self.state.cache.valid.sum()), "evolved": float(self.state.updates)}
