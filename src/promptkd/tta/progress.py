@@ -91,6 +91,7 @@ class SavedStream:
     state: dict[str, torch.Tensor]
     seconds: float
     adapt_seconds: float
+    cpu_seconds: float
 
 
 class RunProgress:
@@ -152,15 +153,23 @@ class RunProgress:
         if not path.exists():
             return None
         data = torch.load(io.BytesIO(read_with_digest(path)), map_location="cpu", weights_only=True)
-        return SavedStream(data["rows"], dict(data["state"]), float(data["seconds"]), float(data["adapt_seconds"]))
+        times = (float(data["seconds"]), float(data["adapt_seconds"]), float(data["cpu_seconds"]))
+        return SavedStream(data["rows"], dict(data["state"]), *times)
 
     def save_stream(
-        self, key: str, rank: int, rows: torch.Tensor, state: dict[str, torch.Tensor], seconds: float, adapt: float
+        self,
+        key: str,
+        rank: int,
+        rows: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        seconds: float,
+        adapt: float,
+        cpu: float,
     ) -> None:
         from promptkd.checkpoints import write_with_digest
 
         buffer = io.BytesIO()
-        payload = {"rows": rows, "state": state, "seconds": seconds, "adapt_seconds": adapt}
+        payload = {"rows": rows, "state": state, "seconds": seconds, "adapt_seconds": adapt, "cpu_seconds": cpu}
         torch.save(payload, buffer)
         write_with_digest(self._path(key, rank), buffer.getvalue())
 

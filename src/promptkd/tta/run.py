@@ -343,6 +343,7 @@ def _make_stream(run: _Run, model: Any, key: str, data: Any, items: list, seed: 
 class _Timing:
     seconds: float  # wall time of the adaptation loop (views included), summed over resumed parts
     adapt_seconds: float  # time inside the method (encoders and adaptation), summed
+    cpu_seconds: float  # CPU time of the loop, all threads, summed over ranks (steadier than wall on a busy machine)
     peak_memory_mb: float
     memory_measure: str
 
@@ -359,6 +360,7 @@ def _adapt_stream(run: _Run, stream: _Stream) -> tuple[torch.Tensor, _Timing]:
     if saved is not None:
         stream.method.load_state_dict(saved.state)
     seconds, adapt_seconds = (0.0, 0.0) if saved is None else (saved.seconds, saved.adapt_seconds)
+    cpu_seconds = 0.0 if saved is None else saved.cpu_seconds
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(stream.dataset, stream.shard[done:]),
         batch_size=config.batch_size,
@@ -372,7 +374,7 @@ def _adapt_stream(run: _Run, stream: _Stream) -> tuple[torch.Tensor, _Timing]:
         desc=f"{config.label} {stream.name}",
         disable=not (config.progress and info.is_main),
     )
-    tic, last_save = time.perf_counter(), time.perf_counter()
+    tic, cpu_tic, last_save = time.perf_counter(), time.process_time(), time.perf_counter()
     for batch_views, labels, indices in loader:
         result = stream.method.adapt(batch_views)
         adapt_seconds += result.seconds
@@ -383,23 +385,20 @@ def _adapt_stream(run: _Run, stream: _Stream) -> tuple[torch.Tensor, _Timing]:
             **{k: f"{v:.3f}" for k, v in result.losses.items()},
         )
         if time.perf_counter() - last_save >= config.progress_every_s:
-            elapsed = seconds + time.perf_counter() - tic
-            run.progress.save_stream(
-                stream.key, info.rank, torch.cat(rows), stream.method.state_dict(), elapsed, adapt_seconds
-            )
+            spent = (seconds + time.perf_counter() - tic, adapt_seconds, cpu_seconds + time.process_time() - cpu_tic)
+            run.progress.save_stream(stream.key, info.rank, torch.cat(rows), stream.method.state_dict(), *spent)
             last_save = time.perf_counter()
     bar.close()
     seconds += time.perf_counter() - tic
+    cpu_seconds += time.process_time() - cpu_tic
     n_cls = len(stream.data.classnames)
     local = torch.cat(rows) if rows else torch.zeros(0, 2 + 2 * n_cls, dtype=torch.float64)
     table = gather_concat(local, info)
     position = {index: p for p, index in enumerate(stream.order)}
     table = table[torch.tensor([position[int(i)] for i in table[:, 0].tolist()]).argsort()] if len(table) else table
-    per_rank = torch.tensor([[seconds, adapt_seconds, meter.peak_mb()]], dtype=torch.float64)
-    gathered = gather_concat(per_rank, info)
-    timing = _Timing(
-        float(gathered[:, 0].max()), float(gathered[:, 1].sum()), float(gathered[:, 2].max()), meter.measure
-    )
+    per_rank = torch.tensor([[seconds, adapt_seconds, cpu_seconds, meter.peak_mb()]], dtype=torch.float64)
+    wall, adapt, cpu, peak = gather_concat(per_rank, info).unbind(1)
+    timing = _Timing(float(wall.max()), float(adapt.sum()), float(cpu.sum()), float(peak.max()), meter.measure)
     return table, timing
 
 
@@ -433,6 +432,7 @@ def _write_outputs(
     metrics["seconds_per_image"] = timing.seconds * run.info.world_size / max(1, n_items)
     metrics["ms_per_image"] = 1000 * metrics["seconds_per_image"]  # the report's column (2 decimals)
     metrics["adapt_seconds_per_image"] = timing.adapt_seconds / max(1, n_items)
+    metrics["cpu_seconds_per_image"] = timing.cpu_seconds / max(1, n_items)
     metrics["peak_memory_mb"] = timing.peak_memory_mb
     stream_record = {
         "mode": config.mode,
