@@ -65,7 +65,7 @@ def tta_runs(root: str, seeds: list[int], out: Path, max_images: int = 128) -> N
     teacher, over the domain-shifted test sets. Aggregate with `promptkd report <out>/tta`."""
     from promptkd.cli.main import main as cli
 
-    sets = ["shapes_noise", "shapes_sketch"]
+    sets = ["shapes_v2", "shapes_sketch", "shapes_r", "shapes_a"]
     teacher = ["--model", TEACHER, "--pretrained", "shipped"]
     common = ["--preset", "world", "--datasets", *sets, "--data-root", root, "--max-images", str(max_images)]
     for seed in seeds:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -87,11 +88,14 @@ def test_prompt_words_are_seen_in_pretraining_captions():
                 assert set(world.caption_words(prompt)) <= seen, prompt
 
 
+SHIFTS = ("shapes_v2", "shapes_sketch", "shapes_r", "shapes_a")  # ImageNet-V2, -Sketch, -R and -A's analogues
+
+
 def test_datasets_metadata():
-    assert world.list_datasets() == ["shapes", "patterns", "counts", "shapes_sketch", "shapes_noise"]
+    assert world.list_datasets() == ["shapes", "patterns", "counts", *SHIFTS, "shapes_noise"]
     assert world.list_datasets(include_test_only=False) == ["shapes", "patterns", "counts"]
     sizes = {name: world.get_dataset(name).num_classes for name in world.list_datasets()}
-    assert sizes == {"shapes": 64, "patterns": 32, "counts": 24, "shapes_sketch": 64, "shapes_noise": 64}
+    assert sizes == {"shapes": 64, "patterns": 32, "counts": 24, **dict.fromkeys([*SHIFTS, "shapes_noise"], 64)}
     shapes = world.get_dataset("shapes")
     assert shapes.template == "a photo of a {}, a type of shape."
     assert world.get_dataset("patterns").template == "a photo of a {}, a type of pattern."
@@ -120,11 +124,50 @@ def test_base_and_new_halves_share_every_word(name):
 
 
 def test_domain_shifted_sets_share_the_source_classes():
-    for name in ("shapes_sketch", "shapes_noise"):
+    for name in (*SHIFTS, "shapes_noise"):
         ds = world.get_dataset(name)
         assert ds.test_only and ds.source == "shapes"
         assert ds.classnames == world.get_dataset("shapes").classnames
+        assert ds.templates == world.get_dataset("shapes").templates
         assert ds.style != world.get_dataset("shapes").style
+    # The four ImageNet-like shifts are the default targets; the much harsher noise set is a stress set.
+    assert world.shift_datasets("shapes") == list(SHIFTS)
+    assert world.shift_datasets("shapes", include_stress=True) == [*SHIFTS, "shapes_noise"]
+    assert world.shift_datasets("patterns") == [] and world.get_dataset("shapes_noise").stress
+    assert len({world.get_dataset(n).style for n in SHIFTS}) == 4
+
+
+def test_each_shift_has_at_least_a_thousand_test_images_by_default():
+    datasets = world_build._manifest(world_build.WorldConfig())["datasets"]
+    for name in SHIFTS:
+        assert datasets[name]["num_images"] == {"train": 0, "val": 0, "test": 1920}, name
+
+
+def _first_images(name: str, seed: int, n: int = 2) -> list[bytes]:
+    """The first images of every class of a world dataset, as a build with this seed renders them (PNG bytes)."""
+    tasks = world_build._plan(world_build.WorldConfig(seed=seed))[name]
+    return [
+        world_build.encode_png(img)
+        for task in tasks
+        for _, _, img, _ in world_build._task_images(dataclasses.replace(task, n=n))
+    ]
+
+
+@pytest.mark.parametrize("name", SHIFTS)
+def test_shift_sets_render_the_same_bytes_per_seed_and_new_ones_per_seed(name):
+    first = _first_images(name, seed=0)
+    assert len(first) == 128 and first == _first_images(name, seed=0)
+    other = _first_images(name, seed=1)
+    assert all(a != b for a, b in zip(first, other))
+    # shapes_v2 is a new draw of the source's look: none of its images is one of shapes' own.
+    assert not set(first) & set(_first_images("shapes", seed=0, n=4))
+
+
+def test_pretraining_content_is_what_the_shipped_weights_saw():
+    # World version 4 changed only test-only sets: the pre-training corpus (and the vocabulary) are version 3's, the
+    # one the shipped CLIPs were trained on. A change to them must bump PRETRAIN_VERSION and re-make the weights.
+    assert world_build.pretrain_digest() == world_build.PRETRAIN_DIGEST
+    assert world.PRETRAIN_VERSION == 3 < world.WORLD_VERSION == 4
 
 
 def test_parse_caption():
@@ -212,17 +255,19 @@ def test_render_styles_differ_as_designed():
     clean = np.stack([np.asarray(world.render("red circle", "clean", rng), np.float32) for _ in range(20)])
     scene = np.stack([np.asarray(world.render("red circle", "scene", rng), np.float32) for _ in range(20)])
     sketch = np.stack([np.asarray(world.render("red circle", "sketch", rng), np.float32) for _ in range(20)])
+    hard = np.stack([np.asarray(world.render("red circle", "hard", rng), np.float32) for _ in range(20)])
     noisy = np.stack([np.asarray(world.render("red circle", "noisy", rng), np.float32) for _ in range(20)])
     corner = (slice(None), slice(0, 3), slice(0, 3))
     assert clean[corner].max() < 60  # plain dark background
     assert scene[corner].mean() > 60  # muted, brighter textured backgrounds
-    assert sketch[corner].min() > 170  # light paper
+    assert sketch[corner].min() > 130  # light paper
     # Red object: the clean centre pixel is red, and clean objects are bigger than scene ones on average (since
     # world v3 only somewhat: scene shapes must stay legible at 32 px).
     centre = clean[:, 16, 16]
     assert (centre[:, 0] > 150).all() and (centre[:, 1] < 90).all()
     red = lambda x: ((x[..., 0] > 150) & (x[..., 1] < 100) & (x[..., 2] < 100)).mean()  # noqa: E731
     assert 1.2 * red(scene) < red(clean) < 1.8 * red(scene)
+    assert red(hard) < red(scene)  # smaller, partly occluded objects
     # Pixel noise: neighbouring-pixel differences are largest in the noisy style.
     rough = lambda x: np.abs(np.diff(x, axis=2)).mean()  # noqa: E731
     assert rough(noisy) > 3 * rough(scene)
@@ -294,7 +339,8 @@ def test_layout_and_split_files(tiny_world):
 def test_domain_shifted_splits_are_test_only(tiny_world):
     root, _ = tiny_world
     source = json.loads((root / "shapes" / "split_zhou_WorldShapes.json").read_text())
-    for name, split_name in (("shapes_sketch", "WorldShapesSketch"), ("shapes_noise", "WorldShapesNoise")):
+    for name in (*SHIFTS, "shapes_noise"):
+        split_name = world.get_dataset(name).split_name
         split = json.loads((root / name / f"split_zhou_{split_name}.json").read_text())
         assert split["train"] == [] and split["val"] == []
         assert sorted({(lab, c) for _, lab, c in split["test"]}) == sorted({(lab, c) for _, lab, c in source["test"]})

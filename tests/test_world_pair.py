@@ -178,7 +178,7 @@ def test_shipped_weights_carry_a_record_that_matches():
     for model in ("pkd-world-teacher", "pkd-world-student"):
         path = WEIGHTS_DIR / f"{model}.safetensors"
         record = shipped_record(path)
-        assert record["sha256"] == sha256_of(path) and record["world_version"] == world.WORLD_VERSION
+        assert record["sha256"] == sha256_of(path) and record["world_version"] == world.PRETRAIN_VERSION
         assert record["pretrain"]["command"] == "python scripts/pretrain_world.py"
         assert load_backbone(model, "shipped").spec.pretrained == "shipped"
 
@@ -199,9 +199,10 @@ def test_edited_or_unrecorded_shipped_weights_are_refused(shipped_copy):
 
     record_path = shipped_copy / "pkd-world-teacher.json"
     record = json.loads(record_path.read_text())
-    record_path.write_text(json.dumps({**record, "world_version": world.WORLD_VERSION - 1}))
-    with pytest.raises(ShippedWeightsError, match=f"pre-trained on world version {world.WORLD_VERSION - 1}"):
-        load_backbone("pkd-world-teacher", "shipped")
+    for stale in (world.PRETRAIN_VERSION - 1, world.WORLD_VERSION + 1, None):
+        record_path.write_text(json.dumps({**record, "world_version": stale}))
+        with pytest.raises(ShippedWeightsError, match=f"pre-trained on world version {stale}, .* dates from version"):
+            load_backbone("pkd-world-teacher", "shipped")
     record_path.write_text(json.dumps({**record, "model_cfg": {**record["model_cfg"], "embed_dim": 7}}))
     with pytest.raises(ShippedWeightsError, match="another architecture .*embed_dim"):
         load_backbone("pkd-world-teacher", "shipped")
@@ -237,3 +238,48 @@ def test_shipped_pair_has_the_real_pairs_properties_on_a_world_subset(tmp_path):
         if not result["ok"]
     }
     assert not failed, f"the shipped world CLIPs lost properties of the real pair: {failed}"
+
+
+def test_weights_of_any_world_version_with_todays_pretraining_corpus_are_valid(shipped_copy):
+    # Version 4 changed only test-only sets: weights pre-trained on version 3 (the shipped ones) or 4 load.
+    from promptkd.backbones import load_backbone
+
+    record_path = shipped_copy / "pkd-world-teacher.json"
+    record = json.loads(record_path.read_text())
+    assert world.PRETRAIN_VERSION < world.WORLD_VERSION
+    for version in range(world.PRETRAIN_VERSION, world.WORLD_VERSION + 1):
+        record_path.write_text(json.dumps({**record, "world_version": version}))
+        assert load_backbone("pkd-world-teacher", "shipped").spec.pretrained == "shipped"
+
+
+def test_unlabelled_images_of_another_world_version_are_refused_by_name(tmp_path):
+    out = world.render_unlabeled("shapes_sketch", 3, tmp_path / "u", workers=1)
+    assert world.render_unlabeled("shapes_sketch", 3, tmp_path / "u", workers=1) == out  # same rendering: reused
+    record = json.loads((out / "render.json").read_text())
+    (out / "render.json").write_text(json.dumps({**record, "world_version": world.WORLD_VERSION - 1}))
+    with pytest.raises(world.WorldMismatchError, match=f"rendered by world version {world.WORLD_VERSION - 1}, but"):
+        world.render_unlabeled("shapes_sketch", 3, tmp_path / "u", workers=1)
+
+
+def test_world_report_shows_the_shift_table(small_world, tmp_path, capsys):
+    from promptkd.cli.main import main
+    from promptkd.cli.world_report import shift_markdown
+
+    out = tmp_path / "report"
+    args = ["world-report", "--world-root", str(small_world), "--datasets", "shapes", "--no-probe", "--no-speed"]
+    assert main([*args, "--out", str(out)]) == 0
+    rows = json.loads((out / "world_report.json").read_text())["shifts"]
+    assert [r["set"] for r in rows] == [*world.shift_datasets("shapes"), "shapes_noise"]
+    for row in rows:
+        assert row["images"] == 64 and row["stress"] == (row["set"] == "shapes_noise")
+        for role in ("teacher", "student"):
+            r = row[role]
+            assert r["retention"] == pytest.approx(r["zeroshot"] / r["clean"])
+    text = capsys.readouterr().out
+    assert "| shift | of | images | teacher zero-shot | teacher retention |" in text
+    assert "| shapes_noise (stress) | shapes | 64 |" in text
+    row = {"set": "s", "source": "x", "stress": False, "images": 9}
+    row["teacher"] = {"zeroshot": 0.0, "clean": 0.0, "retention": None}
+    assert shift_markdown([row])[-1] == "| s | x | 9 | 0.0 | n/a |"
+    assert main([*args, "--no-shifts", "--out", str(out)]) == 0
+    assert "shifts" not in json.loads((out / "world_report.json").read_text())

@@ -3,8 +3,9 @@
 Each ``<model>.safetensors`` (fp16) has a record ``<model>.json`` beside it: the open_clip config it was trained
 with, the SHA-256 of the weight file, the world version it was pre-trained on and how it was pre-trained
 (``scripts/pretrain_world.py`` writes both). A weight file whose hash does not match its record, or a record made
-for another architecture or world version, is refused: a stale or edited file would otherwise load silently and
-every number measured on the world would drift.
+for another architecture or for a world whose pre-training corpus differs from this code's, is refused: a stale or
+edited file would otherwise load silently and every number measured on the world would drift. World versions that
+changed only test-only sets (``PRETRAIN_VERSION`` to ``WORLD_VERSION``) keep the weights valid.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ def shipped_record(weights: str | Path) -> dict[str, Any]:
 
 
 def verify_shipped(weights: str | Path, model_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check a shipped weight file against its record: hash, architecture and world version. Returns the record."""
+    """Check a shipped weight file against its record: hash, architecture and pre-training world. Returns the record."""
     from promptkd.backbones.files import sha256_of
-    from promptkd.data.world.build import WORLD_VERSION
+    from promptkd.data.world.build import PRETRAIN_VERSION, WORLD_VERSION
 
     record = shipped_record(weights)
     digest = sha256_of(weights)
@@ -82,9 +83,10 @@ def verify_shipped(weights: str | Path, model_config: dict[str, Any] | None = No
                 f"{weights}: made for another architecture than the model config (differs in {', '.join(differ)}); "
                 f"{fix}."
             )
-    if record.get("world_version") != WORLD_VERSION:
+    version = record.get("world_version")
+    if not isinstance(version, int) or not PRETRAIN_VERSION <= version <= WORLD_VERSION:
         raise ShippedWeightsError(
-            f"{weights}: pre-trained on world version {record.get('world_version')}, but this promptkd renders world "
-            f"version {WORLD_VERSION}; {fix}."
+            f"{weights}: pre-trained on world version {version}, but this promptkd renders world version "
+            f"{WORLD_VERSION}, whose pre-training corpus dates from version {PRETRAIN_VERSION}; {fix}."
         )
     return record

@@ -3,7 +3,7 @@
 Layout under ``root``::
 
     world.json                                   manifest (written last; its presence means "complete")
-    <dataset>/images/<class_folder>/<nnnn>.png   for shapes, patterns, counts, shapes_sketch, shapes_noise
+    <dataset>/images/<class_folder>/<nnnn>.png   for shapes, patterns, counts and shapes' test-only shifts
     <dataset>/split_zhou_<Name>.json             {"train"|"val"|"test": [[relpath, label, classname], ...]}
     pretrain/images/<class_folder>/<nnnn>.png
     pretrain/captions.jsonl                      {"image", "caption", "label", "classname"} per line
@@ -21,6 +21,8 @@ that looks finished (the temporary folder is removed on error).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -32,7 +34,7 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,7 +57,15 @@ from promptkd.errors import PromptKDError
 
 logger = logging.getLogger(__name__)
 
-WORLD_VERSION = 3
+# The world's version: any change to what a build writes (images, splits, datasets) bumps it, and a world or
+# rendering of another version is refused or rebuilt. Version 4 replaced the test-only shifts (see render.py).
+WORLD_VERSION = 4
+# The world version that last changed what pre-training sees (corpus images and captions, vocabulary, held-out
+# compositions). Weights pre-trained on any version from it to WORLD_VERSION saw exactly today's corpus and stay
+# valid; PRETRAIN_DIGEST is that corpus's fingerprint (pretrain_digest), pinned by a test so that a change to it
+# cannot pass without bumping PRETRAIN_VERSION (and re-making the shipped weights).
+PRETRAIN_VERSION = 3
+PRETRAIN_DIGEST = "159fcc7b837568a2d74d2a0009d2240417b916c5dc8e418dbaf32c24e56090b2"
 MANIFEST_NAME = "world.json"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _UNLABELED_CHUNK = 500  # images per task of render_unlabeled (fixed: the output does not depend on the workers)
@@ -158,15 +168,9 @@ def _save_png(img: Image.Image, path: str) -> None:
         os.close(fd)
 
 
-def _render_task(task: _Task, build_root: str) -> list[tuple[str, str, list[str]]]:
-    """Render and write the task's images. Returns (relpath, classname, captions) per image, in order."""
+def _task_images(task: _Task) -> Iterator[tuple[str, str, Image.Image, list[str]]]:
+    """The task's images in order: (relpath, classname, image, captions); a pure function of the task."""
     rng = np.random.default_rng([task.seed, _stable_id(task.folder), task.index])
-    images = os.path.join(build_root, task.folder, "images")
-    out: list[tuple[str, str, list[str]]] = []
-    if task.kind in ("retrieval", "unlabeled"):
-        os.makedirs(images, exist_ok=True)
-    else:
-        os.makedirs(os.path.join(images, _class_folder(task.classname)), exist_ok=True)
     for i in range(task.n):
         if task.kind == "retrieval":
             classname = task.choices[int(rng.integers(len(task.choices)))]
@@ -184,8 +188,20 @@ def _render_task(task: _Task, build_root: str) -> list[tuple[str, str, list[str]
             attrs = parse_classname(classname).complete(rng)
         style = task.style if task.style != "mixed" else ("clean" if rng.random() < 0.5 else "web")
         img = render_attributes(attrs, style, rng, image_size=task.image_size, supersample=task.supersample)
-        _save_png(img, os.path.join(images, rel))
         captions = sample_captions(classname, attrs, rng, task.captions) if task.captions else []
+        yield rel, classname, img, captions
+
+
+def _render_task(task: _Task, build_root: str) -> list[tuple[str, str, list[str]]]:
+    """Render and write the task's images. Returns (relpath, classname, captions) per image, in order."""
+    images = os.path.join(build_root, task.folder, "images")
+    if task.kind in ("retrieval", "unlabeled"):
+        os.makedirs(images, exist_ok=True)
+    else:
+        os.makedirs(os.path.join(images, _class_folder(task.classname)), exist_ok=True)
+    out: list[tuple[str, str, list[str]]] = []
+    for rel, classname, img, captions in _task_images(task):
+        _save_png(img, os.path.join(images, rel))
         out.append((rel, classname, captions))
     return out
 
@@ -255,6 +271,30 @@ def _plan(config: WorldConfig) -> dict[str, list[_Task]]:
     return plan
 
 
+def pretrain_digest(per_class: int = 4) -> str:
+    """SHA-256 of what the shipped CLIPs learnt from: the vocabulary, caption templates, compositions, held-out
+    cells, and the first ``per_class`` images and captions of every pre-training composition of the default world.
+
+    The shipped weights stay valid across world versions that leave this unchanged (test-only sets may change); a
+    test pins it to :data:`PRETRAIN_DIGEST`, so changing pre-training content cannot pass unnoticed.
+    """
+    config = WorldConfig()
+    text = {
+        "vocabulary": list(WORLD_VOCABULARY),
+        "templates": list(PRETRAIN_TEMPLATES),
+        "classnames": list(pretrain_classnames()),
+        "held_out": {k: list(v) for k, v in held_out_compositions().items()},
+        "image_size": config.image_size,
+        "supersample": config.supersample,
+    }
+    digest = hashlib.sha256(json.dumps(text, sort_keys=True).encode("utf-8"))
+    for task in _plan(config)["pretrain"]:
+        for rel, classname, img, captions in _task_images(dataclasses.replace(task, n=min(per_class, task.n))):
+            digest.update(json.dumps([rel, classname, captions]).encode("utf-8"))
+            digest.update(encode_png(img))
+    return digest.hexdigest()
+
+
 def _manifest(config: WorldConfig) -> dict:
     c = config.counts
     datasets = {}
@@ -274,6 +314,7 @@ def _manifest(config: WorldConfig) -> dict:
     return {
         "format": "promptkd-embedded-world",
         "version": WORLD_VERSION,
+        "pretrain_version": PRETRAIN_VERSION,
         "params": asdict(config),
         "counts": c,
         "vocabulary": list(WORLD_VOCABULARY),
@@ -589,6 +630,12 @@ def render_unlabeled(
             found = None
         if found == record and len(os.listdir(root / "images")) == count:
             return root
+        old = isinstance(found, dict) and found.get("format") == UNLABELED_FORMAT
+        if old and found.get("world_version") != WORLD_VERSION:
+            raise WorldMismatchError(
+                f"{root} holds images rendered by world version {found.get('world_version')}, but this promptkd "
+                f"renders version {WORLD_VERSION}; delete the folder or name a new one to render them anew."
+            )
         raise WorldMismatchError(
             f"{root} is not empty and does not hold this rendering ({dataset}, {count} images, seed {seed}); "
             "name an empty or new folder."

@@ -11,8 +11,20 @@ Styles (the domain gap is deliberate):
   optional dark outline, optional mild blur and light pixel noise. Since world version 3 the objects are large
   enough for their shapes to be legible at 32 px: the features of both CLIPs then carry the classes (a linear
   probe reads them) while zero-shot still pays for the gap in style, as real CLIP does downstream.
-- ``sketch`` — domain shift: thin outlines in the object colour on light grey paper, no fill.
-- ``noisy``  — domain shift: the ``scene`` look plus grey clutter strokes, heavy pixel noise and blur.
+- ``scene_v2``  — test-only shift like ImageNet-V2: the ``scene`` look redrawn, objects a little smaller, blur and
+  noise a little more often (a small drop).
+- ``sketch``    — test-only shift like ImageNet-Sketch: a coloured-pencil drawing on light paper (a doubled outline
+  in the object colour and hatching inside it), no solid fill.
+- ``rendition`` — test-only shift like ImageNet-R: one of four renditions per image (a flat cartoon with a black
+  outline on pastel paper, a painting with brush-streaked fill on a canvas, pixel art, a neon sign on black).
+- ``hard``      — test-only shift like ImageNet-A: small objects among grey distractor shapes and clutter, partly
+  occluded, often blurred.
+- ``noisy``     — stress set (ImageNet-C-like): the ``scene`` look plus grey clutter strokes, heavy pixel noise and
+  blur.
+
+World version 4 replaced version 3's ``sketch`` (thin outlines, no fill: the teacher kept 11% of its accuracy)
+with the drawing above and added ``scene_v2``, ``rendition`` and ``hard``; the pre-training styles and ``scene``
+and ``noisy`` draw the same pixels as before.
 
 All randomness comes from the ``numpy.random.Generator`` passed in; identical generators give identical pixels.
 """
@@ -20,13 +32,14 @@ All randomness comes from the ``numpy.random.Generator`` passed in; identical ge
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from promptkd.data.world.spec import COLOUR_RGB, Attributes, parse_classname
+from promptkd.data.world.spec import COLOUR_RGB, SHAPES, Attributes, parse_classname
 
-STYLES: tuple[str, ...] = ("clean", "web", "scene", "sketch", "noisy")
+STYLES: tuple[str, ...] = ("clean", "web", "scene", "scene_v2", "sketch", "rendition", "hard", "noisy")
 
 # Object radius as a fraction of the canvas side, per style and size word (None = size not specified). Downstream
 # ("scene") objects are large enough at 32 px for their shape to be legible to a small ViT (world v3): a full-data
@@ -35,15 +48,24 @@ _RADIUS = {
     "clean": {"small": (0.25, 0.32), "large": (0.36, 0.44), None: (0.25, 0.44)},
     "web": {"small": (0.20, 0.28), "large": (0.32, 0.42), None: (0.20, 0.42)},
     "scene": {"small": (0.22, 0.28), "large": (0.32, 0.42), None: (0.22, 0.42)},
+    "scene_v2": {"small": (0.2, 0.26), "large": (0.29, 0.39), None: (0.2, 0.39)},
+    "hard": {"small": (0.21, 0.27), "large": (0.28, 0.4), None: (0.21, 0.4)},
 }
-_MULTI_RADIUS = {"clean": (0.15, 0.18), "web": (0.13, 0.17), "scene": (0.15, 0.19)}
+_MULTI_RADIUS = {"clean": (0.15, 0.18), "web": (0.13, 0.17), "scene": (0.15, 0.19), "scene_v2": (0.14, 0.18)}
+_MULTI_RADIUS["hard"] = (0.11, 0.14)
 # A patterned object needs room for its pattern to be seen: at least this radius range (downstream: larger still).
-_PATTERN_RADIUS = {"clean": (0.26, 0.30), "web": (0.26, 0.30), "scene": (0.32, 0.44)}
+_PATTERN_RADIUS = {"clean": (0.26, 0.30), "web": (0.26, 0.30), "scene": (0.32, 0.44), "scene_v2": (0.30, 0.42)}
+_PATTERN_RADIUS["hard"] = (0.24, 0.32)
+# The layout (object sizes and placement) each style uses; the others use "scene"'s.
+_LAYOUT = {"clean": "clean", "web": "web", "scene_v2": "scene_v2", "hard": "hard"}
 # Fill-pattern period in output pixels: one period in the tidy pre-training look, a range on the web, and a coarser
 # one downstream (legible at 32 px, and unlike the pre-training corpus).
 _PATTERN_PERIOD = {"clean": (4.0, 4.0), "web": (3.4, 4.6), "scene": (4.6, 5.6)}
 # Pixel-noise standard deviation (0-255 scale) per style.
-_NOISE_SIGMA = {"clean": 0.0, "web": 2.0, "scene": 4.0, "sketch": 3.0, "noisy": 24.0}
+_NOISE_SIGMA = {"clean": 0.0, "web": 2.0, "scene": 4.0, "scene_v2": 6.0, "sketch": 3.0, "rendition": 2.0, "hard": 5.0}
+_NOISE_SIGMA["noisy"] = 24.0
+# Probability and radius range (output pixels at 32 px) of a mild Gaussian blur.
+_BLUR = {"scene": (0.3, (0.4, 0.7)), "scene_v2": (0.5, (0.4, 0.75)), "hard": (0.4, (0.4, 0.8))}
 # Maximum rotation jitter in degrees: squares stay axis-aligned and diamonds at 45 degrees.
 _MAX_ROTATION = {
     "square": 6,
@@ -55,6 +77,27 @@ _MAX_ROTATION = {
     "star": 36,
     "hexagon": 30,
 }
+
+# Difficulty knobs of the test-only shifts, tuned so that the shipped teacher keeps 0.6-1.1 of its clean accuracy
+# (as CLIP ViT-B/16 does on ImageNet's shifts; `promptkd world-report` measures it).
+_V2_BRIGHT = (62.0, 222.0)  # scene_v2's background brightness range (scene's: 55-215)
+_SKETCH_SHADE = (0.6, 0.9)  # mean opacity of the pencil shading inside a drawn object
+_SKETCH_HATCH = 0.35  # opacity the hatching lines add
+_SKETCH_WIDTH = (1.0, 1.6)  # outline width, output pixels
+_SKETCH_PAPER = (140.0, 185.0)  # paper brightness (the darker, the easier for the world CLIPs)
+_RENDITIONS = ("cartoon", "painting", "pixel", "neon")
+_CARTOON_WIDTH = (1.0, 1.5)
+_PAINT_STREAKS = 0.18  # relative brightness swing of the brush strokes
+_PIXEL_FRACTION = (0.65, 0.8)  # pixel art's resolution as a fraction of the image side
+_NEON_WIDTH = (1.2, 1.8)
+_NEON_FILL = 0.75  # brightness of a neon sign's fill relative to its colour
+_CARTOON_PAPER = (60.0, 120.0)
+_HARD_CLUTTER = (2, 5)  # grey strokes and blobs: [low, high)
+_HARD_DISTRACTORS = (0, 2)  # grey distractor shapes per image: [low, high)
+_HARD_DISTRACTOR_SIZE = (0.4, 0.7)  # relative to the object radius
+_HARD_OCCLUDE = 0.3  # chance of a grey bar across the object
+_HARD_BAR = (0.1, 0.2)  # the bar's half-width, relative to the object radius
+_BAR_CORNERS = ((-1, -1), (1, -1), (1, 1), (-1, 1))
 
 _grid_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -136,7 +179,7 @@ def _draw_shape(
 
 def _layout(attrs: Attributes, style: str, side: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
     """Centres and radii (in canvas pixels) of the objects."""
-    family = style if style in ("clean", "web") else "scene"
+    family = _LAYOUT.get(style, "scene")
     n = attrs.count or 1
     if n == 1:
         lo, hi = _RADIUS[family][attrs.size]
@@ -207,9 +250,9 @@ def _pattern_marks(attrs: Attributes, style: str, size: int, scale: int, rng: np
     return _pattern_mask(attrs.pattern, size * scale, period, angle, (float(phase[0]), float(phase[1])))
 
 
-def _scene_background(size: int, rng: np.random.Generator) -> Image.Image:
+def _scene_background(size: int, rng: np.random.Generator, bright: tuple[float, float] = (55, 215)) -> Image.Image:
     """A muted, blotchy gradient: a 3x3 grid of greyish colours, bicubically up-sampled (smooth and cheap)."""
-    base = rng.uniform(55, 215) + rng.uniform(-28, 28, 3)
+    base = rng.uniform(*bright) + rng.uniform(-28, 28, 3)
     grid = base + rng.uniform(-45, 45, (3, 3, 1)) + rng.uniform(-14, 14, (3, 3, 3))
     small = Image.fromarray(np.clip(grid, 0, 255).astype(np.uint8), "RGB")
     return small.resize((size, size), Image.Resampling.BICUBIC)
@@ -227,10 +270,12 @@ def _web_background(size: int, rng: np.random.Generator) -> Image.Image:
     return img.transpose(Image.Transpose.ROTATE_90) if rng.random() < 0.5 else img
 
 
-def _add_clutter(img: Image.Image, side: int, scale: int, rng: np.random.Generator) -> None:
+def _add_clutter(
+    img: Image.Image, side: int, scale: int, rng: np.random.Generator, items: tuple[int, int] = (5, 10)
+) -> None:
     """Grey strokes and small blobs behind the object (low saturation, so they never look like a class colour)."""
     draw = ImageDraw.Draw(img)
-    for u in rng.random((int(rng.integers(5, 10)), 10)).tolist():  # one row of uniforms per item
+    for u in rng.random((int(rng.integers(*items)), 10)).tolist():  # one row of uniforms per item
         grey = 40 + 180 * u[0]
         tone = tuple(int(grey + 24 * (v - 0.5)) for v in u[1:4])
         x0, y0, x1, y1 = (side * v for v in u[4:8])
@@ -260,6 +305,159 @@ def _draw_mask(attrs: Attributes, layout, rotations, side: int, factor: int, wid
     return mask.reduce(factor) if factor > 1 else mask
 
 
+@dataclass(frozen=True)
+class _Objects:
+    """The objects of one image on the super-sampled canvas: their masks at any down-sampling factor."""
+
+    attrs: Attributes
+    layout: list[tuple[float, float, float]]
+    rotations: list[float]
+    side: int
+    scale: int
+
+    def mask(self, width: int = 0, factor: int | None = None, shift: tuple[float, float] = (0.0, 0.0)) -> Image.Image:
+        layout = [(cx + shift[0], cy + shift[1], r) for cx, cy, r in self.layout]
+        factor = self.scale if factor is None else factor
+        return _draw_mask(self.attrs, layout, self.rotations, self.side, factor, width)
+
+
+def _background(style: str, image_size: int, scale: int, rng: np.random.Generator) -> Image.Image:
+    """The style's background at output size (``rendition`` makes its own)."""
+    if style == "clean":
+        return Image.new("RGB", (image_size, image_size), _rgb(rng.uniform(8, 45) + rng.uniform(-6, 6, 3)))
+    if style == "web":
+        return _web_background(image_size, rng)
+    if style == "sketch":  # light paper, slightly warm
+        paper = rng.uniform(*_SKETCH_PAPER) + np.array([5.0, 2.0, -5.0])
+        return Image.new("RGB", (image_size, image_size), _rgb(paper))
+    if style in ("scene", "rendition"):
+        return _scene_background(image_size, rng)
+    if style == "scene_v2":
+        return _scene_background(image_size, rng, _V2_BRIGHT)
+    # noisy and hard: clutter strokes are drawn at twice the output size, for anti-aliased edges
+    cscale = min(scale, 2)
+    img = _scene_background(image_size * cscale, rng)
+    _add_clutter(img, image_size * cscale, cscale, rng, _HARD_CLUTTER if style == "hard" else (5, 10))
+    return img.reduce(cscale) if cscale > 1 else img
+
+
+def _paint_filled(img: Image.Image, objects: _Objects, style: str, base: np.ndarray, marks, pscale, rng) -> None:
+    """Solid (or patterned) objects, with a dark outline half the time outside the pre-training ``clean`` look."""
+    img.paste(_fill(base, marks, pscale), mask=objects.mask())
+    if style != "clean" and rng.random() < 0.5:
+        img.paste(_rgb(base * 0.35), mask=objects.mask(width=max(1, round(0.8 * objects.scale))))
+
+
+def _paint_sketch(img: Image.Image, objects: _Objects, base: np.ndarray, marks, pscale, rng) -> None:
+    """A coloured-pencil drawing: uneven shading with hatching (or the fill pattern) inside, then a doubled, slightly
+    offset outline. (An outline alone would make every circle a ring: the shading keeps the shapes apart.)"""
+    ink = _rgb(base * rng.uniform(0.75, 0.95))
+    size = img.size[0] * pscale
+    if marks is None:  # hatching at a random slant
+        period = float(rng.uniform(2.2, 3.0)) * pscale
+        angle = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.1))
+        marks = _pattern_mask("striped", size, period, angle, (float(rng.uniform(0, period)), 0.0))
+    inside = np.asarray(objects.mask(factor=objects.scale // pscale), np.float32) / 255.0
+    shade = float(rng.uniform(*_SKETCH_SHADE)) * (1.0 + 0.4 * _streaks(size, rng)[..., 0])
+    alpha = inside * np.clip(shade + _SKETCH_HATCH * marks, 0.0, 1.0)
+    hatch = Image.fromarray((255 * alpha).astype(np.uint8), "L")
+    img.paste(ink, mask=hatch.reduce(pscale) if pscale > 1 else hatch)
+    width = max(1, round(objects.scale * rng.uniform(*_SKETCH_WIDTH)))
+    offset = rng.uniform(-0.6, 0.6, 2) * objects.scale
+    second = objects.mask(width=width, shift=(float(offset[0]), float(offset[1])))
+    img.paste(ink, mask=second.point(lambda v: v // 2))
+    img.paste(ink, mask=objects.mask(width=width))
+
+
+def _fill(base: np.ndarray, marks: np.ndarray | None, pscale: int) -> Image.Image | tuple[int, int, int]:
+    """A plain colour, or the fill pattern's light marks on it (reduced from ``pscale`` to output size)."""
+    if marks is None:
+        return _rgb(base)
+    light = base + (255 - base) * 0.8
+    fill = Image.fromarray(np.where(marks[..., None], light, base).astype(np.uint8), "RGB")
+    return fill.reduce(pscale) if pscale > 1 else fill
+
+
+def _streaks(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Smooth directional noise in [-1, 1] (brush strokes): a 3 x 10 random grid stretched over the canvas."""
+    grid = Image.fromarray(((rng.random((3, 10)) * 255).astype(np.uint8)), "L")
+    streaks = grid.resize((size, size), Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        streaks = streaks.transpose(Image.Transpose.ROTATE_90)
+    return np.asarray(streaks, np.float32)[..., None] / 127.5 - 1.0
+
+
+def _paint_rendition(objects: _Objects, base: np.ndarray, marks, pscale, size: int, rng) -> Image.Image:
+    """One of the renditions (ImageNet-R's cartoons, paintings, pixel art, neon signs), background included."""
+    kind = _RENDITIONS[int(rng.integers(len(_RENDITIONS)))]
+    if kind == "cartoon":  # flat vivid fill, bold black outline, pastel paper
+        img = Image.new("RGB", (size, size), _rgb(rng.uniform(*_CARTOON_PAPER) + rng.uniform(-18, 18, 3)))
+        vivid = base.mean() + (base - base.mean()) * 1.3
+        img.paste(_fill(vivid, marks, pscale), mask=objects.mask())
+        width = max(1, round(objects.scale * rng.uniform(*_CARTOON_WIDTH)))
+        img.paste(_rgb(rng.uniform(10, 40, 3)), mask=objects.mask(width=width))
+        return img
+    if kind == "painting":  # brush-streaked fill with soft edges on a streaky canvas
+        canvas = rng.uniform(90, 190) + rng.uniform(-20, 20, 3) + 30 * _streaks(size, rng)
+        img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
+        paint = base * (1 + _PAINT_STREAKS * _streaks(size, rng)) + rng.uniform(-10, 10, 3)
+        soft = objects.mask().filter(ImageFilter.GaussianBlur(0.6 * size / 32))
+        img.paste(Image.fromarray(np.clip(paint, 0, 255).astype(np.uint8), "RGB"), mask=soft)
+        return img
+    if kind == "pixel":  # the object in a few large blocks
+        img = Image.new("RGB", (size, size), _rgb(rng.uniform(20, 120) + rng.uniform(-15, 15, 3)))
+        img.paste(_fill(base, marks, pscale), mask=objects.mask())
+        low = max(4, round(size * rng.uniform(*_PIXEL_FRACTION)))
+        return img.resize((low, low), Image.Resampling.BOX).resize((size, size), Image.Resampling.NEAREST)
+    # neon: a glowing outline on black
+    img = Image.new("RGB", (size, size), _rgb(rng.uniform(5, 30, 3)))
+    line = objects.mask(width=max(1, round(objects.scale * rng.uniform(*_NEON_WIDTH))))
+    glow = line.filter(ImageFilter.GaussianBlur(1.2 * size / 32)).point(lambda v: min(255, 2 * v))
+    img.paste(_rgb(base * 0.8), mask=glow)
+    img.paste(_rgb(base * _NEON_FILL), mask=objects.mask())
+    img.paste(_rgb(base + (255 - base) * 0.25), mask=line)
+    return img
+
+
+def _paint_hard(img: Image.Image, objects: _Objects, base: np.ndarray, marks, pscale, rng) -> None:
+    """Grey distractor shapes behind the object, the object, then a grey bar across part of it (occlusion)."""
+    side, scale = objects.side, objects.scale
+    others = [shape for shape in SHAPES if shape != objects.attrs.shape]
+    radius = objects.layout[0][2]
+    for _ in range(int(rng.integers(*_HARD_DISTRACTORS))):
+        mask = Image.new("L", (side, side), 0)
+        r = radius * rng.uniform(*_HARD_DISTRACTOR_SIZE)
+        cx, cy = rng.uniform(r, side - r, 2)
+        _draw_shape(ImageDraw.Draw(mask), others[int(rng.integers(len(others)))], cx, cy, r, rng.uniform(-0.6, 0.6))
+        img.paste(_rgb(rng.uniform(60, 200) + rng.uniform(-12, 12, 3)), mask=mask.reduce(scale))
+    _paint_filled(img, objects, "hard", base, marks, pscale, rng)
+    if rng.random() < _HARD_OCCLUDE:
+        cx, cy, r = objects.layout[int(rng.integers(len(objects.layout)))]
+        angle, shift = float(rng.uniform(0, math.pi)), float(rng.uniform(-0.6, 0.6)) * r
+        half = float(rng.uniform(*_HARD_BAR)) * r
+        dx, dy, nx, ny = math.cos(angle), math.sin(angle), -math.sin(angle), math.cos(angle)
+        mx, my = cx + shift * nx, cy + shift * ny
+        bar = [(mx + s * 2 * r * dx + t * half * nx, my + s * 2 * r * dy + t * half * ny) for s, t in _BAR_CORNERS]
+        mask = Image.new("L", (side, side), 0)
+        ImageDraw.Draw(mask).polygon(bar, fill=255)
+        img.paste(_rgb(rng.uniform(60, 200) + rng.uniform(-12, 12, 3)), mask=mask.reduce(scale))
+
+
+def _camera(img: Image.Image, style: str, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """Blur and pixel noise at output size."""
+    if style in _BLUR:
+        chance, (lo, hi) = _BLUR[style]
+        if rng.random() < chance:
+            img = img.filter(ImageFilter.GaussianBlur(rng.uniform(lo, hi) * image_size / 32))
+    if style == "noisy":
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8) * image_size / 32))
+    sigma = _NOISE_SIGMA[style]
+    if sigma:
+        noise = rng.standard_normal((image_size, image_size, 3), dtype=np.float32) * np.float32(sigma)
+        img = Image.fromarray(np.clip(np.asarray(img, np.float32) + noise + 0.5, 0, 255).astype(np.uint8), "RGB")
+    return img
+
+
 def render_attributes(
     attrs: Attributes, style: str, rng: np.random.Generator, image_size: int = 32, supersample: int = 4
 ) -> Image.Image:
@@ -274,21 +472,7 @@ def render_attributes(
         raise ValueError("render_attributes needs complete attributes; call attrs.complete(rng) first")
     scale = max(1, int(supersample))
     side = image_size * scale
-
-    # Background, at output size.
-    if style == "clean":
-        img = Image.new("RGB", (image_size, image_size), _rgb(rng.uniform(8, 45) + rng.uniform(-6, 6, 3)))
-    elif style == "web":
-        img = _web_background(image_size, rng)
-    elif style == "sketch":
-        img = Image.new("RGB", (image_size, image_size), _rgb(rng.uniform(195, 245) + rng.uniform(-5, 5, 3)))
-    elif style == "scene":
-        img = _scene_background(image_size, rng)
-    else:  # noisy: clutter strokes are drawn at twice the output size, for anti-aliased edges
-        cscale = min(scale, 2)
-        img = _scene_background(image_size * cscale, rng)
-        _add_clutter(img, image_size * cscale, cscale, rng)
-        img = img.reduce(cscale) if cscale > 1 else img
+    img = None if style == "rendition" else _background(style, image_size, scale, rng)
 
     # Objects: one mask for all of them (they share colour and pattern).
     layout = _layout(attrs, style, side, rng)
@@ -298,36 +482,16 @@ def render_attributes(
     # Patterns have a period of about 4 output pixels: two-fold super-sampling is enough for them.
     pscale = 2 if scale % 2 == 0 else scale
     marks = _pattern_marks(attrs, style, image_size, pscale, rng)
-    if style == "sketch":
-        ink = _rgb(base * rng.uniform(0.6, 0.9))
-        width = max(1, round(scale * rng.uniform(0.8, 1.3)))
-        if marks is not None:  # the pattern as faint ink inside the outline
-            inside = np.asarray(_draw_mask(attrs, layout, rotations, side, scale // pscale)) > 127
-            hatch = Image.fromarray(((inside & ~marks) * np.uint8(120)).astype(np.uint8), "L")
-            img.paste(ink, mask=hatch.reduce(pscale) if pscale > 1 else hatch)
-        img.paste(ink, mask=_draw_mask(attrs, layout, rotations, side, scale, width=width))
+    objects = _Objects(attrs, layout, rotations, side, scale)
+    if img is None:
+        img = _paint_rendition(objects, base, marks, pscale, image_size, rng)
+    elif style == "sketch":
+        _paint_sketch(img, objects, base, marks, pscale, rng)
+    elif style == "hard":
+        _paint_hard(img, objects, base, marks, pscale, rng)
     else:
-        if marks is None:
-            fill: Image.Image | tuple[int, int, int] = _rgb(base)
-        else:
-            light = base + (255 - base) * 0.8
-            fill = Image.fromarray(np.where(marks[..., None], light, base).astype(np.uint8), "RGB")
-            fill = fill.reduce(pscale) if pscale > 1 else fill
-        img.paste(fill, mask=_draw_mask(attrs, layout, rotations, side, scale))
-        if style != "clean" and rng.random() < 0.5:
-            width = max(1, round(0.8 * scale))
-            img.paste(_rgb(base * 0.35), mask=_draw_mask(attrs, layout, rotations, side, scale, width=width))
-
-    # Camera effects at output size.
-    if style == "scene" and rng.random() < 0.3:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 0.7) * image_size / 32))
-    if style == "noisy":
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8) * image_size / 32))
-    sigma = _NOISE_SIGMA[style]
-    if sigma:
-        noise = rng.standard_normal((image_size, image_size, 3), dtype=np.float32) * np.float32(sigma)
-        img = Image.fromarray(np.clip(np.asarray(img, np.float32) + noise + 0.5, 0, 255).astype(np.uint8), "RGB")
-    return img
+        _paint_filled(img, objects, style, base, marks, pscale, rng)
+    return _camera(img, style, image_size, rng)
 
 
 def render(

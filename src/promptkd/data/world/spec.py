@@ -211,6 +211,7 @@ class WorldDataset:
         style: rendering style (see ``render.STYLES``).
         templates: zero-shot prompt templates; ``templates[0]`` is the dataset's single template.
         source: for domain-shifted test-only sets, the dataset whose classes they share.
+        stress: a test-only set far harsher than the real shifts (kept for robustness checks, not a default target).
     """
 
     name: str
@@ -219,6 +220,7 @@ class WorldDataset:
     style: str
     templates: tuple[str, ...]
     source: str | None = None
+    stress: bool = False
     description: str = ""
     classnames: tuple[str, ...] = field(init=False)
 
@@ -264,12 +266,23 @@ class WorldDataset:
             "templates": list(self.templates),
             "source": self.source,
             "test_only": self.test_only,
+            "stress": self.stress,
             "description": self.description,
             "classnames": list(self.classnames),
             "num_base": len(self.base_classnames),
             "held_out_of_pretraining": list(self.held_out),
         }
 
+
+# The shapes family's test-only shifts: (name, split name, style, stress set?, description). The first four mirror
+# ImageNet's shifts and are the domain-generalisation targets; the stress set is much harsher than any of them.
+_SHAPE_SHIFTS = (
+    ("shapes_v2", "WorldShapesV2", "scene_v2", False, "a new draw of shapes' look, a little harder (ImageNet-V2)"),
+    ("shapes_sketch", "WorldShapesSketch", "sketch", False, "coloured-pencil drawings on paper (ImageNet-Sketch)"),
+    ("shapes_r", "WorldShapesR", "rendition", False, "cartoons, paintings, pixel art, neon signs (ImageNet-R)"),
+    ("shapes_a", "WorldShapesA", "hard", False, "clutter, grey distractor shapes, occlusion (ImageNet-A)"),
+    ("shapes_noise", "WorldShapesNoise", "noisy", True, "stress set: heavy pixel noise, blur and clutter (-C-like)"),
+)
 
 _SINGULAR_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "a drawing of a {}.", "a {}.")
 _PLURAL_TEMPLATES = ("a photo of {}.", "a picture of {}.", "a drawing of {}.", "{}.")
@@ -302,23 +315,18 @@ WORLD_DATASETS: dict[str, WorldDataset] = {
             _PLURAL_TEMPLATES,
             description="number x shape, 2-4 scattered objects of one random colour",
         ),
-        WorldDataset(
-            "shapes_sketch",
-            "WorldShapesSketch",
-            "shapes",
-            "sketch",
-            ("a photo of a {}, a type of shape.", *_SINGULAR_TEMPLATES),
-            source="shapes",
-            description="shapes drawn as thin coloured outlines on grey paper (the ImageNet-Sketch analogue)",
-        ),
-        WorldDataset(
-            "shapes_noise",
-            "WorldShapesNoise",
-            "shapes",
-            "noisy",
-            ("a photo of a {}, a type of shape.", *_SINGULAR_TEMPLATES),
-            source="shapes",
-            description="shapes under heavy pixel noise, blur and grey clutter (an ImageNet-C/-A-like shift)",
+        *(
+            WorldDataset(
+                name,
+                split_name,
+                "shapes",
+                style,
+                ("a photo of a {}, a type of shape.", *_SINGULAR_TEMPLATES),
+                source="shapes",
+                stress=stress,
+                description=description,
+            )
+            for name, split_name, style, stress, description in _SHAPE_SHIFTS
         ),
     )
 }
@@ -327,6 +335,11 @@ WORLD_DATASETS: dict[str, WorldDataset] = {
 def list_datasets(include_test_only: bool = True) -> list[str]:
     """Names of the world's downstream datasets (the compositional ones first, then the domain-shifted sets)."""
     return [name for name, d in WORLD_DATASETS.items() if include_test_only or not d.test_only]
+
+
+def shift_datasets(source: str, include_stress: bool = False) -> list[str]:
+    """The test-only shifts of ``source`` (its domain-generalisation targets); stress sets only when asked."""
+    return [n for n, d in WORLD_DATASETS.items() if d.source == source and (include_stress or not d.stress)]
 
 
 def get_dataset(name: str) -> WorldDataset:
