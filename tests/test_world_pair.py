@@ -261,6 +261,7 @@ def test_unlabelled_images_of_another_world_version_are_refused_by_name(tmp_path
         world.render_unlabeled("shapes_sketch", 3, tmp_path / "u", workers=1)
 
 
+@pytest.mark.slow
 def test_world_report_shows_the_shift_table(small_world, tmp_path, capsys):
     from promptkd.cli.main import main
     from promptkd.cli.world_report import shift_markdown
