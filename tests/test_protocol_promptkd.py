@@ -121,7 +121,8 @@ def test_domain_generalisation_scores_targets_with_their_features(world, tmp_pat
 def test_default_targets_follow_the_paper_and_the_world():
     assert kd.default_targets("domain_generalization", "imagenet") == list(kd.PAPER_DG)
     assert len(kd.default_targets("cross_dataset", "imagenet")) == 10
-    assert kd.default_targets("domain_generalization", "shapes") == ["shapes_sketch", "shapes_noise"]
+    shifts = ["shapes_v2", "shapes_sketch", "shapes_r", "shapes_a"]
+    assert kd.default_targets("domain_generalization", "shapes") == shifts  # the stress set only when named
     assert kd.default_targets("cross_dataset", "shapes") == ["patterns", "counts"]
 
 

@@ -16,8 +16,8 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) -> 
         type=v.text,
         required=required,
         help="benchmark name (dtd, eurosat, imagenet, ...), embedded-world dataset (shapes, patterns, counts, "
-        "shapes_sketch, shapes_noise), a folder holding a split_zhou_<Name>.json, your folder of class folders, or "
-        "your CSV/JSON image list",
+        "shapes_v2, shapes_sketch, shapes_r, shapes_a, shapes_noise), a folder holding a split_zhou_<Name>.json, "
+        "your folder of class folders, or your CSV/JSON image list",
     )
     group.add_argument(
         "--data-root",

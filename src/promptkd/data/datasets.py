@@ -2,7 +2,7 @@
 
 Resolution order:
 
-1. the embedded world's datasets (``shapes``, ``patterns``, ``counts``, ``shapes_sketch``, ``shapes_noise``):
+1. the embedded world's datasets (``shapes``, ``patterns``, ``counts`` and the test-only shifts of ``shapes``):
    ``<root>/<name>/split_zhou_<Name>.json`` with images under ``<root>/<name>/images/``, the layout
    ``build_world`` writes (its ``world.json`` manifest is read when present);
 2. the CoOp-protocol benchmarks (``build_benchmark``: every name, Dassl name, folder name or alias);

@@ -72,7 +72,7 @@ class Job:
 
 def default_targets(protocol: str, source: str) -> list[str]:
     """The paper's targets for ImageNet, the world's analogues for ``shapes``; none known otherwise."""
-    from promptkd.data.world.spec import WORLD_DATASETS
+    from promptkd.data.world.spec import WORLD_DATASETS, shift_datasets
 
     if protocol == "cross_dataset":
         if source == "imagenet":
@@ -82,7 +82,7 @@ def default_targets(protocol: str, source: str) -> list[str]:
     if protocol == "domain_generalization":
         if source == "imagenet":
             return list(PAPER_DG)
-        return [n for n, d in WORLD_DATASETS.items() if d.test_only and d.source == source]
+        return shift_datasets(source)  # the ImageNet-like shifts; stress sets (shapes_noise) only when named
     return []
 
 
