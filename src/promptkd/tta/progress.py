@@ -201,24 +201,28 @@ def _short(value: Any) -> str:
 
 
 class PeakMemory:
-    """Peak memory of a stream: GPU ``max_memory_allocated`` on CUDA; on CPU the peak resident set size during the
-    stream minus the resident size at its start (Linux: the peak is reset through /proc/self/clear_refs; elsewhere
-    the process's lifetime peak, a lower bound of the stream's need)."""
+    """Peak memory of a stream. CUDA: ``max_memory_allocated`` (weights included, as TTA-VLM reports it). CPU: the
+    process's peak resident set size during the stream (weights and runtime included; Linux resets the peak
+    through /proc/self/clear_refs, elsewhere it is the lifetime peak) and, as ``delta_mb``, that peak minus the
+    resident size at the stream's start — what the stream added, 0 when it reused memory an earlier stream took."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.measure = "cuda_max_memory_allocated"
+            self.start = torch.cuda.memory_allocated(self.device) / 2**20
             return
-        self.start = _rss_kb()
-        self.resettable = _reset_peak_rss()
-        self.measure = "cpu_peak_rss_delta" if self.resettable else "cpu_lifetime_peak_rss_delta"
+        self.start = _rss_kb() / 1024
+        self.measure = "cpu_peak_rss" if _reset_peak_rss() else "cpu_lifetime_peak_rss"
 
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return max(0.0, (_peak_rss_kb() - self.start) / 1024)
+        return _peak_rss_kb() / 1024
+
+    def delta_mb(self) -> float:
+        return max(0.0, self.peak_mb() - self.start)
 
 
 def _status_kb(field: str) -> int | None:

@@ -344,8 +344,9 @@ class _Timing:
     seconds: float  # wall time of the adaptation loop (views included), summed over resumed parts
     adapt_seconds: float  # time inside the method (encoders and adaptation), summed
     cpu_seconds: float  # CPU time of the loop, all threads, summed over ranks (steadier than wall on a busy machine)
-    peak_memory_mb: float
-    memory_measure: str
+    peak_memory_mb: float  # per rank, the largest
+    memory_delta_mb: float
+    memory_measure: str = ""
 
 
 def _adapt_stream(run: _Run, stream: _Stream) -> tuple[torch.Tensor, _Timing]:
@@ -396,9 +397,10 @@ def _adapt_stream(run: _Run, stream: _Stream) -> tuple[torch.Tensor, _Timing]:
     table = gather_concat(local, info)
     position = {index: p for p, index in enumerate(stream.order)}
     table = table[torch.tensor([position[int(i)] for i in table[:, 0].tolist()]).argsort()] if len(table) else table
-    per_rank = torch.tensor([[seconds, adapt_seconds, cpu_seconds, meter.peak_mb()]], dtype=torch.float64)
-    wall, adapt, cpu, peak = gather_concat(per_rank, info).unbind(1)
-    timing = _Timing(float(wall.max()), float(adapt.sum()), float(cpu.sum()), float(peak.max()), meter.measure)
+    per_rank = [[seconds, adapt_seconds, cpu_seconds, meter.peak_mb(), meter.delta_mb()]]
+    wall, adapt, cpu, peak, delta = gather_concat(torch.tensor(per_rank, dtype=torch.float64), info).unbind(1)
+    timing = _Timing(float(wall.max()), float(adapt.sum()), float(cpu.sum()), float(peak.max()), float(delta.max()))
+    timing.memory_measure = meter.measure
     return table, timing
 
 
@@ -434,6 +436,7 @@ def _write_outputs(
     metrics["adapt_seconds_per_image"] = timing.adapt_seconds / max(1, n_items)
     metrics["cpu_seconds_per_image"] = timing.cpu_seconds / max(1, n_items)
     metrics["peak_memory_mb"] = timing.peak_memory_mb
+    metrics["memory_delta_mb"] = timing.memory_delta_mb
     stream_record = {
         "mode": config.mode,
         "order_seed": stream.seed if config.mode == "online" else None,
