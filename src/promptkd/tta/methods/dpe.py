@@ -94,7 +94,7 @@ class PriorityCache:
         self.scores[cls] = scores[order]
 
     def widened(self, capacity: int) -> PriorityCache:
-        """A copy whose queues hold ``capacity`` ≥ the current entries (BoostAdapter's shot_capacity + delta)."""
+        """A copy whose queues hold ``capacity`` ≥ the current entries (BoostAdapter's pos_shots + delta)."""
         extra = capacity - self.capacity
         if extra < 0:
             raise ValueError(f"cannot narrow a cache from {self.capacity} to {capacity}")
