@@ -281,3 +281,15 @@ def test_plugin_computes_at_the_reference_scale_and_returns_the_models_temperatu
         )
     assert method.model.logit_scale != 100.0
     assert torch.allclose(got, core * method.model.logit_scale / 100.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dpe", "boostadapter"])
+@pytest.mark.parametrize("preset", ["default", "world", "fine_grained"])
+def test_presets_are_valid_settings(name, preset):
+    from promptkd.config import from_dict
+    from promptkd.tta import get_tta_method
+    from promptkd.tta.run import resolve_tta_config
+
+    config = resolve_tta_config(preset, [], {"method": name, "datasets": ["shapes"]})
+    settings = from_dict(get_tta_method(name).config_class, config.method_config)
+    assert settings.logit_scale == 100.0 and settings.n_views in (1, 64)
