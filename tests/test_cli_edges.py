@@ -174,6 +174,21 @@ def test_every_option_has_a_checked_kind():
     assert len(_arguments()) > 150
 
 
+def test_every_list_option_keeps_every_repeat():
+    """`--set a=1 --set b=2` (and every other option taking a list) keeps both: argparse's plain store keeps only
+    the last occurrence, which silently dropped overrides."""
+    lists = [(path, action) for path, _, action in _arguments() if action.option_strings and action.nargs in ("*", "+")]
+    from promptkd.cli.validate import Repeatable
+
+    dropping = [f"{' '.join(path)} {_name(action)}" for path, action in lists if not isinstance(action, Repeatable)]
+    assert lists and not dropping, f"options that keep only their last repeat: {dropping}"
+    seeds = next(action for path, action in lists if path == ("protocol",) and _name(action) == "--seeds")
+    namespace = argparse.Namespace(seeds=seeds.default)
+    seeds(None, namespace, [4])
+    seeds(None, namespace, [5])
+    assert namespace.seeds == [4, 5] and seeds.default == [1, 2, 3]  # the first repeat replaces the default
+
+
 @pytest.mark.slow
 def test_every_option_refuses_its_edge_values_in_one_line_and_accepts_the_rest(stubbed):
     calls, p = stubbed

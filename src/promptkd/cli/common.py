@@ -56,9 +56,17 @@ def add_overrides_arg(
     what: str = "overrides",
 ) -> None:
     """``--set KEY=VALUE ...``: config overrides applied after the preset and the options (``args.overrides``;
-    ``flag``/``dest`` name another set, e.g. a protocol's teacher overrides)."""
+    ``flag``/``dest`` name another set, e.g. a protocol's teacher overrides). Repeating the flag adds to the list
+    (argparse's default would keep only the last one, silently dropping the others)."""
     parser.add_argument(
-        flag, dest=dest, nargs="*", type=v.text, default=[], metavar="KEY=VALUE", help=f"{what}, e.g. {example}"
+        flag,
+        dest=dest,
+        nargs="*",
+        action=v.Repeatable,
+        type=v.text,
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{what}, e.g. {example}",
     )
 
 

@@ -36,7 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=v.output_folder, default="runs/demo", help="output folder for results, chart and runs"
     )
-    parser.add_argument("--datasets", nargs="+", type=v.text, default=list(DEFAULT_DATASETS), help="datasets to use")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        action=v.Repeatable,
+        type=v.text,
+        default=list(DEFAULT_DATASETS),
+        help="datasets to use",
+    )
     parser.add_argument("--seed", type=v.seed, default=1)
     parser.add_argument("--shots", type=v.count0, default=16, help="labelled shots per base class for stage 1 / CoOp")
     parser.add_argument(

@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--student-kwargs",
         nargs="+",
+        action=v.Repeatable,
         type=v.text,
         default=None,
         metavar="KEY=VALUE",

@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check-images",
         nargs="*",
+        action=v.Repeatable,
         type=v.input_path,
         default=None,
         help="images (files/folders) to compare predictions on (default: random inputs)",

@@ -93,6 +93,7 @@ def _add_student_args(parser: argparse.ArgumentParser, *, required: bool) -> Non
         "--images",
         type=v.input_path,
         nargs="+",
+        action=v.Repeatable,
         required=required,
         default=None,
         metavar="DIR",

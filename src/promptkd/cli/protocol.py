@@ -18,15 +18,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", type=v.text, required=True)
     parser.add_argument("--preset", type=v.text, default=None, help="the method's YAML preset (e.g. world)")
     parser.add_argument(
-        "--datasets", nargs="+", type=v.text, required=True, help="training datasets (the source for transfer)"
+        "--datasets",
+        nargs="+",
+        action=v.Repeatable,
+        type=v.text,
+        required=True,
+        help="training datasets (the source for transfer)",
     )
     parser.add_argument(
-        "--targets", nargs="*", type=v.text, default=None, help="cross-dataset / DG evaluation datasets"
+        "--targets",
+        nargs="*",
+        action=v.Repeatable,
+        type=v.text,
+        default=None,
+        help="cross-dataset / DG evaluation datasets",
     )
-    parser.add_argument("--seeds", nargs="+", type=v.seed, default=[1, 2, 3])
+    parser.add_argument("--seeds", nargs="+", action=v.Repeatable, type=v.seed, default=[1, 2, 3])
     parser.add_argument(
         "--shots",
         nargs="+",
+        action=v.Repeatable,
         type=v.count,
         default=None,
         help="few-shot K values (default 1 2 4 8 16); other protocols use 16",

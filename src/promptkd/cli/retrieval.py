@@ -40,7 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dataset", type=v.text, default=None, help="name recorded in the result (default: from the file)"
     )
-    group.add_argument("--recall-k", type=v.count, nargs="+", default=[1, 5, 10], help="K values of recall@K (1 5 10)")
+    group.add_argument(
+        "--recall-k",
+        type=v.count,
+        nargs="+",
+        action=v.Repeatable,
+        default=[1, 5, 10],
+        help="K values of recall@K (1 5 10)",
+    )
     group.add_argument("--skip-bad", action="store_true", help="skip unreadable images (and their captions)")
     add_backbone_args(parser)
     add_runtime_args(parser)

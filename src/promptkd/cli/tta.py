@@ -29,7 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset", type=v.text, default=None, help="settings preset of the method (e.g. default, world)"
     )
     parser.add_argument(
-        "--datasets", nargs="+", type=v.text, default=None, help="datasets to adapt on (their test split)"
+        "--datasets",
+        nargs="+",
+        action=v.Repeatable,
+        type=v.text,
+        default=None,
+        help="datasets to adapt on (their test split)",
     )
     parser.add_argument(
         "--data-root", type=v.input_folder, default=None, help="datasets folder (world datasets: the world's folder)"
@@ -66,7 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--set", nargs="*", type=v.text, default=[], metavar="KEY=VALUE", help="override settings (method.lr=...)"
+        "--set",
+        nargs="*",
+        action=v.Repeatable,
+        type=v.text,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override settings (method.lr=...)",
     )
     add_backbone_args(parser)
     add_runtime_args(parser)

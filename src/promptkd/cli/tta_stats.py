@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--init", type=v.text, default="a photo of a", help="hand-written context without --base")
     parser.add_argument("--stats", type=v.output_file, default=None, help="write token statistics here (PromptAlign)")
-    parser.add_argument("--layers", type=v.count0, nargs="+", default=[0, 1, 2], help="visual block inputs (0 1 2)")
+    parser.add_argument(
+        "--layers", type=v.count0, nargs="+", action=v.Repeatable, default=[0, 1, 2], help="visual block inputs (0 1 2)"
+    )
     parser.add_argument(
         "--prototypes", type=v.output_file, default=None, help="write class prototypes here (PromptSync)"
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "KINDS",
+    "Repeatable",
     "checkpoint",
     "count",
     "count0",
@@ -253,3 +254,14 @@ KINDS: tuple[str, ...] = (
     "output_folder",
     "output_file",
 )
+
+
+class Repeatable(argparse.Action):
+    """A list option that may be repeated: ``--set a=1 --set b=2`` keeps both (argparse's plain store keeps only the
+    last, silently dropping the others). The first occurrence replaces the default list, later ones add to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        current = getattr(namespace, self.dest, None)
+        if current is None or current is self.default:
+            current = []
+        setattr(namespace, self.dest, [*current, *values])

@@ -30,7 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the embedded world (default: promptkd's cache; built if absent)",
     )
     parser.add_argument(
-        "--datasets", nargs="+", type=v.text, default=list(DEFAULT_DATASETS), help="world datasets to measure"
+        "--datasets",
+        nargs="+",
+        action=v.Repeatable,
+        type=v.text,
+        default=list(DEFAULT_DATASETS),
+        help="world datasets to measure",
     )
     parser.add_argument("--teacher-model", type=v.text, default="pkd-world-teacher")
     parser.add_argument(
