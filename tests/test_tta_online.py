@@ -112,6 +112,15 @@ def test_tda_caches_follow_the_reference_rules(tiny_backbone, n_views):
     )
     torch.testing.assert_close(got, _reference_tda(batch, cfg), atol=1e-5, rtol=1e-5)
     assert int(torch.isfinite(method.state["neg_entropy"]).sum()) >= 1
+    # clip_units: the same caches, their logits scaled by s/100 (s = 50 here)
+    half = OnlineBatch(batch.features, batch.text, 50.0, batch.clip_logits / 2)
+    plain = get_tta_method("tda")(model, TDAConfig(n_views=n_views, positive=False, negative=False)).predict(half)
+    diffs = []
+    for units in (False, True):
+        scaled = get_tta_method("tda")(model, TDAConfig(n_views=n_views, pos_shots=2, neg_shots=1, clip_units=units))
+        scaled.mode = "online"
+        diffs.append(scaled.predict(half) - plain)
+    torch.testing.assert_close(diffs[1], diffs[0] / 2, atol=1e-5, rtol=1e-5)
     # episodic: every sample sees only itself, so the order of the batch does not matter
     method.mode = "episodic"
     flipped = OnlineBatch(batch.features.flip(0), batch.text, batch.logit_scale, batch.clip_logits.flip(0))
