@@ -268,19 +268,19 @@ def test_cli_runs_both_modes_and_refuses_bad_settings(tmp_path, capsys, name):
 
 
 @pytest.mark.parametrize("name", ["dpe", "boostadapter"])
-def test_plugin_computes_at_the_reference_scale_and_returns_the_models_temperature(tiny_backbone, name):
-    """Inside: 100 · cos as the reference (its α, β, thresholds); out: × model scale / 100 (same argmax)."""
-    method = _method(tiny_backbone, name)
-    batch = _batch(method, slice(0, 1))
-    got = method.predict(batch)[0]
-    if name == "dpe":
-        core = dpe_adapt_one(DPEState(batch.text, 3), batch.features[0], method.config, 100.0)
-    else:
-        core = boost_adapt_one(
-            BoostState(5, batch.text.shape[1], method.config), batch.features[0], batch.text, method.config, 100.0
-        )
-    assert method.model.logit_scale != 100.0
-    assert torch.allclose(got, core * method.model.logit_scale / 100.0, atol=1e-5)
+def test_plugin_logit_scale_is_the_models_or_the_references_fixed_100(tiny_backbone, name):
+    """Default: the model's learned scale; ``logit_scale: 100``: 100 · cos inside, × model scale / 100 out."""
+    for setting, inside in ((0.0, None), (100.0, 100.0)):
+        method = _method(tiny_backbone, name, logit_scale=setting)
+        batch = _batch(method, slice(0, 1))
+        scale = inside or batch.logit_scale
+        if name == "dpe":
+            core = dpe_adapt_one(DPEState(batch.text, 3), batch.features[0], method.config, scale)
+        else:
+            state = BoostState(5, batch.text.shape[1], method.config)
+            core = boost_adapt_one(state, batch.features[0], batch.text, method.config, scale)
+        assert batch.logit_scale != 100.0
+        assert torch.allclose(method.predict(batch)[0], core * batch.logit_scale / scale, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["dpe", "boostadapter"])
@@ -292,4 +292,4 @@ def test_presets_are_valid_settings(name, preset):
 
     config = resolve_tta_config(preset, [], {"method": name, "datasets": ["shapes"]})
     settings = from_dict(get_tta_method(name).config_class, config.method_config)
-    assert settings.logit_scale == 100.0 and settings.n_views in (1, 64)
+    assert settings.logit_scale == 0.0 and settings.n_views in (1, 64)

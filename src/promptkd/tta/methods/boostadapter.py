@@ -25,9 +25,8 @@ TDA's (2 shots, α 0.117, β 1, entropy (0.2, 0.5), mask (0.03, 1)). Preset ``fi
 pipeline (original-view query; α, β, δ are tuned per dataset there, e.g. DTD 2/3/0, Pets 2/7/0, Caltech 5/5/2).
 
 Choices:
-- CLIP logits are 100 · cos inside the method as in the reference (``logit_scale``; α, β and the entropy window
-  were tuned at CLIP's temperature, the world teacher's is 19.7); the returned logits are brought back to the
-  model's temperature (× model scale / 100) for ECE, which changes no prediction;
+- CLIP logits use the model's learned logit scale (the reference hard-codes 100, CLIP's), as TDA here:
+  ``logit_scale: 100`` computes as the reference literally does and returns logits × model scale / 100;
 - the class text features are the model's prompt (the reference averages CLIP's ImageNet templates);
 - several views whose ``selection`` keeps none are refused (the reference would average none); one view is
   allowed (no bootstrapping: TDA with a FIFO negative queue);
@@ -43,7 +42,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from promptkd.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
+from promptkd.config import AT_LEAST_ONE, NON_NEGATIVE
 from promptkd.tta.base import TTAError, register_tta_method
 from promptkd.tta.losses import confident_views, view_entropy
 from promptkd.tta.methods.dpe import PriorityCache, check_cache_size, summarise_views
@@ -120,8 +119,11 @@ class BoostConfig(OnlineConfig):
     augmix: Literal["auto", "on", "off"] = field(default="off", metadata={"help": "AugMix views (reference: off)"})
     selection: float = field(default=0.1, metadata={"help": "fraction of lowest-entropy views (query and boosting)"})
     logit_scale: float = field(
-        default=100.0,
-        metadata={"help": "CLIP logit scale inside the method (the reference's fixed 100)", "rule": POSITIVE},
+        default=0.0,
+        metadata={
+            "help": "CLIP logit scale inside the method: 0 = the model's learned one; 100 = the reference's fixed one",
+            "rule": NON_NEGATIVE,
+        },
     )
     query: Literal["confident", "original"] = field(
         default="confident", metadata={"help": "query: the confident views' mean (ImageNet family) or the original"}
@@ -249,7 +251,7 @@ class BoostAdapter(OnlineMethod):
         self.state.load_state_dict({k: v.to(self.model.device) for k, v in state.items()})
 
     def predict_one(self, features: torch.Tensor, clip_logits: torch.Tensor, batch: OnlineBatch) -> torch.Tensor:
-        scale = self.config.logit_scale
+        scale = self.config.logit_scale or batch.logit_scale
         return boost_adapt_one(self.state, features, batch.text, self.config, scale) * (batch.logit_scale / scale)
 
     def diagnostics(self) -> dict[str, float]:
