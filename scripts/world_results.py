@@ -4,7 +4,8 @@
         [--parts methods promptkd tta]
 
 Every part writes result JSONs under --out (finished runs are skipped on a re-run); aggregate them with
-`promptkd report <out>/methods/base2new` and `promptkd report <out>/tta`. The pair's own table (zero-shot and
+`promptkd report <out>/methods/base2new` and `python scripts/world_tta.py --out <out>/tta --table-only`. The pair's
+own table (zero-shot and
 full-data probe of both CLIPs, inference speed) comes from `promptkd world-report`.
 """
 
@@ -59,82 +60,6 @@ def promptkd_runs(root: str, datasets: list[str], seeds: list[int], out: Path) -
     return [section, f"promptkd part: {time.perf_counter() - tic:.0f} s ({summary})"]
 
 
-def tta_runs(root: str, seeds: list[int], out: Path, max_images: int = 128) -> None:
-    """TPT and C-TPT from "a photo of a"; PromptAlign and PromptSync from a MaPLe base trained on 16 shots of clean
-    `shapes` (all 64 classes) per seed, with statistics and prototypes from 640 clean train images; all on the
-    teacher, over the domain-shifted test sets. Aggregate with `promptkd report <out>/tta`."""
-    from promptkd.cli.main import main as cli
-
-    sets = ["shapes_v2", "shapes_sketch", "shapes_r", "shapes_a"]
-    teacher = ["--model", TEACHER, "--pretrained", "shipped"]
-    common = ["--preset", "world", "--datasets", *sets, "--data-root", root, "--max-images", str(max_images)]
-    for seed in seeds:
-        folder = out / "tta" / f"seed_{seed}"
-        for method in ("tpt", "ctpt"):
-            cli(["tta", "--method", method, *common, *teacher, "--seed", str(seed), "--out", str(folder / method)])
-        base = folder / "maple"
-        if not (base / "prompts.safetensors").is_file():
-            cli(
-                [
-                    "train",
-                    "--method",
-                    "maple",
-                    "--preset",
-                    "world",
-                    "--dataset",
-                    "shapes",
-                    "--data-root",
-                    root,
-                    *teacher,
-                    "--shots",
-                    "16",
-                    "--seed",
-                    str(seed),
-                    "--out",
-                    str(base),
-                    "--set",
-                    "subsample=all",
-                ]
-            )
-        stats, protos = folder / "stats", folder / "prototypes"
-        if not stats.with_suffix(".safetensors").is_file():
-            cli(
-                [
-                    "tta-stats",
-                    "--base",
-                    str(base / "prompts.safetensors"),
-                    "--dataset",
-                    "shapes",
-                    "--data-root",
-                    root,
-                    "--max-images",
-                    "640",
-                    "--stats",
-                    str(stats),
-                    "--prototypes",
-                    str(protos),
-                    "--seed",
-                    str(seed),
-                ]
-            )
-        for method, extra in (("promptalign", ["--stats", str(stats)]), ("promptsync", ["--prototypes", str(protos)])):
-            cli(
-                [
-                    "tta",
-                    "--method",
-                    method,
-                    *common,
-                    "--base",
-                    str(base / "prompts.safetensors"),
-                    *extra,
-                    "--seed",
-                    str(seed),
-                    "--out",
-                    str(folder / method),
-                ]
-            )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/world_results")
@@ -152,7 +77,10 @@ def main() -> None:
     if "promptkd" in args.parts:
         print("\n".join(promptkd_runs(root, args.datasets, args.seeds, out)))
     if "tta" in args.parts:
-        tta_runs(root, args.seeds, out)
+        from world_tta import ALL_METHODS, MAX_IMAGES, run_seed  # scripts/world_tta.py: every test-time method
+
+        for seed in args.seeds:
+            run_seed(root, seed, out / "tta", MAX_IMAGES, list(ALL_METHODS))
 
 
 if __name__ == "__main__":

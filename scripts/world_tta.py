@@ -1,0 +1,194 @@
+"""Test-time adaptation on the world's shifted `shapes` sets: every method, its accuracy, ECE and time per image.
+
+    python scripts/world_tta.py --out runs/world_tta [--seeds 1 2 3] [--max-images 200] [--methods ...]
+
+On the shipped teacher, over `shapes_v2`, `shapes_sketch`, `shapes_r` and `shapes_a` (the ImageNet-V2/-Sketch/-R/-A
+analogues; `--max-images` evenly spaced images of each, the same images for every method and seed):
+- from the hand-written context "a photo of a" (zero-shot CLIP): TPT, C-TPT (episodic), TDA, DPE, BoostAdapter
+  (online, the stream's order from the seed) and ZERO (episodic);
+- from a MaPLe base trained on 16 shots of clean `shapes` per seed, with PromptAlign's statistics and PromptSync's
+  prototypes from 640 clean train images: PromptAlign and PromptSync.
+Finished results are kept (a re-run only runs what is missing). It prints a Markdown table (mean over seeds of the
+shift average, ± the std over seeds) and writes `<out>/tta_table.md`, `<out>/tta_table.json` and
+`<out>/tta_speed.png` (accuracy against seconds per image, log time axis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from promptkd.data.world import ensure_world
+
+TEACHER = "pkd-world-teacher"
+SETS = ("shapes_v2", "shapes_sketch", "shapes_r", "shapes_a")
+ZERO_SHOT_METHODS = ("tpt", "ctpt", "tda", "dpe", "boostadapter", "zero")
+MAPLE_METHODS = ("promptalign", "promptsync")
+ALL_METHODS = (*ZERO_SHOT_METHODS, *MAPLE_METHODS)
+MAX_IMAGES = 200  # per set: 800 images a seed; the expensive methods (64-128 views each) bound what a CPU can do
+
+
+def _done(folder: Path) -> bool:
+    return len(list(folder.glob("*-test_time_classification.json"))) >= len(SETS)
+
+
+def _tta(cli, method: str, seed: int, common: list[str], base: list[str], folder: Path) -> None:
+    if not _done(folder):
+        code = cli(["tta", "--method", method, *common, *base, "--seed", str(seed), "--out", str(folder)])
+        if code:
+            raise SystemExit(f"tta --method {method} (seed {seed}) failed with exit code {code}")
+
+
+def _maple_base(cli, root: str, seed: int, folder: Path) -> tuple[Path, Path, Path]:
+    """MaPLe on 16 shots of clean `shapes` (all classes) and its source statistics / prototypes."""
+    base = folder / "maple"
+    train = ["train", "--method", "maple", "--preset", "world", "--dataset", "shapes", "--data-root", root]
+    train += ["--model", TEACHER, "--pretrained", "shipped", "--shots", "16", "--seed", str(seed)]
+    train += ["--out", str(base), "--set", "subsample=all"]
+    if not (base / "prompts.safetensors").is_file() and cli(train):
+        raise SystemExit(f"MaPLe base (seed {seed}) failed")
+    stats, protos = folder / "stats", folder / "prototypes"
+    sources = ["tta-stats", "--base", str(base / "prompts.safetensors"), "--dataset", "shapes", "--data-root", root]
+    sources += ["--max-images", "640", "--stats", str(stats), "--prototypes", str(protos), "--seed", str(seed)]
+    if not stats.with_suffix(".safetensors").is_file() and cli(sources):
+        raise SystemExit(f"tta-stats (seed {seed}) failed")
+    return base / "prompts.safetensors", stats.with_suffix(".safetensors"), protos.with_suffix(".safetensors")
+
+
+def run_seed(root: str, seed: int, out: Path, max_images: int, methods: list[str]) -> None:
+    from promptkd.cli.main import main as cli
+
+    folder = out / f"seed_{seed}"
+    common = ["--preset", "world", "--datasets", *SETS, "--data-root", root, "--max-images", str(max_images)]
+    common.append("--no-progress")
+    teacher = ["--model", TEACHER, "--pretrained", "shipped"]
+    for method in (m for m in ZERO_SHOT_METHODS if m in methods):
+        _tta(cli, method, seed, common, teacher, folder / method)
+    wanted = [m for m in MAPLE_METHODS if m in methods]
+    if wanted:
+        base, stats, protos = _maple_base(cli, root, seed, folder)
+        sources = {"promptalign": ["--stats", str(stats)], "promptsync": ["--prototypes", str(protos)]}
+        for method in wanted:
+            _tta(cli, method, seed, common, ["--base", str(base), *sources[method]], folder / method)
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("seed_*/*/*-test_time_classification.json"))]
+
+
+def _row(records: list[dict], key: str) -> dict[str, float]:
+    """Per seed, the shift average of ``key``; then mean and std over seeds."""
+    by_seed: dict[int, list[float]] = {}
+    for record in records:
+        by_seed.setdefault(record["seed"], []).append(record["metrics"][key])
+    averages = [
+        100 * statistics.fmean(v) if key != "seconds_per_image" else statistics.fmean(v) for v in by_seed.values()
+    ]
+    spread = statistics.stdev(averages) if len(averages) > 1 else 0.0
+    return {"mean": statistics.fmean(averages), "std": spread, "seeds": len(averages)}
+
+
+def table(out: Path) -> list[dict]:
+    """One row per method (and per base: zero-shot CLIP, MaPLe), shift-averaged."""
+    records = _records(out)
+    rows: list[dict] = []
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(record["method"], []).append(record)
+    for base_name, source in (("zero-shot CLIP", "tpt"), ("MaPLe (base)", "promptalign")):
+        base_records = [r for r in groups.get(source, [])]
+        if base_records:
+            rows.append(
+                {
+                    "method": base_name,
+                    "acc": _row(base_records, "base_acc1"),
+                    "ece": _row(base_records, "base_ece"),
+                    "per_set": _per_set(base_records, "base_acc1"),
+                    "seconds": None,
+                }
+            )
+    for method, group in sorted(groups.items()):
+        rows.append(
+            {
+                "method": method,
+                "acc": _row(group, "acc1"),
+                "ece": _row(group, "ece"),
+                "per_set": _per_set(group, "acc1"),
+                "seconds": _row(group, "seconds_per_image"),
+            }
+        )
+    return rows
+
+
+def _per_set(records: list[dict], key: str) -> dict[str, float]:
+    values: dict[str, list[float]] = {}
+    for record in records:
+        values.setdefault(record["dataset"], []).append(100 * record["metrics"][key])
+    return {name: statistics.fmean(v) for name, v in sorted(values.items())}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| method | " + " | ".join(SETS) + " | shift average | ECE | ms / image | seeds |",
+        "|---|" + "---|" * (len(SETS) + 4),
+    ]
+    for row in rows:
+        acc, ece, sec = row["acc"], row["ece"], row["seconds"]
+        cells = [f"{row['per_set'].get(name, float('nan')):.1f}" for name in SETS]
+        time = f"{1000 * sec['mean']:.1f}" if sec else "–"
+        lines.append(
+            f"| {row['method']} | {' | '.join(cells)} | {acc['mean']:.1f} ± {acc['std']:.1f} | "
+            f"{ece['mean']:.1f} ± {ece['std']:.1f} | {time} | {acc['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.add_subplot()
+    for row in rows:
+        if not row["seconds"]:
+            axes.axhline(row["acc"]["mean"], linestyle=":", color="grey", linewidth=1)
+            axes.annotate(row["method"], (0.0, row["acc"]["mean"]), xycoords=("axes fraction", "data"), fontsize=8)
+            continue
+        x, y = row["seconds"]["mean"], row["acc"]["mean"]
+        axes.errorbar(x, y, yerr=row["acc"]["std"], fmt="o", capsize=3)
+        axes.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_xscale("log")
+    axes.set_xlabel("seconds per image (log)")
+    axes.set_ylabel("accuracy, shift average (%)")
+    axes.set_title("Test-time adaptation on the world's shifted shapes sets")
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/world_tta")
+    parser.add_argument("--world-root", default=None)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--max-images", type=int, default=MAX_IMAGES, help="images per set (0: all 1,920)")
+    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
+    parser.add_argument("--table-only", action="store_true", help="aggregate what is there, run nothing")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        root = str(ensure_world(args.world_root))
+        for seed in args.seeds:
+            run_seed(root, seed, out, args.max_images, args.methods)
+    rows = table(out)
+    text = markdown(rows)
+    (out / "tta_table.md").write_text(text + "\n")
+    (out / "tta_table.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out / "tta_speed.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
