@@ -5,8 +5,7 @@
 
 Every part writes result JSONs under --out (finished runs are skipped on a re-run); aggregate them with
 `promptkd report <out>/methods/base2new` and `python scripts/world_tta.py --out <out>/tta --table-only`. The pair's
-own table (zero-shot and
-full-data probe of both CLIPs, inference speed) comes from `promptkd world-report`.
+own table (zero-shot and full-data probe of both CLIPs, inference speed) comes from `promptkd world-report`.
 """
 
 from __future__ import annotations
