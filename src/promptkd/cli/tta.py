@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=["episodic", "online"],
         default=None,
-        help="episodic: reset per image (default); online: state carried across the test stream (order from --seed)",
+        help="episodic: state reset per image; online: carried across the test stream (order from --seed); default: "
+        "the method's own (online for tda, dpe, boostadapter; episodic for the others)",
     )
     parser.add_argument("--orders", type=v.count, default=None, help="online: stream orders to run, seeds S..S+N-1 (1)")
     parser.add_argument(
