@@ -112,12 +112,32 @@ class OnlineMethod(TTAMethod):
     def reset_state(self) -> None:
         """Empty state (a fresh cache)."""
 
+    #: the carried state: None, a dict of tensors, or an object with ``state_dict()`` / ``load_state_dict()``
+    state: Any = None
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        if self.state is None:
+            return {}
+        return dict(self.state if isinstance(self.state, dict) else self.state.state_dict())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
+        """The state as flat CPU tensors (saved with the run's progress)."""
+        return {k: v.detach().cpu().clone() for k, v in self._tensors().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state:
-            raise TTAError(f"{self.name} keeps no state; the saved run holds {sorted(state)}")
+        """Restore a saved state exactly; one of another shape (other classes or settings) is refused."""
+        expected = {k: tuple(v.shape) for k, v in self._tensors().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != expected:
+            raise TTAError(
+                f"{self.name}: the saved state {got} does not fit this run's {expected} "
+                "(another class list or settings)"
+            )
+        restored = {k: v.to(self.model.device).clone() for k, v in state.items()}
+        if isinstance(self.state, dict):
+            self.state = restored
+        elif self.state is not None:
+            self.state.load_state_dict(restored)
 
     def predict_one(self, features: torch.Tensor, clip_logits: torch.Tensor, batch: OnlineBatch) -> torch.Tensor:
         """Logits [C] for one sample from its view features [V, E] and logits [V, C]; may update the state."""

@@ -43,7 +43,7 @@ from typing import ClassVar, Literal
 import torch
 
 from promptkd.config import AT_LEAST_ONE, NON_NEGATIVE
-from promptkd.tta.base import TTAError, register_tta_method
+from promptkd.tta.base import register_tta_method
 from promptkd.tta.losses import confident_views, view_entropy
 from promptkd.tta.methods.dpe import PriorityCache, check_cache_size, summarise_views
 from promptkd.tta.online import OnlineBatch, OnlineConfig, OnlineMethod
@@ -236,19 +236,6 @@ class BoostAdapter(OnlineMethod):
     def reset_state(self) -> None:
         n_cls, width = self.model.initial_text_features().shape
         self.state = BoostState(n_cls, width, self.config, device=self.model.device)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.state.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {k: tuple(v.shape) for k, v in self.state.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in state.items()}
-        if got != expected:
-            raise TTAError(
-                f"boostadapter: the saved state {got} does not fit this run's {expected} "
-                "(another class list or settings)"
-            )
-        self.state.load_state_dict({k: v.to(self.model.device) for k, v in state.items()})
 
     def predict_one(self, features: torch.Tensor, clip_logits: torch.Tensor, batch: OnlineBatch) -> torch.Tensor:
         scale = self.config.logit_scale or batch.logit_scale

@@ -335,18 +335,6 @@ class DPE(OnlineMethod):
     def reset_state(self) -> None:
         self.state = DPEState(self.model.initial_text_features(), self.config.shots)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.state.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {k: tuple(v.shape) for k, v in self.state.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in state.items()}
-        if got != expected:
-            raise TTAError(
-                f"dpe: the saved state {got} does not fit this run's {expected} (another class list or settings)"
-            )
-        self.state.load_state_dict({k: v.to(self.model.device) for k, v in state.items()})
-
     def predict_one(self, features: torch.Tensor, clip_logits: torch.Tensor, batch: OnlineBatch) -> torch.Tensor:
         scale = self.config.logit_scale or batch.logit_scale
         return dpe_adapt_one(self.state, features, self.config, scale) * (batch.logit_scale / scale)

@@ -114,16 +114,6 @@ class TDA(OnlineMethod):
             "neg_probs": torch.zeros(n_cls, cfg.neg_shots, n_cls, device=device),
         }
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.state.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {k: tuple(v.shape) for k, v in self.state.items()}
-        got = {k: tuple(v.shape) for k, v in state.items()}
-        if got != expected:
-            raise TTAError(f"tda: the saved caches {got} do not fit this run's {expected}")
-        self.state = {k: v.to(self.model.device).clone() for k, v in state.items()}
-
     def summarise(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(feature [E], logits [C], entropy, probabilities [C]) of one sample, over its confident views."""
         if features.shape[0] > 1:
