@@ -38,10 +38,19 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from promptkd.config import NON_NEGATIVE
 from promptkd.tta.base import AdaptResult, TTAError, TTAMethod
 from promptkd.tta.model import PromptedCLIP
 
-__all__ = ["MODES", "OnlineBatch", "OnlineConfig", "OnlineMethod", "entropy", "max_entropy"]
+__all__ = [
+    "MODES",
+    "OnlineBatch",
+    "OnlineConfig",
+    "OnlineMethod",
+    "ScaledCacheConfig",
+    "entropy",
+    "max_entropy",
+]
 
 MODES = ("episodic", "online")
 
@@ -61,6 +70,21 @@ class OnlineConfig:
             raise ValueError("n_views must be at least 1 (the original image)")
         if not 0 < self.min_crop_scale <= 1:
             raise ValueError("min_crop_scale must be in (0, 1]")
+
+
+@dataclass
+class ScaledCacheConfig(OnlineConfig):
+    """Settings of the cache methods that pool confident views and compute at a chosen CLIP scale (DPE,
+    BoostAdapter): their thresholds were tuned at CLIP's fixed scale 100, a small model's learned one differs."""
+
+    selection: float = field(default=0.1, metadata={"help": "fraction of lowest-entropy views kept (0.1)"})
+    logit_scale: float = field(
+        default=0.0,
+        metadata={
+            "help": "CLIP logit scale inside the method: 0 = the model's learned one; 100 = the reference's fixed one",
+            "rule": NON_NEGATIVE,
+        },
+    )
 
 
 @dataclass

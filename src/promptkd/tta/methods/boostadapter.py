@@ -46,7 +46,7 @@ from promptkd.config import AT_LEAST_ONE, NON_NEGATIVE
 from promptkd.tta.base import register_tta_method
 from promptkd.tta.losses import confident_views, view_entropy
 from promptkd.tta.methods.dpe import PriorityCache, check_cache_size, summarise_views
-from promptkd.tta.online import OnlineBatch, OnlineConfig, OnlineMethod
+from promptkd.tta.online import OnlineBatch, OnlineMethod, ScaledCacheConfig
 
 __all__ = [
     "BoostAdapter",
@@ -112,19 +112,11 @@ def negative_logits(
 
 
 @dataclass
-class BoostConfig(OnlineConfig):
+class BoostConfig(ScaledCacheConfig):
     """BoostAdapter's settings (names as TDA's); see the module docstring for where the defaults come from."""
 
     n_views: int = field(default=64, metadata={"help": "views per test image, the original included (--views 64)"})
     augmix: Literal["auto", "on", "off"] = field(default="off", metadata={"help": "AugMix views (reference: off)"})
-    selection: float = field(default=0.1, metadata={"help": "fraction of lowest-entropy views (query and boosting)"})
-    logit_scale: float = field(
-        default=0.0,
-        metadata={
-            "help": "CLIP logit scale inside the method: 0 = the model's learned one; 100 = the reference's fixed one",
-            "rule": NON_NEGATIVE,
-        },
-    )
     query: Literal["confident", "original"] = field(
         default="confident", metadata={"help": "query: the confident views' mean (ImageNet family) or the original"}
     )

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from promptkd.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 from promptkd.tta.base import TTAError, register_tta_method
 from promptkd.tta.losses import confident_views, marginal_entropy, view_entropy
-from promptkd.tta.online import OnlineBatch, OnlineConfig, OnlineMethod
+from promptkd.tta.online import OnlineBatch, OnlineMethod, ScaledCacheConfig
 
 __all__ = [
     "DPE",
@@ -182,20 +182,12 @@ def adamw_fresh_step(
 
 
 @dataclass
-class DPEConfig(OnlineConfig):
+class DPEConfig(ScaledCacheConfig):
     """DPE's settings; defaults are the reference's ImageNet ones (``configs/imagenet.yaml``, 63 AugMix views + the
     original as its ``get_preprocess``); the reference's fine-grained sets use one view (preset ``fine_grained``)."""
 
     n_views: int = field(default=64, metadata={"help": "views per test image, the original included (1 = no views)"})
     augmix: Literal["auto", "on", "off"] = field(default="on", metadata={"help": "AugMix views (the reference: on)"})
-    selection: float = field(default=0.1, metadata={"help": "fraction of lowest-entropy views averaged (0.1)"})
-    logit_scale: float = field(
-        default=0.0,
-        metadata={
-            "help": "CLIP logit scale inside the method: 0 = the model's learned one; 100 = the reference's fixed one",
-            "rule": NON_NEGATIVE,
-        },
-    )
     shots: int = field(default=3, metadata={"help": "cache entries per class (shot capacity)", "rule": AT_LEAST_ONE})
     alpha: float = field(default=6.0, metadata={"help": "weight of the cache logits", "rule": NON_NEGATIVE})
     beta: float = field(default=5.0, metadata={"help": "sharpness of the cache affinities", "rule": NON_NEGATIVE})
