@@ -181,7 +181,15 @@ def plot(rows: list[dict], path: Path) -> None:
     for row in rows:
         if not row["seconds"]:
             axes.axhline(row["acc"]["mean"], linestyle=":", color="grey", linewidth=1)
-            axes.annotate(row["method"], (0.0, row["acc"]["mean"]), xycoords=("axes fraction", "data"), fontsize=8)
+            axes.annotate(
+                f"{row['method']} (no adaptation)",
+                (0.42, row["acc"]["mean"]),
+                xycoords=("axes fraction", "data"),
+                ha="center",
+                va="top",
+                fontsize=8,
+                color="grey",
+            )
             continue
         x, y = row["seconds"]["mean"], row["acc"]["mean"]
         axes.errorbar(x, y, yerr=row["acc"]["std"], fmt="o", capsize=3)
