@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 
@@ -118,3 +119,17 @@ def test_unknown_preset_and_method_suggest_names():
         load_preset("coop", "nope")
     with pytest.raises(UnknownMethodError, match=r"unknown method 'copo'\. Did you mean 'coop'"):
         get_method("copo")
+
+
+@dataclass
+class Views:
+    augmix: Literal["auto", "on", "off"] = "auto"
+
+
+def test_on_and_off_overrides_reach_word_choices():
+    """`--set method.augmix=on` is read by YAML as True; a setting whose choices are the words gets the word back."""
+    data = apply_overrides({}, ["augmix=on"])
+    assert data == {"augmix": True} and from_dict(Views, data).augmix == "on"
+    assert from_dict(Views, apply_overrides({}, ["augmix=off"])).augmix == "off"
+    with pytest.raises(ConfigError, match="is not one of"):
+        from_dict(Views, {"augmix": "maybe"})

@@ -57,6 +57,11 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {value!r} fits none of {annotation}")
     if origin is typing.Literal:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML 1.1 reads a bare on/off/yes/no/true/false as a bool: give back the word the choices use
+            words = [a for a in args if isinstance(a, str) and a.lower() in _BOOL_WORDS[value]]
+            if len(words) == 1:
+                return words[0]
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
@@ -196,6 +201,10 @@ def _check_rules(cls: type, values: dict[str, Any], where: str) -> None:
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+#: the words YAML 1.1 turns into True / False
+_BOOL_WORDS = {True: ("on", "yes", "true", "y"), False: ("off", "no", "false", "n")}
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
