@@ -32,6 +32,7 @@ How a method plugs in (subclass :class:`OnlineMethod`, decorate with ``register_
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -85,6 +86,16 @@ class ScaledCacheConfig(OnlineConfig):
             "rule": NON_NEGATIVE,
         },
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.selection <= 1:
+            raise ValueError("selection must be a fraction in (0, 1]")
+        if self.n_views > 1 and int(self.n_views * self.selection) < 1:  # the reference would average no view
+            raise ValueError(
+                f"{self.n_views} views with selection {self.selection} keep no view; use n_views >= "
+                f"{math.ceil(1 / self.selection)} or n_views=1"
+            )
 
 
 @dataclass

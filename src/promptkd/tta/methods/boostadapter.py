@@ -143,13 +143,6 @@ class BoostConfig(ScaledCacheConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.selection <= 1:
-            raise ValueError("selection must be a fraction in (0, 1]")
-        if self.n_views > 1 and int(self.n_views * self.selection) < 1:  # the reference would average no view
-            raise ValueError(
-                f"{self.n_views} views with selection {self.selection} keep no view; use n_views >= "
-                f"{math.ceil(1 / self.selection)} or n_views=1"
-            )
         if self.pos_shots < 1 or self.neg_shots < 1 or self.delta < 0:
             raise ValueError(
                 f"pos_shots and neg_shots must be >= 1 and delta >= 0; got pos_shots={self.pos_shots}, "

@@ -208,13 +208,6 @@ class DPEConfig(ScaledCacheConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.selection <= 1:
-            raise ValueError("selection must be a fraction in (0, 1]")
-        if self.n_views > 1 and int(self.n_views * self.selection) < 1:  # the reference would average no view
-            raise ValueError(
-                f"{self.n_views} views with selection {self.selection} keep no view; use n_views >= "
-                f"{math.ceil(1 / self.selection)} or n_views=1"
-            )
         if self.shots < 1 or self.steps < 1:
             raise ValueError(f"shots and steps must be >= 1; got shots={self.shots}, steps={self.steps}")
 
