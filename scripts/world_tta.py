@@ -16,6 +16,7 @@ shift average, ± the std over seeds) and writes `<out>/tta_table.md`, `<out>/tt
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 from pathlib import Path
@@ -74,32 +75,71 @@ def run_seed(root: str, seed: int, out: Path, max_images: int, methods: list[str
             _tta(cli, method, seed, common, ["--base", str(base), *sources[method]], folder / method)
 
 
-#: TPT variants that test why it barely moves zero-shot here (each one setting away from the world preset)
-TPT_VARIANTS = {
-    "preset": [],
-    "crops >= 0.5 of the image": ["method.min_crop_scale=0.5"],
-    "AugMix views": ["method.augmix=on"],
-    "lr x10": ["method.lr=0.05"],
-    "4 steps": ["method.steps=4"],
+#: one setting changed at a time from each method's world preset, to find what limits it on the world (seed 1)
+ABLATIONS = {
+    "tpt": {
+        "preset": [],
+        "crops >= 0.5 of the image": ["method.min_crop_scale=0.5"],
+        "AugMix views": ["method.augmix=on"],
+        "lr x10": ["method.lr=0.05"],
+        "4 steps": ["method.steps=4"],
+        "4 steps, lr x10": ["method.steps=4", "method.lr=0.05"],
+        "CLIP's logit scale (100) in the loss": ["method.logit_scale=100"],
+    },
+    "promptalign": {
+        "preset": [],
+        "no alignment (β = 0: TPT on the MaPLe base)": ["method.align_weight=0"],
+        "TPT's lr (5e-3)": ["method.lr=0.005"],
+        "no alignment, TPT's lr": ["method.align_weight=0", "method.lr=0.005"],
+    },
+    "promptsync": {
+        "preset": [],
+        "views chosen once": ["method.view_selection=initial"],
+        "no discrimination loss": ["method.discrimination_weight=0"],
+        "no alignment loss": ["method.alignment_weight=0"],
+        "entropy only": ["method.discrimination_weight=0", "method.alignment_weight=0"],
+        "lr and inner lr / 8 (5e-3)": ["method.lr=0.005", "method.inner_lr=0.005"],
+    },
 }
 
 
-def tpt_sweep(root: str, out: Path, max_images: int, seed: int = 1) -> str:
-    """TPT with one setting changed at a time, on the same images and views (seed 1); a Markdown table."""
+def ablation(method: str, root: str, out: Path, max_images: int, seed: int = 1) -> str:
+    """``method`` with one setting changed at a time, on the same images and views; a Markdown table."""
     from promptkd.cli.main import main as cli
 
     common = ["--preset", "world", "--datasets", *SETS, "--data-root", root, "--max-images", str(max_images)]
-    common += ["--no-progress", "--model", TEACHER, "--pretrained", "shipped"]
-    lines = ["| TPT variant | shift average | ECE | ms / image |", "|---|---|---|---|"]
-    for index, (name, overrides) in enumerate(TPT_VARIANTS.items()):
-        folder = out / "tpt_sweep" / f"variant_{index}"
+    common.append("--no-progress")
+    base = ["--model", TEACHER, "--pretrained", "shipped"]
+    if method in MAPLE_METHODS:
+        prompts, stats, protos = _maple_base(cli, root, seed, out / f"seed_{seed}")
+        base = ["--base", str(prompts), *(["--stats", str(stats)] if method == "promptalign" else [])]
+        base += ["--prototypes", str(protos)] if method == "promptsync" else []
+    name = "TPT" if method == "tpt" else {"promptalign": "PromptAlign", "promptsync": "PromptSync"}[method]
+    lines = [f"| {name} variant | shift average | % changed / fixed / broken | ECE | ms / image |", "|---|" * 5]
+    for index, (variant, overrides) in enumerate(ABLATIONS[method].items()):
+        folder = out / ("tpt_sweep" if method == "tpt" else f"{method}_sweep") / f"variant_{index}"
         extra = ["--set", *overrides] if overrides else []
-        _tta(cli, "tpt", seed, [*common, *extra], [], folder)
+        _tta(cli, method, seed, [*common, *extra], base, folder)
         records = [json.loads(p.read_text()) for p in folder.glob("*-test_time_classification.json")]
         acc, ece, sec = (_row(records, key)["mean"] for key in ("acc1", "ece", "seconds_per_image"))
-        base = _row(records, "base_acc1")["mean"]
-        lines.append(f"| {name} | {acc:.1f} ({acc - base:+.1f}) | {ece:.1f} | {1000 * sec:.0f} |")
+        start = _row(records, "base_acc1")["mean"]
+        moved = "{:.1f} / {:.1f} / {:.1f}".format(*_flips(folder))
+        lines.append(f"| {variant} | {acc:.1f} ({acc - start:+.1f}) | {moved} | {ece:.1f} | {1000 * sec:.0f} |")
     return "\n".join(lines)
+
+
+def _flips(folder: Path) -> tuple[float, float, float]:
+    """% of test images whose prediction the adaptation changed, fixed (wrong -> right) and broke (right -> wrong)."""
+    changed = fixed = broken = total = 0
+    for path in folder.glob("*-predictions.csv"):
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                before, after = row["base_prediction"] == row["label"], row["prediction"] == row["label"]
+                changed += row["prediction"] != row["base_prediction"]
+                fixed += after and not before
+                broken += before and not after
+                total += 1
+    return tuple(100.0 * count / max(total, 1) for count in (changed, fixed, broken))
 
 
 def _records(out: Path) -> list[dict]:
@@ -211,11 +251,13 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=MAX_IMAGES, help="images per set (0: all 1,920)")
     parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
     parser.add_argument("--table-only", action="store_true", help="aggregate what is there, run nothing")
-    parser.add_argument("--tpt-sweep", action="store_true", help="only TPT with one setting changed at a time")
+    parser.add_argument(
+        "--ablate", choices=sorted(ABLATIONS), help="only this method, one setting changed at a time (seed 1)"
+    )
     args = parser.parse_args()
-    if args.tpt_sweep:
-        text = tpt_sweep(str(ensure_world(args.world_root)), Path(args.out), args.max_images)
-        (Path(args.out) / "tpt_sweep.md").write_text(text + "\n")
+    if args.ablate:
+        text = ablation(args.ablate, str(ensure_world(args.world_root)), Path(args.out), args.max_images)
+        (Path(args.out) / f"{args.ablate}_sweep.md").write_text(text + "\n")
         print(text)
         return
     out = Path(args.out)

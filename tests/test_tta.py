@@ -165,6 +165,20 @@ def test_tpt_batched_equals_single_and_is_batch_order_free(tiny_backbone):
     torch.testing.assert_close(permuted.logits, batched.logits[[2, 0, 3, 1]], atol=1e-4, rtol=1e-4)
 
 
+def test_logit_scale_option_sets_the_scale_of_every_logit_the_tuner_computes(tiny_backbone):
+    """``logit_scale`` (0: the model's own) rescales the loss and the logits: at CLIP's 100 the tiny model's
+    predictions are sharper (lower entropy) and the tuned prompts move differently."""
+    views = _views(tiny_backbone, batch=2)
+    learned_model, _ = build_model(CLASSES, backbone=tiny_backbone)
+    learned = get_tta_method("tpt")(learned_model, TTAConfig(n_views=8, selection=0.25)).adapt(views)
+    scaled_model, _ = build_model(CLASSES, backbone=tiny_backbone)
+    scaled = get_tta_method("tpt")(scaled_model, TTAConfig(n_views=8, selection=0.25, logit_scale=100.0)).adapt(views)
+    assert scaled_model.logit_scale == 100.0 and learned_model.logit_scale == float(tiny_backbone.logit_scale)
+    ratio = 100.0 / float(tiny_backbone.logit_scale)
+    torch.testing.assert_close(scaled.initial_logits, learned.initial_logits * ratio, atol=1e-4, rtol=1e-4)
+    assert float((scaled.params["ctx"] - learned.params["ctx"]).abs().max()) > 1e-6
+
+
 def test_ctpt_batched_equals_single_with_chunked_text(tiny_backbone):
     model, _ = build_model(CLASSES, backbone=tiny_backbone)
     cls = get_tta_method("ctpt")

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from promptkd.config import NON_NEGATIVE
 from promptkd.errors import PromptKDError
 from promptkd.tta.losses import confident_views, marginal_entropy
 from promptkd.tta.model import PromptedCLIP, PromptParams
@@ -65,6 +66,14 @@ class TTAConfig:
     )
     augmix: Literal["auto", "on", "off"] = field(
         default="auto", metadata={"help": "AugMix views: auto = on for TPT's fine-grained datasets"}
+    )
+    logit_scale: float = field(
+        default=0.0,
+        metadata={
+            "help": "CLIP logit scale of every logit the method computes (loss, view selection, reported "
+            "confidence): 0 = the model's learned one; 100 = CLIP's, at which the papers tuned their settings",
+            "rule": NON_NEGATIVE,
+        },
     )
 
     def __post_init__(self) -> None:
@@ -209,6 +218,8 @@ class TTAMethod:
                 "`promptkd tta-stats` and pass the file(s) with --stats / --prototypes."
             )
         self.check_sources()
+        if self.config.logit_scale > 0:
+            self.model.logit_scale = float(self.config.logit_scale)
         self.mode = "episodic"  # "online": prompts carried from one test image to the next (set by the engine)
         self.reset_state()
 
