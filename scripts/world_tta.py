@@ -115,7 +115,7 @@ def ablation(method: str, root: str, out: Path, max_images: int, seed: int = 1) 
         base = ["--base", str(prompts), *(["--stats", str(stats)] if method == "promptalign" else [])]
         base += ["--prototypes", str(protos)] if method == "promptsync" else []
     name = "TPT" if method == "tpt" else {"promptalign": "PromptAlign", "promptsync": "PromptSync"}[method]
-    lines = [f"| {name} variant | shift average | % changed / fixed / broken | ECE | ms / image |", "|---|" * 5]
+    lines = [f"| {name} variant | shift average | % changed / fixed / broken | ECE | ms / image |", "|" + "---|" * 5]
     for index, (variant, overrides) in enumerate(ABLATIONS[method].items()):
         folder = out / ("tpt_sweep" if method == "tpt" else f"{method}_sweep") / f"variant_{index}"
         extra = ["--set", *overrides] if overrides else []
