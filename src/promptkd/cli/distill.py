@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("teacher")
     group.add_argument(
         "--teacher",
-        type=v.checkpoint,
+        type=v.teacher_checkpoint,
         default=None,
         metavar="CKPT",
         help="promptkd checkpoint of the teacher (any method: coop, ivlp, maple, promptsrc, zeroshot, ..., or one "
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--teacher-features",
-        type=v.checkpoint,
+        type=v.features,
         default=None,
         metavar="FILE",
         help="reuse stored teacher features (checked against the class list and the teacher) instead of computing",

@@ -12,10 +12,15 @@ HELP = "export a distilled student (image tower + prompts + projector + stored f
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=v.checkpoint, help="a promptkd student checkpoint")
     parser.add_argument(
-        "--features", type=v.checkpoint, default=None, help="stored teacher features (default: next to the student)"
+        "--features", type=v.features, default=None, help="stored teacher features (default: next to the student)"
     )
     parser.add_argument("--out", type=v.output_folder, required=True, help="output folder")
-    parser.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"])
+    parser.add_argument(
+        "--format",
+        default="torchscript",
+        choices=["torchscript", "onnx", "hub"],
+        help="hub: the run's files + config.json + model card in the Hugging Face Hub's layout (upload the folder)",
+    )
     parser.add_argument(
         "--check-images",
         nargs="*",
@@ -26,8 +31,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _export_hub(args: argparse.Namespace) -> int:
+    """--format hub: the folder a Hub model repo holds; loadable as it is, or as hf-hub:ORG/NAME once uploaded."""
+    from promptkd.hub import HubError
+    from promptkd.hub_export import export_hub
+
+    if args.check_images:
+        raise HubError("--check-images applies to --format torchscript/onnx; a Hub folder holds the run's own files.")
+    config = export_hub(args.checkpoint, args.out, args.features)
+    print(f"wrote {args.out}: {', '.join(sorted(config['sha256']))} + config.json + README.md (model card)")
+    print(f"upload it: hf upload ORG/NAME {args.out} . ; then use it as hf-hub:ORG/NAME[@REVISION]")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from promptkd.deploy import export_student, image_paths
+
+    if args.format == "hub":
+        return _export_hub(args)
 
     images = image_paths(args.check_images) if args.check_images else None
     manifest = export_student(args.checkpoint, args.out, args.features, check_images=images, fmt=args.format)

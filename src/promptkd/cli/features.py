@@ -45,9 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     extend = actions.add_parser("extend", help="append the teacher's features of new class names")
     extend.add_argument(
-        "features", type=v.checkpoint, help="stored teacher features (teacher_features.safetensors or its stem)"
+        "features", type=v.features, help="stored teacher features (teacher_features.safetensors or its stem)"
     )
-    extend.add_argument("--teacher", type=v.checkpoint, default=None, metavar="CKPT", help="the teacher's checkpoint")
+    extend.add_argument(
+        "--teacher", type=v.teacher_checkpoint, default=None, metavar="CKPT", help="the teacher's checkpoint"
+    )
     add_backbone_args(extend, prefix="teacher")
     extend.add_argument(
         "--classes", type=v.text_file, required=True, metavar="FILE", help="new class names (.txt one per line, .json)"
@@ -69,15 +71,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     extend.add_argument("--seed", type=v.seed, default=1, help="seed of the short distillation (default 1)")
     calibrate = actions.add_parser("calibrate", help="fit a student's calibration of added rows (no labels)")
-    calibrate.add_argument("features", type=v.checkpoint, help="extended teacher features (promptkd features extend)")
+    calibrate.add_argument("features", type=v.features, help="extended teacher features (promptkd features extend)")
     calibrate.add_argument(
-        "--teacher", type=v.checkpoint, default=None, metavar="CKPT", help="the teacher's checkpoint"
+        "--teacher", type=v.teacher_checkpoint, default=None, metavar="CKPT", help="the teacher's checkpoint"
     )
     add_backbone_args(calibrate, prefix="teacher")
     calibrate.add_argument("--device", type=v.text, default="cpu")
     _add_student_args(calibrate, required=True)
     show = actions.add_parser("show", help="classes, teacher and extensions of a features file")
-    show.add_argument("features", type=v.checkpoint)
+    show.add_argument("features", type=v.features)
 
 
 def _add_student_args(parser: argparse.ArgumentParser, *, required: bool) -> None:

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "images", nargs="+", type=v.input_path, help="image files, folders (any nesting) or .txt lists of paths"
     )
     parser.add_argument(
-        "--features", type=v.checkpoint, default=None, help="stored teacher features (default: next to the student)"
+        "--features", type=v.features, default=None, help="stored teacher features (default: next to the student)"
     )
     parser.add_argument("--top-k", type=v.count, default=5)
     parser.add_argument("--batch-size", type=v.count, default=64)

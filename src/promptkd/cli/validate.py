@@ -16,12 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from promptkd.errors import PromptKDError
+
 __all__ = [
     "KINDS",
     "Repeatable",
     "checkpoint",
     "count",
     "count0",
+    "features",
     "finite_float",
     "input_file",
     "input_folder",
@@ -33,6 +36,7 @@ __all__ = [
     "positive_float",
     "probability",
     "seed",
+    "teacher_checkpoint",
     "text",
     "text_file",
 ]
@@ -175,18 +179,42 @@ def text_file(value: str) -> str:
     return value
 
 
-@_kind("checkpoint", "a promptkd checkpoint (.safetensors, .json or their stem)")
-def checkpoint(value: str) -> str:
-    """A checkpoint given as its .safetensors, its .json or the stem they share."""
-    path = _path(value)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{value} is a folder; give a checkpoint file (e.g. {path / 'prompts'})")
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    tensors = stem.with_name(stem.name + ".safetensors")  # as promptkd.checkpoints.checkpoint_paths pairs them
-    paired = (tensors, stem.with_name(stem.name + ".json"), stem.with_suffix(".safetensors"))  # tta sources
-    if not (path.is_file() or any(candidate.is_file() for candidate in paired)):
-        raise argparse.ArgumentTypeError(f"{value}: no such checkpoint (no {tensors})")
-    return value
+def _checkpoint_check(role: str) -> Check:
+    """The check of a checkpoint-like file that plays ``role`` (:data:`promptkd.hub.ROLES`): all share one kind."""
+
+    @_kind("checkpoint", "a promptkd checkpoint (.safetensors, .json or their stem, a Hub folder or hf-hub:ORG/NAME)")
+    def check(value: str) -> str:
+        """A file given as its .safetensors, its .json or the stem they share; an ``hf-hub:ORG/NAME[@REVISION]``
+        name or a folder in the Hub's layout (promptkd export --format hub) becomes the local file of ``role``."""
+        from promptkd.hub import resolve_file
+
+        _path(value)  # refuses an empty value
+        try:
+            value = resolve_file(value, role)
+        except PromptKDError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        path = _path(value)
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(
+                f"{value} is a folder; give a checkpoint file (e.g. {path / 'prompts'}) or a folder written by "
+                "`promptkd export --format hub`"
+            )
+        stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+        tensors = stem.with_name(stem.name + ".safetensors")  # as promptkd.checkpoints.checkpoint_paths pairs them
+        paired = (tensors, stem.with_name(stem.name + ".json"), stem.with_suffix(".safetensors"))  # tta sources
+        if not (path.is_file() or any(candidate.is_file() for candidate in paired)):
+            raise argparse.ArgumentTypeError(f"{value}: no such checkpoint (no {tensors})")
+        return value
+
+    return check
+
+
+#: a checkpoint (a Hub folder or name: its main checkpoint, e.g. the distilled student)
+checkpoint = _checkpoint_check("checkpoint")
+#: a teacher's checkpoint (a Hub folder or name: the teacher it holds, or its checkpoint when that is the teacher)
+teacher_checkpoint = _checkpoint_check("teacher")
+#: stored teacher features (a Hub folder or name: the features file it holds)
+features = _checkpoint_check("features")
 
 
 def _can_write_in(folder: Path) -> bool:
