@@ -7,8 +7,9 @@ stage 2, the PromptKD student distilled from the teacher's stored class features
 HM and all-class accuracy; and the inference speed of every model (images/s, timed in interleaved rounds). It
 prints the table, saves ``results.json``, a bar chart and a chart of HM against speed (the paper's story: the
 distilled student near the teacher's accuracy at the student's speed), and runs ``predict`` with the distilled
-student alone on a few test images, marked right or wrong. Real backbones and data go through the same flags
-(``--teacher-model``, ``--data-root``, ``--datasets``).
+student alone on a few test images, marked right or wrong. ``demo.html`` shows all of it on one offline page, with
+the training curves, a confusion matrix and test images the student gets right, wrong, and unlike its teacher. Real
+backbones and data go through the same flags (``--teacher-model``, ``--data-root``, ``--datasets``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from promptkd.cli import validate as v
 HELP = "run the whole pipeline on the embedded world: zero-shot, PromptSRC teacher, CoOp and PromptKD students"
 
 DEFAULT_DATASETS = ("shapes",)
+TABLE_HEADERS = ("method", "dataset", "base", "novel", "HM", "all", "images/s", "train s")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,26 +134,12 @@ def run(args: argparse.Namespace) -> int:
     for dataset in args.datasets:
         root = str(world_root) if dataset in world_names else args.data_root
         rows += _run_dataset(args, dataset, root, out)
-    print_table(
-        ["method", "dataset", "base", "novel", "HM", "all", "images/s", "train s"],
-        [
-            (
-                r["method"],
-                r["dataset"],
-                f"{r['base']:.1f}",
-                f"{r['novel']:.1f}",
-                f"{r['hm']:.1f}",
-                f"{r['all']:.1f}",
-                f"{r['images_per_second']:.0f}",
-                f"{r['seconds']:.0f}" if r["seconds"] else "",
-            )
-            for r in rows
-        ],
-    )
+    print_table(list(TABLE_HEADERS), [_cells(r) for r in rows])
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
     bars = _bar_chart(rows, out / "demo.png")
     speed = _speed_chart(rows, out / "demo_speed.png")
-    print(f"wrote {out / 'results.json'}, {bars} and {speed}")
+    page = write_page(rows, out)
+    print(f"wrote {out / 'results.json'}, {bars}, {speed} and {page} (one page to open in a browser)")
     if not args.zeroshot_only and args.datasets:
         dataset = args.datasets[-1]
         _predict_example(out / dataset / "promptkd", dataset, world_root if dataset in world_names else args.data_root)
@@ -234,7 +222,75 @@ def _run_dataset(args: argparse.Namespace, dataset: str, root: str | None, out: 
     print(f"[6/6] {dataset}: inference speed of every model (images/s, batch 256, interleaved rounds)")
     for row, rate in zip(rows, images_per_second(models, rounds=3, min_seconds=0.4)):
         row["images_per_second"] = rate
+    if not args.zeroshot_only:  # after the timing: all-class scoring changes the teacher's class count
+        from promptkd.html_report import PREDICTIONS_FILE
+
+        _test_predictions(models[2], models[-1], dataset, root, out / dataset / PREDICTIONS_FILE)
     return rows
+
+
+def _cells(row: dict) -> tuple[str, ...]:
+    """One row of the demo's table as printed and as shown on demo.html."""
+    return (
+        row["method"],
+        row["dataset"],
+        f"{row['base']:.1f}",
+        f"{row['novel']:.1f}",
+        f"{row['hm']:.1f}",
+        f"{row['all']:.1f}",
+        f"{row['images_per_second']:.0f}",
+        f"{row['seconds']:.0f}" if row["seconds"] else "",
+    )
+
+
+def _test_predictions(teacher, student, dataset: str, root, path: Path) -> Path:
+    """The distilled student's and its teacher's top-1 on every test image among all classes (what a deployed model
+    faces): demo.html's confusion matrix and gallery of right, wrong and disagreeing images read them."""
+    from promptkd.data.datasets import resolve_dataset
+    from promptkd.data.items import ImageDataset
+    from promptkd.data.transforms import build_transform
+    from promptkd.engine.trainer import predict_logits
+    from promptkd.html_report import ImagePrediction, write_predictions
+
+    splits = resolve_dataset(dataset, root)
+    names = list(splits.classnames)
+    probs = []
+    for method in (student, teacher):
+        method.set_classnames(names)
+        data = ImageDataset(splits.test, build_transform(method.backbone.preprocess, train=False))
+        probs.append(predict_logits(method, data)[0].softmax(-1))
+    records = [
+        ImagePrediction(d.path, d.classname, names[int(p.argmax())], float(p.max()), names[int(q.argmax())])
+        for d, p, q in zip(splits.test, *probs)
+    ]
+    return write_predictions(records, path)
+
+
+def write_page(rows: list[dict], out: Path) -> Path:
+    """``demo.html`` beside the demo's outputs: the table, both charts, the training curves and each dataset's test
+    predictions (confusion matrix; images the student gets right, wrong, and where it disagrees with its teacher)."""
+    from promptkd.html_report import (
+        PREDICTIONS_FILE,
+        Page,
+        curves_png,
+        img_html,
+        prediction_sections,
+        read_curves,
+        table_html,
+    )
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    page = Page("promptkd demo", f"PromptKD on {', '.join(datasets)}: accuracies in %, speed in images/s.")
+    page.add("Results", table_html(TABLE_HEADERS, [_cells(r) for r in rows]))
+    for name, heading in (("demo.png", "Accuracy per method"), ("demo_speed.png", "Accuracy vs speed")):
+        if (out / name).is_file():
+            page.add(heading, img_html((out / name).read_bytes(), heading))
+    chart = curves_png(read_curves([out]))
+    if chart:
+        page.add("Training curves", img_html(chart, "training curves of the demo's stages"))
+    shown = [d for d in datasets if (out / d / PREDICTIONS_FILE).is_file()]
+    prediction_sections(page, [out / d / PREDICTIONS_FILE for d in shown], out, "the distilled student", shown)
+    return page.write(out / "demo.html")
 
 
 def _since(tic: float) -> float:

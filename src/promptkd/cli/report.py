@@ -1,4 +1,5 @@
-"""`promptkd report`: aggregate result JSONs (seeds, datasets, base-to-novel HM) into Markdown, JSON and charts."""
+"""`promptkd report`: aggregate result JSONs (seeds, datasets, base-to-novel HM) into Markdown, JSON and charts,
+and with ``--html`` one self-contained page of them (see :mod:`promptkd.html_report`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder for report.md, report.json and the PNG charts (default: the first RUN_DIR)",
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the bar charts")
+    parser.add_argument(
+        "--html",
+        type=v.output_file,
+        default=None,
+        metavar="FILE",
+        help="also write one self-contained HTML page (tables, charts, training curves, confusion matrix, gallery)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,4 +54,11 @@ def run(args: argparse.Namespace) -> int:
     if summary:
         print(distillation_section(summary))
     print(f"wrote {paths['markdown']}, {paths['json']}" + "".join(f", {v}" for k, v in paths.items() if ":" in k))
+    if args.html:
+        from promptkd.html_report import report_page
+
+        markdown = format_markdown(report) + ("\n" + distillation_section(summary) if summary else "")
+        charts = {k.split(":", 1)[1]: v for k, v in paths.items() if k.startswith("plot:")}
+        page = report_page(markdown, report, results, args.run_dirs, charts)
+        print(f"wrote {page.write(args.html)}")
     return 0
