@@ -82,6 +82,7 @@ def edge_values(kind: str, p: dict[str, str]) -> tuple[list[str], list[str]]:
         "non_negative_float": (["-1e-9", "-1", "nan", "inf", ""], ["0", "2.5"]),
         "finite_float": (["nan", "inf", "-inf", "1e999", ""], ["-1", "0"]),
         "probability": (["-0.1", "1.5", "nan", ""], ["0", "1"]),
+        "fraction": (["0", "-0.1", "1.5", "nan", ""], ["1e-9", "1"]),
         "text": (["", "   "], ["x"]),
     }
     paths = {

@@ -26,6 +26,7 @@ __all__ = [
     "count0",
     "features",
     "finite_float",
+    "fraction",
     "input_file",
     "input_folder",
     "input_path",
@@ -116,6 +117,12 @@ def non_negative_float(value: str) -> float:
 @_kind("finite_float", "a finite number")
 def finite_float(value: str) -> float:
     return _real(value, -math.inf, math.inf, "a finite number")
+
+
+@_kind("fraction", "a number above 0 and at most 1")
+def fraction(value: str) -> float:
+    """Shares that must be something: a required agreement of 0 would accept anything."""
+    return _real(value, 0.0, 1.0, "a number above 0 and at most 1", open_low=True)
 
 
 @_kind("probability", "a number between 0 and 1")
@@ -272,6 +279,7 @@ KINDS: tuple[str, ...] = (
     "positive_float",
     "non_negative_float",
     "finite_float",
+    "fraction",
     "probability",
     "text",
     "input_path",
