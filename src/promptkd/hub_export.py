@@ -230,17 +230,26 @@ def _pct(value: Any) -> str:
 
 
 def _results_table(results: list[dict[str, Any]]) -> list[str]:
+    """Per-seed rows (base / new / HM / all classes, the columns the run has) and their mean over seeds."""
+    from promptkd.evaluation.metrics import harmonic_mean
+
     if not results:
         return ["No evaluation was recorded for this run (its runs.jsonl holds no test result)."]
-    b2n = any("hm" in r for r in results)
-    head = ["dataset", "seed", "base", "new", "HM"] if b2n else ["dataset", "seed", "top-1"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    columns = [c for c in ("base", "new", "hm", "all") if any(c in r for r in results)]
+    names = {"base": "base", "new": "new", "hm": "HM", "all": "all classes"}
+    lines = ["| dataset | seed | " + " | ".join(names[c] for c in columns) + " |", "|" + "---|" * (len(columns) + 2)]
     for r in results:
         seed = f"{r['seed']} (these weights)" if r["these_weights"] else str(r["seed"])
-        cells = [r["base" if b2n else "all"], r["new"], r["hm"]] if b2n else [r.get("all")]
-        if b2n and "hm" not in r:
-            cells = [r.get("base"), r.get("new"), None]
-        lines.append("| " + " | ".join([str(r["dataset"]), seed, *map(_pct, cells)]) + " |")
+        lines.append(f"| {r['dataset']} | {seed} | " + " | ".join(_pct(r.get(c)) for c in columns) + " |")
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        rows = [r for r in results if r["dataset"] == dataset]
+        if len(rows) > 1:
+            means = {c: [r[c] for r in rows if c in r] for c in columns}
+            mean = {c: sum(m) / len(m) for c, m in means.items() if m and len(m) == len(rows)}
+            if "base" in mean and "new" in mean:  # HM of the seed-averaged accuracies, as the report computes it
+                mean["hm"] = harmonic_mean(mean["base"], mean["new"])
+            cells = [_pct(mean.get(c)) for c in columns]
+            lines.append(f"| {dataset} | mean of {len(rows)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -280,11 +289,13 @@ def model_card(config: dict[str, Any]) -> str:
         f"{k} {train[k]}" for k in ("epochs", "batch_size", "optimizer", "lr", "scheduler") if k in train
     )
     lines += ["", "## Training", ""]
-    lines += [f"- data: {', '.join(f'{k} {v}' for k, v in data.items()) or 'not recorded'}"]
+    lines += [f"- data: {', '.join(f'{k} {v}' for k, v in data.items() if v) or 'not recorded'}"]
     lines += [f"- images: {source['source']}"] if source.get("source") else []
     lines += [f"- recipe: {recipe}, seed {train.get('seed')}"] if recipe else []
     settings = training.get("method_config") or {}
-    lines += [f"- {config['method']} settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))]
+    lines += [
+        f"- {config['method']} settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items()) if v != "")
+    ]
     if teacher:
         lines += [f"- teacher: {teacher.get('method')}, checkpoint SHA-256 {teacher.get('checkpoint_sha256')}"]
     lines += ["", "## Results (top-1 %, test split, per seed)", "", *_results_table(config.get("results") or [])]
@@ -292,12 +303,14 @@ def model_card(config: dict[str, Any]) -> str:
         "",
         "## Use",
         "",
-        "```bash",
-        "pip install promptkd",
-        "promptkd predict hf-hub:ORG/NAME images/ --out predictions.csv",
+        "With promptkd installed, this repo's name (ORG/NAME) goes wherever a checkpoint does:",
+        "",
     ]
-    lines += ["promptkd inspect hf-hub:ORG/NAME", "```", "", "Replace ORG/NAME with this repo's name. The files:", ""]
+    lines += ["```bash", "promptkd predict hf-hub:ORG/NAME images/ --out predictions.csv", "```", "", "Files:", ""]
+    roles: dict[str, list[str]] = {}
     for role, name in sorted(config["files"].items()):
-        lines.append(f"- `{name}` (+ `.json`): the {ROLE_WORDS[role]}, SHA-256 {config['sha256'][name]}")
+        roles.setdefault(name, []).append(ROLE_WORDS[role])
+    for name, words in roles.items():
+        lines.append(f"- `{name}` (+ `.json`): the {' and '.join(words)}, SHA-256 {config['sha256'][name]}")
     lines += [f"- not included: {why}" for why in config.get("not_included") or []]
     return "\n".join(lines) + "\n"

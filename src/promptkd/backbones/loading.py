@@ -12,7 +12,6 @@ import difflib
 import json
 import logging
 import os
-import socket
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +34,7 @@ from promptkd.backbones.registry import register_builtin_configs
 from promptkd.backbones.types import Backbone, BackboneError, BackboneSpec, PreprocessInfo, autocast_for
 from promptkd.backbones.weights import RANDOM, WeightsNotGivenError, shipped_weights
 from promptkd.backbones.weights import SHIPPED_TAG as SHIPPED
+from promptkd.hub import hub_reachable
 from promptkd.precision import PRECISIONS
 
 __all__ = [
@@ -305,23 +305,12 @@ def _load_tag(name: str, tag: str, forced: bool | None, cache_dir: str | None) -
     return Backbone(model, make_tokenizer(name, _context_length(model)), spec, PreprocessInfo.from_model(model))
 
 
-def _hub_reachable(host: str = "huggingface.co") -> bool:
-    """A DNS lookup answers at once offline; without it huggingface_hub retries for ~45 s before failing."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
-
-
 def _require_cached_or_online(
     name: str, tag: str, cfg: dict, cache_dir: str | None, *, flag: str = "--pretrained"
 ) -> None:
     """``flag``: how the command spells the weights option (--teacher-pretrained for distill's teacher), so the
     hint names an option that exists; :func:`run_weights` checks here first, where the spelling is known."""
-    if is_cached(cfg, cache_dir) or _hub_reachable():
+    if is_cached(cfg, cache_dir) or hub_reachable():
         return
     raise BackboneError(
         f"weights for {name} / {tag} are not in the local cache and this machine is offline. "
