@@ -46,7 +46,7 @@ def make_runs(root: Path) -> Path:
         (out / "epochs.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs), encoding="utf-8")
     images = root / "images"
     images.mkdir()
-    classes = ["red circle", "blue square", HOSTILE]
+    classes = ["red circle", r"blue $\q{ square$", HOSTILE]  # matplotlib would read $...$ as maths, and fail
     records = []
     for i in range(6):
         path = images / f"{i}.png"

@@ -178,6 +178,11 @@ def img_html(png: bytes, alt: str, css_class: str = "chart") -> str:
     return f'<img class="{esc(css_class)}" alt="{esc(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _mpl(text: Any) -> str:
+    """Text as matplotlib draws it literally (a ``$`` in a class or run name would start mathtext and may fail)."""
+    return str(text).replace("$", r"\$")
+
+
 def _figure_png(fig: Any, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
@@ -254,10 +259,10 @@ def curves_png(curves: Mapping[str, Mapping[str, list[dict[str, Any]]]]) -> byte
     for name, c in runs:
         steps = [r for r in c["steps"] if isinstance(r.get("loss"), (int, float))]
         x = [r.get("global_step", i + 1) for i, r in enumerate(steps)]
-        axes[0].plot(x, [r["loss"] for r in steps], label=name, linewidth=1.2)
+        axes[0].plot(x, [r["loss"] for r in steps], label=_mpl(name), linewidth=1.2)
         if with_val:
             val = [e for e in c["epochs"] if isinstance(e.get("val_acc1"), (int, float))]
-            axes[1].plot([e["epoch"] for e in val], [100 * e["val_acc1"] for e in val], marker="o", label=name)
+            axes[1].plot([e["epoch"] for e in val], [100 * e["val_acc1"] for e in val], marker="o", label=_mpl(name))
     axes[0].set(title="training loss", xlabel="step", ylabel="loss")
     if with_val:
         axes[1].set(title="validation accuracy", xlabel="epoch", ylabel="top-1 (%)")
@@ -313,7 +318,7 @@ def speed_png(points: Sequence[Mapping[str, Any]], ylabel: str = "HM / top-1 (%)
         for k, p in enumerate(mine):
             ax.scatter(p["images_per_second"], p["hm"], s=60, color=f"C{k % 10}", zorder=3)
             ax.annotate(
-                str(p["method"]),
+                _mpl(p["method"]),
                 (p["images_per_second"], p["hm"]),
                 textcoords="offset points",
                 xytext=(6, -3),
@@ -322,7 +327,7 @@ def speed_png(points: Sequence[Mapping[str, Any]], ylabel: str = "HM / top-1 (%)
         rates = [p["images_per_second"] for p in mine]
         ax.set_xscale("log")
         ax.set_xlim(min(rates) / 1.6, max(rates) * 3.5)
-        ax.set(title=f"{dataset}: accuracy vs speed", xlabel="images/s (log scale)", ylabel=ylabel)
+        ax.set(title=_mpl(f"{dataset}: accuracy vs speed"), xlabel="images/s (log scale)", ylabel=ylabel)
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return _figure_png(fig)
@@ -415,15 +420,15 @@ def _confusion_png(records: Sequence[ImagePrediction], title: str) -> bytes:
     fig.colorbar(shown, ax=ax, fraction=0.046, label="share of the true class")
     if n <= 64:
         size = 8 if n <= 16 else 5
-        ax.set_xticks(range(n), classes, rotation=90, fontsize=size)
-        ax.set_yticks(range(n), classes, fontsize=size)
+        ax.set_xticks(range(n), [_mpl(c) for c in classes], rotation=90, fontsize=size)
+        ax.set_yticks(range(n), [_mpl(c) for c in classes], fontsize=size)
     if n <= 16:
         for i in range(n):
             for j in range(n):
                 if counts[i][j]:
                     colour = "white" if shares[i][j] > 0.6 else "black"
                     ax.text(j, i, str(counts[i][j]), ha="center", va="center", fontsize=7, color=colour)
-    ax.set(title=title, xlabel="predicted", ylabel="true")
+    ax.set(title=_mpl(title), xlabel="predicted", ylabel="true")
     fig.tight_layout()
     return _figure_png(fig)
 
