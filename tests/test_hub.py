@@ -63,6 +63,7 @@ def _predictions(checkpoint: str, images: Path, out: Path) -> list[list[str]]:
     return [row[1:] for row in csv.reader(out.open())]
 
 
+@pytest.mark.slow
 def test_export_hub_writes_a_model_repo_that_loads_back_as_a_folder(hub_folder, student_run, tmp_path):  # noqa: F811
     from huggingface_hub import ModelCard
 
@@ -103,21 +104,45 @@ def _fake_cache(cache: Path, repo: str, folder: Path, commit: str, refs: tuple[s
         (root / "refs" / ref).write_text(commit)
 
 
-@pytest.fixture
-def hub_cache(hub_folder, tmp_path, monkeypatch):
+def _two_commits(folder: Path, tmp_path: Path, monkeypatch) -> Path:
     """Two commits of org/pkd in a tmp Hub cache: the old one tagged v1, the new one main (its card differs)."""
     cache = tmp_path / "hf" / "hub"
     old = tmp_path / "old"
-    shutil.copytree(hub_folder, old)
+    shutil.copytree(folder, old)
     (old / "README.md").write_text("old card\n")
     _fake_cache(cache, "org/pkd", old, OLD, ("v1",))
-    _fake_cache(cache, "org/pkd", hub_folder, NEW, ("main",))
+    _fake_cache(cache, "org/pkd", folder, NEW, ("main",))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache / "models--org--pkd" / "snapshots"
 
 
+@pytest.fixture
+def hub_cache(hub_folder, tmp_path, monkeypatch):
+    """The exported run, cached as org/pkd."""
+    return _two_commits(hub_folder, tmp_path, monkeypatch)
+
+
+def _stand_in_repo(folder: Path) -> Path:
+    """A Hub folder's config with empty stand-ins for its files: enough for checks that stop before loading."""
+    folder.mkdir()
+    files = {"checkpoint": "prompts.safetensors", "features": "teacher_features.safetensors"}
+    (folder / "config.json").write_text(json.dumps({"format": "promptkd-hub", "files": files}))
+    for stem in ("prompts", "teacher_features"):
+        for suffix in (".safetensors", ".json"):
+            (folder / (stem + suffix)).write_bytes(b"")
+    (folder / "README.md").write_text("card\n")
+    return folder
+
+
+@pytest.fixture
+def light_cache(tmp_path, monkeypatch):
+    """org/pkd cached with stand-in files (no model is built): for the refusals."""
+    return _two_commits(_stand_in_repo(tmp_path / "repo"), tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
 def test_hf_hub_names_resolve_from_the_offline_cache_with_revision_pinning(hub_cache, student_run, tmp_path):  # noqa: F811
     assert v.checkpoint("hf-hub:org/pkd") == str(hub_cache / NEW / "prompts.safetensors")
     assert v.checkpoint("hf-hub:org/pkd@main") == str(hub_cache / NEW / "prompts.safetensors")
@@ -142,21 +167,21 @@ def test_hf_hub_names_resolve_from_the_offline_cache_with_revision_pinning(hub_c
         (["features", "show", "hf-hub:org/teacher-only"], "holds no stored teacher features (it holds: checkpoint"),
     ],
 )
-def test_hf_hub_bad_names_exit_2_with_one_message(hub_cache, tmp_path, argv, says):
+def test_hf_hub_bad_names_exit_2_with_one_message(light_cache, tmp_path, argv, says):
     clip = tmp_path / "clip"
     clip.mkdir()
     (clip / "open_clip_config.json").write_text("{}")
-    _fake_cache(hub_cache.parent.parent, "org/clip", clip, OLD, ("main",))
+    _fake_cache(light_cache.parent.parent, "org/clip", clip, OLD, ("main",))
     teacher_only = tmp_path / "teacher_only"
     teacher_only.mkdir()
     for name in ("prompts.safetensors", "prompts.json"):
-        (teacher_only / name).symlink_to(hub_cache / NEW / name.replace("prompts", "teacher"))
+        (teacher_only / name).symlink_to(light_cache / NEW / name)
     config = {
         "format": "promptkd-hub",
         "files": {"checkpoint": "prompts.safetensors", "teacher": "prompts.safetensors"},
     }
     (teacher_only / "config.json").write_text(json.dumps(config))
-    _fake_cache(hub_cache.parent.parent, "org/teacher-only", teacher_only, OLD, ("main",))
+    _fake_cache(light_cache.parent.parent, "org/teacher-only", teacher_only, OLD, ("main",))
     code, err = _cli(*argv)
     assert code == 2 and says in err and "Traceback" not in err, err
 
@@ -174,23 +199,24 @@ def _refused_endpoint(monkeypatch) -> None:
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
 
 
-def test_hf_hub_unreachable_hub_uses_the_cache_or_says_what_to_run(hub_cache, monkeypatch):
+def test_hf_hub_unreachable_hub_uses_the_cache_or_says_what_to_run(light_cache, monkeypatch):
     _refused_endpoint(monkeypatch)
-    assert v.checkpoint("hf-hub:org/pkd@v1") == str(hub_cache / OLD / "prompts.safetensors")  # cached: used
+    assert v.checkpoint("hf-hub:org/pkd@v1") == str(light_cache / OLD / "prompts.safetensors")  # cached: used
     code, err = _cli("inspect", "hf-hub:org/missing")
     assert code == 2 and "the Hub cannot be reached" in err and "hf download org/missing" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
 
 
-def test_export_hub_refuses_a_folder_holding_other_files(student_run, tmp_path):  # noqa: F811
+def test_export_hub_refuses_a_folder_holding_other_files(tmp_path):
+    checkpoint = _stand_in_repo(tmp_path / "run") / "prompts"
     out = tmp_path / "repo"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    code, err = _cli("export", student_run / "run" / "prompts", "--format", "hub", "--out", out)
+    code, err = _cli("export", checkpoint, "--format", "hub", "--out", out)
     assert code == 2 and "holds other files (notes.txt)" in err, err
     code, err = _cli(
         "export",
-        student_run / "run" / "prompts",
+        checkpoint,
         "--format",
         "hub",
         "--out",
