@@ -224,4 +224,4 @@ def test_export_hub_refuses_a_folder_holding_other_files(tmp_path):
         "--check-images",
         tmp_path,
     )
-    assert code == 2 and "--check-images applies to" in err, err
+    assert code == 2 and "--check-images applies to --format torchscript/onnx" in err, err

@@ -57,8 +57,10 @@ def _export_hub(args: argparse.Namespace) -> int:
     from promptkd.hub import HubError
     from promptkd.hub_export import export_hub
 
-    if args.check_images:
-        raise HubError("--check-images applies to --format torchscript/onnx; a Hub folder holds the run's own files.")
+    given = [f for f in ("check_images", "quantize", "calibration") if getattr(args, f, None)]
+    if given:  # a Hub folder holds the run's own files: nothing to check on images, nothing quantised
+        flag = "--" + given[0].replace("_", "-")
+        raise HubError(f"{flag} applies to --format torchscript/onnx; --format hub copies the run's own files.")
     config = export_hub(args.checkpoint, args.out, args.features)
     print(f"wrote {args.out}: {', '.join(sorted(config['sha256']))} + config.json + README.md (model card)")
     print(f"upload it: hf upload ORG/NAME {args.out} . ; then use it as hf-hub:ORG/NAME[@REVISION]")
