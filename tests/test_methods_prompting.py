@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from promptkd.backbones import load_backbone
 from promptkd.checkpoints import CheckpointError, convert_reference_state_dict
 from promptkd.config import PRESETS_DIR, ConfigError, from_dict, list_presets, load_preset
-from promptkd.data.templates import OPENAI_IMAGENET_TEMPLATES
+from promptkd.data.templates import OPENAI_IMAGENET_TEMPLATES, PROMPTSRC_IMAGENET_TEMPLATES
 from promptkd.data.world import get_dataset
 from promptkd.engine.config import TrainConfig
 from promptkd.methods import Batch, get_method
@@ -282,10 +282,10 @@ def test_promptsrc_step_terms_match_independent_references(tiny_backbone):
 
     model = tiny_backbone.model
     with torch.no_grad():
-        # textual diversity: the 80 OpenAI templates through the plain CLIP text tower, averaged unnormalised
+        # textual diversity: PromptSRC's 60 templates through the plain CLIP text tower, averaged unnormalised
         feats = torch.stack(
             [
-                model.encode_text(tiny_backbone.tokenize([t.format(c) for t in OPENAI_IMAGENET_TEMPLATES]))
+                model.encode_text(tiny_backbone.tokenize([t.format(c) for t in PROMPTSRC_IMAGENET_TEMPLATES]))
                 for c in CLASSES
             ]
         )
@@ -314,9 +314,21 @@ def test_promptsrc_diversity_templates():
     assert prompts[0] == [t.format("red star") for t in world.templates]
     counts = get_dataset("counts")
     assert diversity_prompts([counts.classnames[0]])[0] == [t.format(counts.classnames[0]) for t in counts.templates]
-    mixed = diversity_prompts(["red star", "golden_retriever"])
-    assert len(mixed[0]) == len(OPENAI_IMAGENET_TEMPLATES) and mixed[1][0] == "a bad photo of a golden retriever."
-    assert len(diversity_prompts(["red star"], "openai")[0]) == len(OPENAI_IMAGENET_TEMPLATES)
+    mixed = diversity_prompts(["red star", "golden_retriever"])  # not all world classes: PromptSRC's own 60
+    assert len(mixed[0]) == 60 and mixed[1][0] == "a photo of a golden retriever."
+    assert diversity_prompts(["red star"], "promptsrc60") == [
+        [t.format("red star") for t in PROMPTSRC_IMAGENET_TEMPLATES]
+    ]
+    for name in ("openai80", "openai"):  # "openai": the name stored configs use
+        prompts = diversity_prompts(["golden_retriever"], name)[0]
+        assert (
+            len(prompts) == len(OPENAI_IMAGENET_TEMPLATES) == 80 and prompts[0] == "a bad photo of a golden retriever."
+        )
+    cls = get_method("promptsrc")
+    assert config_from(cls, {}).diversity_templates == "auto"
+    assert config_from(cls, {"diversity_templates": "openai80"}).diversity_templates == "openai80"
+    with pytest.raises(ConfigError, match="promptsrc60"):
+        config_from(cls, {"diversity_templates": "imagenet60"})
 
 
 @pytest.mark.parametrize(("epochs", "mean", "std"), [(20, 15, 1), (20, 6, 10), (50, 30, 30), (50, 45, 5), (5, 15, 1)])

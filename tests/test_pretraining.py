@@ -107,8 +107,7 @@ def test_clip_loss_is_open_clips_loss():
     assert clip_loss(image, text, scale).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-def test_logit_scale_is_clamped_at_ln_100():
-    assert clip_loss(IMAGES, TEXTS, 10.0).item() == pytest.approx(clip_loss(IMAGES, TEXTS, MAX_LOGIT_SCALE).item())
+def test_logit_scale_is_clamped_at_ln_100_as_a_parameter():
     holder = torch.nn.Module()
     holder.logit_scale = torch.nn.Parameter(torch.tensor(7.0))
     clamp_logit_scale_(holder)
@@ -117,6 +116,43 @@ def test_logit_scale_is_clamped_at_ln_100():
     scale = torch.tensor(1.0, requires_grad=True)
     clip_loss(IMAGES, TEXTS, scale).backward()
     assert scale.grad is not None and scale.grad.abs().item() > 0
+
+
+def test_logit_scale_at_the_cap_gets_open_clips_gradient():
+    """open_clip clamps the parameter after the step and feeds ``ClipLoss`` exp(logit_scale): at the cap the
+    parameter keeps its true gradient (a clamp inside the loss passed it exactly 0)."""
+    from open_clip.loss import ClipLoss
+
+    g = torch.Generator().manual_seed(1)
+    image = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    ours, theirs = torch.nn.Module(), torch.nn.Module()
+    for holder in (ours, theirs):
+        holder.logit_scale = torch.nn.Parameter(torch.tensor(9.0))
+        clamp_logit_scale_(holder)  # open_clip: logit_scale.clamp_(0, math.log(100)) after every step
+    loss = clip_loss(image, text, ours.logit_scale)
+    expected = ClipLoss()(image, text, theirs.logit_scale.exp())
+    loss.backward()
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ours.logit_scale.grad.item() == pytest.approx(theirs.logit_scale.grad.item(), rel=1e-5, abs=1e-7)
+    assert ours.logit_scale.grad.abs().item() > 1e-4
+    # The loss uses the scale it is given, as ClipLoss does (the cap lives on the parameter).
+    assert clip_loss(image, text, 5.0).item() == pytest.approx(ClipLoss()(image, text, math.exp(5.0)).item(), rel=1e-6)
+
+
+def test_itl_gives_every_unlabelled_caption_its_own_class():
+    """UniCL: a pair without a class label (-1) is a class of its own, never a positive of another unlabelled one."""
+    g = torch.Generator().manual_seed(2)
+    u, v = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    scale = torch.tensor(math.log(1 / 0.07))
+    assert same_label_targets(torch.tensor([-1, -1, -1])).tolist() == torch.eye(3).tolist()
+    unlabelled = torch.full((6,), -1)
+    assert itl_loss(u, v, unlabelled, scale).item() == pytest.approx(clip_loss(u, v, scale).item(), abs=1e-6)
+    mixed = torch.tensor([0, -1, 0, -1, 2, -1])
+    distinct = torch.tensor([0, 10, 0, 11, 2, 12])  # the same batch with the unlabelled pairs numbered apart
+    assert torch.equal(same_label_targets(mixed), same_label_targets(distinct))
+    assert itl_loss(u, v, mixed, scale).item() == pytest.approx(itl_loss(u, v, distinct, scale).item(), abs=1e-6)
 
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (45, 85, 225), "yellow": (240, 215, 40)}

@@ -8,6 +8,10 @@ from dataclasses import asdict
 from promptkd.cli import validate as v
 from promptkd.cli._eval import add_data_args, add_eval_args, load_frozen_backbone, write_and_print
 
+# The evaluation module's FEATURE_MODES and REFINE_STEPS, repeated so that building the parser imports no torch.
+FEATURE_MODES = ("raw", "normalized")
+REFINE_STEPS = 8
+
 HELP = "linear probe (CoOp lpclip): logistic regression on frozen image features, C chosen on validation"
 
 
@@ -30,8 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--refine-steps",
         type=v.count0,
-        default=6,
-        help="halving refinement steps in log10(C) after the coarse sweep (6)",
+        default=REFINE_STEPS,
+        help=f"lpclip's bisection steps in log10(C) after the coarse sweep ({REFINE_STEPS})",
+    )
+    group.add_argument(
+        "--features",
+        choices=FEATURE_MODES,
+        default="raw",
+        help="fit the raw image features as lpclip and the CLIP paper (raw), or L2-normalised ones (normalized)",
     )
     group.add_argument("--max-iter", type=v.count, default=1000, help="lbfgs iterations per fit (1000)")
     group.add_argument(
@@ -75,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         refine_steps=args.refine_steps,
         max_iter=args.max_iter,
+        features=args.features,
     )
     shots = args.shots if args.shots > 0 else None
     config = {
@@ -85,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         "C": args.C,
         "refine_steps": args.refine_steps,
         "max_iter": args.max_iter,
-        "features": "L2-normalised, eval transform",
+        "features": f"{args.features}, eval transform",
         "model": backbone.spec.to_dict(),
         "precision": backbone.precision,
         "preprocess": asdict(backbone.preprocess),

@@ -4,6 +4,8 @@
   KaiyangZhou/CoOp ``trainers/zsclip.py``), keyed by this package's canonical dataset names.
 - :data:`OPENAI_IMAGENET_TEMPLATES`: the 80 ImageNet prompts from OpenAI's CLIP prompt-engineering notebook, in
   their published order (the same list as ``open_clip.zero_shot_metadata``).
+- :data:`PROMPTSRC_IMAGENET_TEMPLATES`: PromptSRC's 60-prompt copy of that list ("a photo of a {}." first), the
+  templates of its textual-diversity targets.
 - :data:`IMAGENET_TEMPLATES_SELECT`: the 7-prompt subset CoOp's ``ZeroshotCLIP2`` ensembles with the dataset template.
 
 All templates use ``"{}"`` for the class name: ``template.format(classname)``.
@@ -16,6 +18,7 @@ __all__ = [
     "DEFAULT_TEMPLATE",
     "IMAGENET_TEMPLATES_SELECT",
     "OPENAI_IMAGENET_TEMPLATES",
+    "PROMPTSRC_IMAGENET_TEMPLATES",
     "dataset_template",
     "ensemble_templates",
 ]
@@ -131,6 +134,73 @@ OPENAI_IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a photo of a cool {}.",
     "a photo of a small {}.",
     "a tattoo of the {}.",
+)
+
+
+#: PromptSRC's own copy of the ImageNet templates (muzairkhattak/PromptSRC ``trainers/imagenet_templates.py``,
+#: ``IMAGENET_TEMPLATES``): 60 of the 80 OpenAI prompts, "a photo of a {}." first, then the OpenAI order. PromptSRC
+#: averages the frozen text features of these into its textual-diversity targets t̃.
+PROMPTSRC_IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
 )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from promptkd.config import Rule
 
 
 @dataclass
@@ -21,8 +23,12 @@ class TrainConfig:
     scheduler: Literal["cosine", "constant"] = "cosine"
     schedule_per: Literal["epoch", "step"] = "epoch"  # Dassl steps the scheduler once per epoch
     warmup_epochs: int = 1
-    warmup_type: Literal["constant", "linear", "none"] = "constant"
+    # "open_clip": lr·(s+1)/W over the first W steps, then the schedule over the remaining steps (open_clip's and
+    # visual prompting's cosine_lr; per step only).
+    warmup_type: Literal["constant", "linear", "none", "open_clip"] = "constant"
     warmup_lr: float = 1e-5
+    # Per-step schedules: the warm-up length W in optimizer steps when > 0 (replaces warmup_epochs).
+    warmup_steps: int = field(default=0, metadata={"rule": Rule(0.0)})
     # RandomResizedCrop's area range for training views (Dassl's default (0.08, 1)); tiny images may need more.
     crop_scale: tuple[float, float] = (0.08, 1.0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -41,6 +47,10 @@ class TrainConfig:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule_per == "epoch" and (self.warmup_steps > 0 or self.warmup_type == "open_clip"):
+            raise ValueError("warmup_steps and warmup_type 'open_clip' count optimizer steps: set schedule_per: step")
         self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must be an area range 0 < low <= high <= 1, got {list(self.crop_scale)}")

@@ -104,14 +104,20 @@ def learning_rate(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int)
     """LR at 0-based ``epoch`` and ``step`` within it: constant (or linear) warm-up, then cosine to 0.
 
     Per epoch (Dassl): epochs < warmup use ``warmup_lr``; epoch e >= warmup uses lr·(1 + cos(π·e/E))/2.
-    Per step: the same shape over global steps.
+    Per step: the same shape over global steps (warm-up ``warmup_steps``, else ``warmup_epochs`` epochs of steps).
+    ``open_clip`` warm-up (per step): lr·(s+1)/W for s < W, then lr·(1 + cos(π·(s-W)/(T-W)))/2.
     """
     if cfg.schedule_per == "epoch":
         position, warmup, total = epoch, cfg.warmup_epochs, cfg.epochs
     else:
         position = epoch * steps_per_epoch + step
-        warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
-    if cfg.warmup_type != "none" and position < warmup:
+        warmup = cfg.warmup_steps or cfg.warmup_epochs * steps_per_epoch
+        total = cfg.epochs * steps_per_epoch
+    if cfg.warmup_type == "open_clip":
+        if position < warmup:
+            return cfg.lr * (position + 1) / warmup
+        position, total = position - warmup, total - warmup
+    elif cfg.warmup_type != "none" and position < warmup:
         if cfg.warmup_type == "constant":
             return cfg.warmup_lr
         return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * position / max(1, warmup)

@@ -1,13 +1,18 @@
-"""Linear probe: logistic regression on frozen, L2-normalised CLIP image features (CoOp ``lpclip``).
+"""Linear probe: logistic regression on frozen CLIP image features, as CoOp's ``lpclip`` (and the CLIP paper).
 
-The regulariser C is chosen on the **validation** split only: a coarse sweep over 10^-6 .. 10^6 (every two
-decades, as lpclip), then a binary refinement in log10(C) around the best coarse value (steps 1, 1/2, 1/4, ...).
-The model is then refit on the train split with the chosen C and evaluated once on the test split, which never
-enters the selection (the function that searches C does not even receive it). Ties in validation accuracy are
-broken by the lower validation cross-entropy, then by the smaller C (the stronger regulariser), so the choice is
-deterministic.
+Features are the image tower's **raw** outputs by default, as ``lpclip/feat_extractor.py`` stores them and the CLIP
+paper fits them; ``features="normalized"`` fits L2-normalised ones instead (the space every CLIP classifier
+compares in), a named deviation.
 
-scikit-learn's ``LogisticRegression`` (lbfgs, multinomial) is deterministic for fixed inputs.
+The regulariser C is chosen on the **validation** split only, by ``lpclip/linear_probe.py``'s rule: a coarse sweep
+over 10^-6 .. 10^6 (every two decades) keeps the C of the best validation accuracy (ties: the larger C, as lpclip
+scans from 10^6 down and keeps the first maximum); then, in log10(C), the interval [peak - 1, peak + 1] is bisected
+``refine_steps`` times (lpclip's ``num_step``, 8): both ends are fitted, the better end is picked (ties: the lower
+end), and the interval shrinks to the half on its side. The pick of the last step is C (lpclip reports that step's
+model). The model is then refit on the train split with C and evaluated once on the test split, which never enters
+the selection (the function that searches C does not even receive it).
+
+scikit-learn's ``LogisticRegression`` (lbfgs, multinomial, as lpclip) is deterministic for fixed inputs.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,6 +36,7 @@ from promptkd.evaluation.metrics import classification_metrics
 
 __all__ = [
     "COARSE_GRID",
+    "FEATURE_MODES",
     "LinearProbeError",
     "LinearProbeResult",
     "SearchStep",
@@ -44,6 +50,13 @@ logger = logging.getLogger(__name__)
 
 #: lpclip's coarse sweep: 10^-6, 10^-4, ..., 10^6.
 COARSE_GRID: tuple[float, ...] = tuple(10.0**e for e in range(-6, 7, 2))
+
+#: How features enter the probe: "raw" (lpclip, the CLIP paper) or "normalized" (L2, a named deviation).
+FeatureMode = Literal["raw", "normalized"]
+FEATURE_MODES: tuple[str, ...] = ("raw", "normalized")
+
+#: lpclip's ``num_step``: bisection steps after the coarse sweep.
+REFINE_STEPS = 8
 
 #: Below this many (samples x features x classes) a fit runs on one BLAS/OpenMP thread.
 _SINGLE_THREAD_WORK = 50_000_000
@@ -77,12 +90,18 @@ class LinearProbeResult:
     classifier: Any = None
 
 
-def _as_xy(data: FeatureSet | tuple[torch.Tensor, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised float64 features and int labels as numpy arrays."""
+def _as_xy(
+    data: FeatureSet | tuple[torch.Tensor, torch.Tensor], features: FeatureMode = "raw"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 features (raw, or L2-normalised) and int labels as numpy arrays."""
+    if features not in FEATURE_MODES:
+        raise LinearProbeError(f"features={features!r}: expected one of {', '.join(FEATURE_MODES)}")
     if isinstance(data, FeatureSet):
-        x, y = data.normalized(), data.labels
+        x, y = data.features.float(), data.labels
     else:
-        x, y = torch.nn.functional.normalize(torch.as_tensor(data[0]).float(), dim=-1), torch.as_tensor(data[1])
+        x, y = torch.as_tensor(data[0]).float(), torch.as_tensor(data[1])
+    if features == "normalized":
+        x = torch.nn.functional.normalize(x, dim=-1)
     return x.double().numpy(), y.long().numpy()
 
 
@@ -126,17 +145,16 @@ def search_c(
     *,
     num_classes: int | None = None,
     coarse: Sequence[float] = COARSE_GRID,
-    refine_steps: int = 6,
+    refine_steps: int = REFINE_STEPS,
     max_iter: int = 1000,
+    features: FeatureMode = "raw",
 ) -> tuple[float, list[SearchStep]]:
-    """Choose C on the validation split: coarse sweep, then a shrinking-step search in log10(C).
+    """Choose C on the validation split by lpclip's rule (module docstring): coarse sweep, then bisection in log10 C.
 
-    The refinement probes best / 10 and best * 10, moves to the best of the three, halves the step (in log10 C)
-    and repeats ``refine_steps`` times. The returned C is the best of all evaluated values (val accuracy, then val
-    loss, then smaller C).
+    Returns C and every evaluated value (each C is fitted once; a repeated end reuses its score).
     """
-    x_train, y_train = _as_xy(train)
-    x_val, y_val = _as_xy(val)
+    x_train, y_train = _as_xy(train, features)
+    x_val, y_val = _as_xy(val, features)
     if len(y_val) == 0:
         raise LinearProbeError("the validation split is empty, so C cannot be chosen on it; pass a fixed C instead")
     if len(y_train) == 0:
@@ -145,7 +163,7 @@ def search_c(
     steps: list[SearchStep] = []
     tried: dict[float, tuple[float, float]] = {}
 
-    def evaluate(log_c: float, stage: str) -> tuple[float, float]:
+    def accuracy(log_c: float, stage: str) -> float:
         key = round(log_c, 10)
         if key not in tried:
             c = 10.0**key
@@ -153,22 +171,20 @@ def search_c(
             tried[key] = _score(clf, x_val, y_val, n_cls)
             steps.append(SearchStep(C=c, val_acc1=tried[key][0], val_loss=tried[key][1], stage=stage))
             logger.debug("C=%.3g: val acc %.4f, val loss %.4f (%s)", c, *tried[key], stage)
-        return tried[key]
+        return tried[key][0]
 
-    def rank(key: float) -> tuple[float, float, float]:
-        acc, loss = tried[key]
-        return (-acc, loss, key)
-
-    for c in coarse:
-        evaluate(math.log10(c), "coarse")
-    centre, step = min(tried, key=rank), 1.0
+    coarse_logs = [math.log10(c) for c in coarse]
+    scores = [accuracy(log_c, "coarse") for log_c in coarse_logs]
+    best = max(scores)
+    chosen = max(log_c for log_c, acc in zip(coarse_logs, scores) if acc == best)  # ties: the larger C
+    low, high = chosen - 1.0, chosen + 1.0
     for _ in range(refine_steps):
-        for log_c in (centre - step, centre + step):
-            evaluate(log_c, "refine")
-        centre = min((centre, round(centre - step, 10), round(centre + step, 10)), key=rank)
-        step /= 2
-    best = min(tried, key=rank)
-    return 10.0**best, steps
+        middle = 0.5 * (low + high)
+        if accuracy(low, "refine") < accuracy(high, "refine"):
+            chosen, low = high, middle
+        else:
+            chosen, high = low, middle
+    return 10.0 ** round(chosen, 10), steps
 
 
 def linear_probe(
@@ -178,22 +194,26 @@ def linear_probe(
     *,
     num_classes: int,
     C: float | None = None,
-    refine_steps: int = 6,
+    refine_steps: int = REFINE_STEPS,
     max_iter: int = 1000,
+    features: FeatureMode = "raw",
 ) -> LinearProbeResult:
     """Choose C on ``val`` (unless given), refit on ``train`` with it, evaluate once on ``test``."""
-    x_train, y_train = _as_xy(train)
-    x_test, y_test = _as_xy(test)
+    x_train, y_train = _as_xy(train, features)
+    x_test, y_test = _as_xy(test, features)
     num_val = 0
     if C is None:
         if val is None:
             raise LinearProbeError("no validation split to choose C on; pass a fixed C instead")
-        chosen, steps = search_c(train, val, num_classes=num_classes, refine_steps=refine_steps, max_iter=max_iter)
-        num_val = len(_as_xy(val)[1])
+        chosen, steps = search_c(
+            train, val, num_classes=num_classes, refine_steps=refine_steps, max_iter=max_iter, features=features
+        )
+        num_val = len(_as_xy(val, features)[1])
         best = next(s for s in steps if math.isclose(s.C, chosen, rel_tol=1e-9))
         selection: dict[str, Any] = {
             "parameter": "C",
-            "criterion": "val acc1, then val cross-entropy, then smaller C",
+            "criterion": f"lpclip: val acc1 over the coarse sweep (ties: larger C), then {refine_steps} bisection "
+            "steps in log10 C (ties: lower end); the last step's pick",
             "split": "val",
             "test_used_for_selection": False,
             "chosen_C": chosen,
@@ -204,6 +224,7 @@ def linear_probe(
         chosen = float(C)
         selection = {"parameter": "C", "criterion": "fixed by the user", "chosen_C": chosen, "search": []}
         selection["test_used_for_selection"] = False
+    selection["features"] = features
     clf = fit_logistic(x_train, y_train, chosen, max_iter=max_iter)
     logp = _log_probs(clf, x_test, num_classes).float()
     metrics = classification_metrics(logp, torch.as_tensor(y_test, dtype=torch.long))
@@ -230,8 +251,9 @@ def evaluate_linear_probe(
     cache_dir: str | os.PathLike[str] | None = None,
     skip_bad: bool = False,
     progress: bool = True,
-    refine_steps: int = 6,
+    refine_steps: int = REFINE_STEPS,
     max_iter: int = 1000,
+    features: FeatureMode = "raw",
 ) -> LinearProbeResult:
     """Extract train/val/test features (eval transform, no augmentation) and run :func:`linear_probe`."""
     if not splits.train:
@@ -268,6 +290,7 @@ def evaluate_linear_probe(
         C=C,
         refine_steps=refine_steps,
         max_iter=max_iter,
+        features=features,
     )
     result.skipped = skipped
     return result

@@ -17,17 +17,19 @@ T = TypeVar("T")
 def resolve_layered(
     cls: type[T], method: str, preset: str | None, overrides: list[str], base: dict[str, Any], where: str
 ) -> T:
-    """Build a run config ``cls``: a method preset (``method:`` and ``train:`` sections) < ``base`` values that are
-    not None < ``--set key=value`` overrides (``method.x`` addresses ``method_config.x``); every layer strict."""
+    """Build a run config ``cls``: the method's own training recipe (``train_defaults``, for methods whose reference
+    does not train like the engine's Dassl defaults) < a method preset (``method:`` and ``train:`` sections) <
+    ``base`` values that are not None < ``--set key=value`` overrides (``method.x`` addresses ``method_config.x``);
+    every layer strict."""
     method_cls = get_method(method)
-    data: dict[str, Any] = {"method_config": {}, "train": {}}
+    data: dict[str, Any] = {"method_config": {}, "train": dict(getattr(method_cls, "train_defaults", {}))}
     if preset:
         preset_data = load_preset(method_cls.name, preset)
         unknown = set(preset_data) - {"method", "train"}
         if unknown:
             raise ConfigError(f"preset {preset!r}: unknown sections {sorted(unknown)} (expected 'method', 'train')")
         data["method_config"] = dict(preset_data.get("method") or {})
-        data["train"] = dict(preset_data.get("train") or {})
+        data["train"].update(preset_data.get("train") or {})
     for key, value in base.items():
         if value is not None:
             data[key] = value

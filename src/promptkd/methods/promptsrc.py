@@ -10,9 +10,11 @@ IVLP prompts (4 + 4 tokens, depth 9/9, init "a photo of a") regularised towards 
     zs logits = s · n(f̃) · n(t̃)ᵀ (no grad)
   - L = L_CE + L_KL + L_text + L_image
 - Textual diversity (§3.2.2): t̃_c = mean over templates of the frozen text features of every template filled with
-  class c, averaged **unnormalised** and normalised when used. Templates: for the embedded world's class names,
-  the world dataset's own templates; otherwise the 80 OpenAI ImageNet templates (the reference ships a 60-template
-  copy of that list with "a photo of a {}." first; the two sets differ by 20 templates).
+  class c, averaged **unnormalised** and normalised when used. Templates (``diversity_templates``): by default
+  (``auto``) the reference's own 60 (``PROMPTSRC_IMAGENET_TEMPLATES``, "a photo of a {}." first), except that a class
+  list made only of embedded-world classes takes its world dataset's templates (the world CLIPs' vocabulary holds
+  none of the ImageNet prompts' words); ``promptsrc60`` forces the 60 everywhere, ``openai80`` uses the 80 OpenAI
+  templates instead (``openai``: the same, the name configs stored before the choice existed use).
   t̃ is computed once per class list, at the first training step (or in ``prepare``), never at inference.
 - f̃ comes from the backbone's own image tower run without prompts (the same frozen weights; the reference keeps a
   second copy of the tower, ``ZS_image_encoder``; here nothing is duplicated or saved).
@@ -50,6 +52,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Choices of t̃'s templates; ``openai`` is the earlier name of ``openai80`` (configs stored with it still load).
+DiversityTemplates = Literal["auto", "promptsrc60", "openai80", "openai"]
+
 _GPA_PREFIX = "gpa.sum."
 _GPA_META = "gpa.meta"  # float64 [last epoch accumulated, total epochs, accumulated weight mass]
 
@@ -65,9 +70,12 @@ class PromptSRCConfig(IVLPConfig):
     gpa: bool = field(default=True, metadata={"help": "Gaussian prompt aggregation over epochs"})
     gpa_mean: float = field(default=15.0, metadata={"help": "GPA mean μ in epochs (GPA_MEAN)"})
     gpa_std: float = field(default=1.0, metadata={"help": "GPA standard deviation σ in epochs (GPA_STD)"})
-    diversity_templates: Literal["auto", "openai"] = field(
+    diversity_templates: DiversityTemplates = field(
         default="auto",
-        metadata={"help": "templates of t̃: 'auto' = the world's own for world classes, else 'openai' (80)"},
+        metadata={
+            "help": "templates of t̃: 'promptsrc60' (the reference's 60), 'openai80' (OpenAI's 80; 'openai' is the "
+            "same), 'auto' = 'promptsrc60' except the world's own templates for world classes"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -134,13 +142,16 @@ def _world_templates(classnames: Sequence[str]) -> list[tuple[str, ...]] | None:
     return out
 
 
-def diversity_prompts(classnames: Sequence[str], templates: Literal["auto", "openai"] = "auto") -> list[list[str]]:
+def diversity_prompts(classnames: Sequence[str], templates: DiversityTemplates = "auto") -> list[list[str]]:
     """The prompts whose frozen features are averaged into t̃_c, per class (PromptSRC textual diversity)."""
-    from promptkd.data.templates import OPENAI_IMAGENET_TEMPLATES
+    from promptkd.data.templates import OPENAI_IMAGENET_TEMPLATES, PROMPTSRC_IMAGENET_TEMPLATES
 
+    if templates not in ("auto", "promptsrc60", "openai80", "openai"):
+        raise ValueError(f"diversity_templates: {templates!r} is not one of 'auto', 'promptsrc60', 'openai80'")
     per_class = _world_templates(classnames) if templates == "auto" else None
     if per_class is None:
-        per_class = [tuple(OPENAI_IMAGENET_TEMPLATES)] * len(classnames)
+        chosen = OPENAI_IMAGENET_TEMPLATES if templates in ("openai80", "openai") else PROMPTSRC_IMAGENET_TEMPLATES
+        per_class = [tuple(chosen)] * len(classnames)
     return [[t.replace("{}", name.replace("_", " ")) for t in group] for name, group in zip(classnames, per_class)]
 
 

@@ -22,6 +22,11 @@ Tip-Adapter-F (``tip_adapter_f``): F becomes a parameter, trained with cross-ent
 validation after training. The reference picks its best epoch on the test set (algorithms.md Sec. 12 #2); here the
 engine's checkpoint selection applies (last epoch or validation).
 
+Training views are the reference's (``main.py``): RandomResizedCrop with area scale (0.5, 1) + horizontal flip, for
+the cache passes and for Tip-Adapter-F's training. Both are each class's ``train_defaults``, the bottom layer of a
+run config (a preset or ``--set train.x=...`` overrides them), so Tip-Adapter-F run without a preset trains with its
+recipe rather than the engine's Dassl SGD defaults.
+
 Saved state (``learner.cache``): ``keys`` [NK, E], ``labels`` [NK] (L = one_hot(labels)), ``alpha``, ``beta``;
 a checkpoint reproduces predictions. The cache is bound to its classes: ``set_classnames`` to others refuses.
 """
@@ -138,6 +143,8 @@ class TipAdapter(FixedTextMethod):
     config_class = TipAdapterConfig
     trains = False
     finetune: ClassVar[bool] = False
+    #: The reference's cache views (RandomResizedCrop scale (0.5, 1)) and cache loader batch.
+    train_defaults: ClassVar[dict[str, Any]] = {"crop_scale": [0.5, 1.0], "epochs": 0, "batch_size": 256}
 
     def __init__(self, backbone: Backbone, classnames: list[str], config: TipAdapterConfig | None = None):
         super().__init__(backbone, classnames, config)
@@ -374,3 +381,19 @@ class TipAdapterF(TipAdapter):
     name = "tip_adapter_f"
     trains = True
     finetune = True
+    #: The reference's recipe (``main.py``): AdamW lr 1e-3, eps 1e-4 (torch's default decay 0.01), 20 epochs of batch
+    #: 256, cosine annealing per step without warm-up, views cropped at scale (0.5, 1).
+    train_defaults: ClassVar[dict[str, Any]] = {
+        "crop_scale": [0.5, 1.0],
+        "epochs": 20,
+        "batch_size": 256,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "betas": [0.9, 0.999],
+        "eps": 1e-4,
+        "weight_decay": 0.01,
+        "scheduler": "cosine",
+        "schedule_per": "step",
+        "warmup_epochs": 0,
+        "warmup_type": "none",
+    }

@@ -9,7 +9,9 @@ width p is added to the normalised input image, everything else stays frozen:
 The paper uses p = 30 at S = 224 (ViT-B/32); here p = round(S * pad / reference_size), e.g. 4 px at 32 px. Trainable
 values: 2*3*p*S + 2*3*p*(S-2p) (69,840 at 224 px, p = 30). The parameters start as N(0, 1) like ``torch.randn``
 in the reference. The reference's text template is "This is a photo of a {}" (the default here); it trains with
-SGD lr 40, momentum 0.9, no weight decay, batch 256, 1000 epochs, 1000 warm-up steps and a per-step cosine.
+SGD lr 40, momentum 0.9, no weight decay, batch 256, 1000 epochs and ``utils.cosine_lr``: lr·(s+1)/1000 over the
+first 1000 optimizer steps, then a cosine over the remaining ones (preset ``vit_b32_pad30_ep1000_batch256``: train
+``warmup_type: open_clip``, ``warmup_steps: 1000``).
 Works with any image tower (ViT or ResNet), since only the input changes.
 """
 
