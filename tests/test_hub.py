@@ -225,3 +225,23 @@ def test_export_hub_refuses_a_folder_holding_other_files(tmp_path):
         tmp_path,
     )
     assert code == 2 and "--check-images applies to --format torchscript/onnx" in err, err
+
+
+def test_model_card_names_the_hub_base_models_and_averages_seeds_as_the_report_does():
+    from huggingface_hub import ModelCard
+
+    from promptkd.hub_export import _config, model_card
+
+    teacher = {"method": "promptsrc", "backbone": {"model_name": "ViT-L-14"}}
+    teacher["about"] = {"weights": "openai", "weights_source": "tag"}
+    meta = {"method": "promptkd", "backbone": {"model_name": "ViT-B-16", "pretrained": "openai", "source": "tag"}}
+    meta |= {"teacher": teacher, "classnames": ["cat", "dog"], "run": {"dataset": "pets"}}
+    files = {"checkpoint": "prompts.safetensors", "features": "teacher_features.safetensors"}
+    digests = dict.fromkeys(files.values(), "0" * 64)
+    results = [
+        {"dataset": "pets", "seed": s, "these_weights": s == 1, "base": b, "new": n, "hm": 2 * b * n / (b + n)}
+        for s, b, n in ((1, 90.0, 50.0), (2, 50.0, 90.0))
+    ]
+    card = ModelCard(model_card(_config(meta, files, digests, results, [])))
+    assert card.data.base_model == ["timm/vit_base_patch16_clip_224.openai", "timm/vit_large_patch14_clip_224.openai"]
+    assert "| pets | mean of 2 | 70.00 | 70.00 | 70.00 |" in card.text  # not the mean of the seeds' HMs (64.29)
