@@ -92,6 +92,10 @@ def test_report_html_without_predictions_or_speed_says_what_is_missing(tmp_path)
     text = page.read_text(encoding="utf-8")
     assert "<td>pets</td>" in text and "no per-image predictions" in text
     assert "Accuracy vs speed" not in text and "Training curves" not in text and "<img" not in text
+    (tmp_path / "predictions.csv").write_text("path,class_1,index_1,score_1\na.png,cat,0,0.9\n")  # `predict`'s
+    assert main(["report", str(tmp_path), "--no-plot", "--html", str(page)]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert "predictions.csv: no true labels (needs path, label and prediction columns" in text
 
 
 def test_report_html_into_a_folder_is_refused(tmp_path, capsys):

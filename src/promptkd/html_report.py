@@ -50,7 +50,7 @@ __all__ = [
 #: the file name the demo writes its per-image test predictions to (any ``*predictions.csv`` is read)
 PREDICTIONS_FILE = "test-predictions.csv"
 #: reference columns a predictions CSV may hold, with what the gallery calls that model
-REFERENCES = {"teacher_prediction": "teacher", "base_prediction": "before adaptation"}
+REFERENCES = {"teacher_prediction": "teacher", "base_prediction": "model before adaptation"}
 GALLERY_PER_KIND = 8
 MAX_CURVE_RUNS = 12
 MAX_PREDICTION_FILES = 3
@@ -369,7 +369,8 @@ def read_predictions(path: str | Path) -> tuple[list[ImagePrediction], str | Non
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or [])
         if not {"path", "label", "prediction"} <= columns:
-            raise ValueError(f"{path}: no path/label/prediction columns (found {', '.join(sorted(columns)) or 'none'})")
+            found = ", ".join(sorted(columns)) or "none"
+            raise ValueError(f"{path}: no true labels (needs path, label and prediction columns; found {found})")
         ref = next((c for c in REFERENCES if c in columns), None)
         records = []
         for row in reader:
