@@ -152,6 +152,15 @@ def test_hf_hub_names_resolve_from_the_offline_cache_with_revision_pinning(hub_c
     images = student_run / "toy" / "images"
     own = _predictions(str(student_run / "run" / "prompts.safetensors"), images, tmp_path / "a.csv")
     assert _predictions("hf-hub:org/pkd@v1", images, tmp_path / "b.csv") == own  # loaded through the cache's links
+    classes = tmp_path / "new.txt"
+    classes.write_text("zebra\n")
+    extend = ["features", "extend", "hf-hub:org/pkd", "--teacher", "hf-hub:org/pkd", "--classes", classes]
+    code, err = _cli(*extend)  # the cached repo is never written into
+    assert code == 2 and "is in the Hugging Face Hub cache" in err, err
+    assert file_sha256(hub_cache / NEW / "teacher_features.json") == file_sha256(
+        student_run / "run" / "teacher_features.json"
+    )
+    assert _cli(*extend, "--out", tmp_path / "more")[0] == 0  # the teacher and its features, both from the repo
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ Nothing here imports torch (argument checks call it); ``huggingface_hub`` is imp
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -35,6 +36,7 @@ __all__ = [
     "hub_cache_dir",
     "hub_folder_config",
     "hub_reachable",
+    "in_hub_cache",
     "is_hub_name",
     "parse_hub_name",
     "resolve_file",
@@ -113,6 +115,13 @@ def hub_reachable() -> bool:
     except OSError:
         return False
     return True
+
+
+def in_hub_cache(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` lies in a snapshot of a Hub cache (``models--ORG--NAME/snapshots/<commit>/``): a downloaded
+    repo, shared by every program on the machine and bound to its commit, which promptkd never writes into."""
+    parts = Path(path).absolute().parts
+    return any(a.startswith("models--") and b == "snapshots" for a, b in itertools.pairwise(parts))
 
 
 def _cached_revisions(name: HubName, cache: Path) -> list[str]:

@@ -24,6 +24,7 @@ from torch import nn
 from promptkd._version import __version__
 from promptkd.backbones.files import sha256_of as file_sha256
 from promptkd.errors import PromptKDError
+from promptkd.hub import in_hub_cache
 
 FORMAT_NAME = "promptkd-checkpoint"
 FORMAT_VERSION = 1
@@ -37,6 +38,11 @@ class CheckpointError(PromptKDError, RuntimeError):
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target folder; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
+    if in_hub_cache(path):
+        raise CheckpointError(
+            f"{path} is in the Hugging Face Hub cache (a downloaded repo, kept as its commit has it); promptkd does "
+            "not write there: write to another file (e.g. with --out)."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
