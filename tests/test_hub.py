@@ -36,10 +36,12 @@ def _seeds(run: Path, root: Path) -> Path:
     for seed, (base, new) in ((1, (0.80, 0.60)), (2, (0.70, 0.50))):
         folder = root / f"seed_{seed}" / "student"
         folder.mkdir(parents=True)
-        for name in ("prompts.safetensors", "prompts.json"):
+        for name in ("prompts.safetensors", "prompts.json", "teacher_features.safetensors", "teacher_features.json"):
             shutil.copyfile(run / name, folder / name)
         meta = json.loads((folder / "prompts.json").read_text())
         meta["train"]["seed"] = seed  # the same recipe, another seed
+        meta["method_config"]["teacher_features"] = "/trained/elsewhere/teacher_features.safetensors"  # as on another
+        # machine: the features are found beside the checkpoint (here, and in the Hub folder and cache)
         (folder / "prompts.json").write_text(json.dumps(meta))
         rows = [
             {"dataset": "toy", "seed": seed, "subsample": half, "split": "test", "protocol": "base2new", "metrics": m}
