@@ -90,15 +90,15 @@ ABLATIONS = {
         "preset": [],
         "no alignment (β = 0: TPT on the MaPLe base)": ["method.align_weight=0"],
         "TPT's lr (5e-3)": ["method.lr=0.005"],
-        "no alignment, TPT's lr": ["method.align_weight=0", "method.lr=0.005"],
     },
     "promptsync": {
         "preset": [],
+        "entropy only (no discrimination, no alignment)": [
+            "method.discrimination_weight=0",
+            "method.alignment_weight=0",
+        ],
+        "TPT's lr (5e-3, inner and outer)": ["method.lr=0.005", "method.inner_lr=0.005"],
         "views chosen once": ["method.view_selection=initial"],
-        "no discrimination loss": ["method.discrimination_weight=0"],
-        "no alignment loss": ["method.alignment_weight=0"],
-        "entropy only": ["method.discrimination_weight=0", "method.alignment_weight=0"],
-        "lr and inner lr / 8 (5e-3)": ["method.lr=0.005", "method.inner_lr=0.005"],
     },
 }
 
