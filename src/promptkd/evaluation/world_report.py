@@ -87,7 +87,10 @@ def measure_backbone(
         train = _features(backbone, splits, "train", cache_dir)
         val = _features(backbone, splits, "val", cache_dir)
         result = linear_probe(train, val, test, num_classes=splits.num_classes)
-        x = torch.nn.functional.normalize(test.features.double(), dim=-1).numpy()
+        x = test.features.double()  # scored on the features the probe was fitted on (raw, as lpclip, by default)
+        if result.selection["features"] == "normalized":
+            x = torch.nn.functional.normalize(x, dim=-1)
+        x = x.numpy()
         scores = torch.from_numpy(result.classifier.decision_function(x)).float()
         out["linear_probe"] = {**half_accuracies(scores, test.labels), "C": result.C}
     return out
