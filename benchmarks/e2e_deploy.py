@@ -165,7 +165,8 @@ def table(title: str, rows: list[tuple[str, float, dict | None]]) -> None:
         hm = f"{100 * acc['hm']:.1f}" if acc else "—"
         share = f"{100 * acc['hm'] / t_hm:.0f}%" if acc and t_hm else "—"
         all_acc = f"{100 * acc['all']:.1f}" if acc else "—"
-        print(f"| {name} | {rate:,.1f} | {rate / teacher:.2f}x | {hm} | {all_acc} | {share} |")
+        shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.2f}"
+        print(f"| {name} | {shown} | {rate / teacher:.2f}x | {hm} | {all_acc} | {share} |")
 
 
 def world_part(args, work: Path) -> None:
