@@ -96,6 +96,10 @@ def test_report_html_without_predictions_or_speed_says_what_is_missing(tmp_path)
     assert main(["report", str(tmp_path), "--no-plot", "--html", str(page)]) == 0
     text = page.read_text(encoding="utf-8")
     assert "predictions.csv: no true labels (needs path, label and prediction columns" in text
+    rows = [{"method": "PromptKD student", "dataset": "pets", "hm": 70.0, "images_per_second": 900.0}]
+    (tmp_path / "results.json").write_text(json.dumps(rows))  # the demo's table: each model's HM and speed
+    assert main(["report", str(tmp_path), "--no-plot", "--html", str(page)]) == 0
+    assert "<h2>Accuracy vs speed</h2>" in page.read_text(encoding="utf-8")
 
 
 def test_report_html_into_a_folder_is_refused(tmp_path, capsys):

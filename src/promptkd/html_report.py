@@ -64,7 +64,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px sol
  text-align:right}th{background:#eef3ee}td:first-child,th:first-child{text-align:left}
 img.chart{max-width:100%;height:auto;border:1px solid #ddd;margin:.4em 0}
 .gallery{display:flex;flex-wrap:wrap;gap:.6em}.card{border:1px solid #ccc;border-radius:4px;padding:.3em;
- width:150px;font-size:.75em;background:#fafafa}.card img{width:96px;height:96px;image-rendering:pixelated;
+ width:128px;font-size:.72em;background:#fafafa}.card img{width:96px;height:96px;image-rendering:pixelated;
  display:block;margin:0 auto .2em}.right{border-color:#4a7}.wrong{border-color:#c44}.note{color:#666}
 .path{color:#888;word-break:break-all}
 """
@@ -303,6 +303,28 @@ def speed_points(report: Any, results: Sequence[Mapping[str, Any]]) -> list[dict
                 {"method": name, "dataset": row.dataset, "hm": score, "images_per_second": sum(speeds) / len(speeds)}
             )
     return points
+
+
+def demo_speed_points(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """The rows of ``promptkd demo``'s ``results.json`` files under ``paths`` (each model's HM and images/s)."""
+    points = []
+    for entry in (Path(p) for p in paths if Path(p).is_dir()):
+        for file in sorted(entry.rglob("results.json")):
+            try:
+                rows = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(rows, list):
+                points += [r for r in rows if _is_point(r)]
+    return points
+
+
+def _is_point(row: Any) -> bool:
+    """A demo row that can be drawn: a finite HM and a positive speed (the axis is logarithmic)."""
+    if not isinstance(row, dict) or not {"method", "dataset", "hm", "images_per_second"} <= set(row):
+        return False
+    hm, rate = row["hm"], row["images_per_second"]
+    return isinstance(hm, (int, float)) and math.isfinite(hm) and isinstance(rate, (int, float)) and rate > 0
 
 
 def speed_png(points: Sequence[Mapping[str, Any]], ylabel: str = "HM / top-1 (%)") -> bytes | None:
@@ -547,7 +569,7 @@ def report_page(
     page.add("Results", markdown_html(re.sub(r"\A# Results\n", "", markdown)))  # the section's own heading
     for protocol, path in charts.items():
         page.add(f"Chart: {protocol}", img_html(Path(path).read_bytes(), f"bar chart of {protocol}"))
-    speed = speed_png(speed_points(report, results))
+    speed = speed_png(speed_points(report, results) + demo_speed_points(run_dirs))
     if speed:
         page.add("Accuracy vs speed", img_html(speed, "accuracy against inference speed"))
     curves = read_curves(run_dirs)
