@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision import transforms as T
 
 from promptkd.backbones import PreprocessInfo
 from promptkd.data.datasets import DatasetNotFoundError, resolve_dataset
@@ -100,6 +101,23 @@ def test_eval_transform_keeps_aspect_and_uses_model_interpolation():
     assert torch.allclose(out[:, 16, 16], expected, atol=0.02)
     squashed = eval_transform(PreprocessInfo(32, (0.5,) * 3, (0.25,) * 3, "bicubic", "squash")).transforms[0]
     assert tuple(squashed.size) == (32, 32)
+
+
+def test_batch_normalized_decoding_equals_the_per_image_transform_bit_for_bit():
+    """predict's decoder normalises whole batches; the result must be exactly the per-image transform's."""
+    from promptkd.data.transforms import BatchNormalized
+
+    info = PreprocessInfo(size=24, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28), interpolation="bicubic")
+    transform = eval_transform(info)
+    generator = torch.Generator().manual_seed(0)
+    images = [
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy())
+        for h, w in ((24, 24), (40, 31), (17, 60))
+    ]
+    batched = BatchNormalized.of(transform)
+    assert batched is not None and BatchNormalized.of(T.Compose([T.ToTensor()])) is None
+    got = batched.stack([batched.per_image(image) for image in images])
+    assert torch.equal(got, torch.stack([transform(image) for image in images]))
 
 
 def test_train_transform_is_the_dassl_recipe():

