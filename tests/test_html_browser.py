@@ -54,9 +54,9 @@ def browser():
 
 
 def test_report_page_loads_in_chromium_with_every_image_shown(tmp_path):
-    page = build_report_page(tmp_path)
-    driver = browser()
+    driver = browser()  # first: a missing browser is said before any work
     try:
+        page = build_report_page(tmp_path)
         driver.get(page.resolve().as_uri())
         images = driver.execute_script(
             "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);"
