@@ -218,7 +218,7 @@ class TTAMethod:
                 "`promptkd tta-stats` and pass the file(s) with --stats / --prototypes."
             )
         self.check_sources()
-        if self.config.logit_scale > 0:
+        if isinstance(self.config, TTAConfig) and self.config.logit_scale > 0:  # cache methods rescale inside
             self.model.logit_scale = float(self.config.logit_scale)
         self.mode = "episodic"  # "online": prompts carried from one test image to the next (set by the engine)
         self.reset_state()
