@@ -296,6 +296,7 @@ def test_resume_with_another_order_method_or_checkpoint_is_refused(toy, tiny_bac
         (["--method", "tda", "--seed", "1"], "seed: 0 then, 1 now"),  # another stream order
         (["--method", "zero", "--mode", "online"], 'method: "tda" then, "zero" now'),
         (["--method", "tda", "--base", str(other)], "base_sha256"),  # another checkpoint (the last --base wins)
+        (["--method", "tda", "--set", "method.pos_shots=5"], "method_config.pos_shots: 3 then, 5 now"),  # nested
     ]
     for argv, message in refusals:
         assert main(["tta", *common, *argv]) == 2, argv

@@ -118,7 +118,7 @@ class RunProgress:
             return cls(folder, identity, info, done, discard=False)
         if differ and not overwrite:
             listed = "; ".join(
-                f"{k}: {_short(old_identity.get(k))} then, {_short(identity.get(k))} now" for k in differ
+                f"{k}: {_short(old_flat.get(k))} then, {_short(new_flat.get(k))} now" for k in differ
             )
             raise TTAError(
                 f"{folder} holds an interrupted {old_identity.get('method')} run ({old_identity.get('mode')}) of "
