@@ -117,9 +117,7 @@ class RunProgress:
         if not differ and not overwrite:
             return cls(folder, identity, info, done, discard=False)
         if differ and not overwrite:
-            listed = "; ".join(
-                f"{k}: {_short(old_flat.get(k))} then, {_short(new_flat.get(k))} now" for k in differ
-            )
+            listed = "; ".join(f"{k}: {_short(old_flat.get(k))} then, {_short(new_flat.get(k))} now" for k in differ)
             raise TTAError(
                 f"{folder} holds an interrupted {old_identity.get('method')} run ({old_identity.get('mode')}) of "
                 f"another setting ({listed}). Rerun its own command to resume it, choose another --out, or pass "
