@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install promptkd with its test tools; safe to re-run.
-# torch is pinned per architecture to builds that pair with torchvision (see README, "Installing").
+# torch is pinned per architecture to builds that pair with torchvision (see docs/installing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
