@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "world-render": "world_render",
     "teacher-cache": "teacher_cache",
     "features": "features",
+    "attribute-search": "attribute_search",
 }
 
 

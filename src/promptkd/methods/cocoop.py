@@ -32,7 +32,7 @@ from torch import nn
 from promptkd.backbones import Backbone
 from promptkd.methods import MethodConfig, register_method
 from promptkd.methods.base import Batch, StepOutput
-from promptkd.methods.prompted import PromptedMethod, make_text_learner
+from promptkd.methods.prompted import AttributePromptConfig, PromptedMethod, apply_attributes, make_text_learner
 
 __all__ = ["CoCoOp", "CoCoOpConfig", "MetaNet"]
 
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class CoCoOpConfig(MethodConfig):
+class CoCoOpConfig(MethodConfig, AttributePromptConfig):
     """CoCoOp hyper-parameters; defaults are the paper's main config ``vit_b16_c4_ep10_batch1_ctxv1``."""
 
     n_ctx: int = field(default=4, metadata={"help": "context length M (N_CTX); ignored with ctx_init"})
@@ -59,6 +59,7 @@ class CoCoOpConfig(MethodConfig):
             raise ValueError("init_std must be positive")
         if self.eval_text_batch < 1:
             raise ValueError("eval_text_batch must be at least 1")
+        self.check_attributes()
 
 
 class MetaNet(nn.Sequential):
@@ -100,6 +101,7 @@ class CoCoOp(PromptedMethod):
             init=init,
             init_std=cfg.init_std,
         )
+        apply_attributes(self, cfg)
         self.learner.meta_net = MetaNet(backbone.embed_dim, backbone.text_width)
         self.learner.to(backbone.device)
 
@@ -108,7 +110,8 @@ class CoCoOp(PromptedMethod):
         image = self.image_features(images)  # [B, E]
         text = self.learner.text
         bias = self.learner.meta_net(image)  # [B, W_t]
-        ctx = text.ctx.unsqueeze(0) + bias.unsqueeze(1).to(text.ctx.dtype)  # [B, M, W_t]: π_b added to each token
+        # [B, M, W_t]: π_b added to each class-context token; ATPrompt's attribute blocks are not shifted (reference)
+        ctx = text.ctx.unsqueeze(0) + bias.unsqueeze(1).to(text.ctx.dtype)
         prompts = text.build(ctx, batched=True)  # [B, C, L, W_t]
         n_img, n_cls, length, width = prompts.shape
         token_ids = text.token_ids.repeat(n_img, 1)  # [B*C, L]

@@ -21,7 +21,13 @@ from typing import ClassVar, Literal
 
 from promptkd.backbones import Backbone
 from promptkd.methods import MethodConfig, register_method
-from promptkd.methods.prompted import PromptConfigError, PromptedMethod, make_text_learner
+from promptkd.methods.prompted import (
+    AttributePromptConfig,
+    PromptConfigError,
+    PromptedMethod,
+    apply_attributes,
+    make_text_learner,
+)
 
 __all__ = ["CoOp", "CoOpConfig"]
 
@@ -29,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class CoOpConfig(MethodConfig):
+class CoOpConfig(MethodConfig, AttributePromptConfig):
     """CoOp hyper-parameters (reference ``TRAINER.COOP.*``)."""
 
     n_ctx: int = field(default=16, metadata={"help": "context length M (N_CTX); ignored with ctx_init"})
@@ -49,6 +55,7 @@ class CoOpConfig(MethodConfig):
             raise ValueError("class-specific context (CSC) is randomly initialised in CoOp; set ctx_init to ''")
         if self.init_std <= 0:
             raise ValueError("init_std must be positive")
+        self.check_attributes()
 
 
 @register_method
@@ -80,6 +87,7 @@ class CoOp(PromptedMethod):
             position=cfg.class_token_position,
             init_std=cfg.init_std,
         )
+        apply_attributes(self, cfg)
         self.learner.to(backbone.device)
 
     def set_classnames(self, classnames: list[str]) -> None:

@@ -23,14 +23,20 @@ import torch
 
 from promptkd.backbones import Backbone
 from promptkd.methods import MethodConfig, register_method
-from promptkd.methods.prompted import PromptedMethod, check_depth, make_text_learner
+from promptkd.methods.prompted import (
+    AttributePromptConfig,
+    PromptedMethod,
+    apply_attributes,
+    check_depth,
+    make_text_learner,
+)
 from promptkd.prompts import MultimodalCoupling
 
 __all__ = ["MaPLe", "MaPLeConfig"]
 
 
 @dataclass
-class MaPLeConfig(MethodConfig):
+class MaPLeConfig(MethodConfig, AttributePromptConfig):
     """MaPLe hyper-parameters (reference ``TRAINER.MAPLE.*``: N_CTX 2, CTX_INIT "a photo of a", PROMPT_DEPTH 9)."""
 
     n_ctx: int = field(default=2, metadata={"help": "prompt tokens n per layer (N_CTX)"})
@@ -45,6 +51,7 @@ class MaPLeConfig(MethodConfig):
             raise ValueError("n_ctx and depth must be at least 1")
         if self.init_std <= 0:
             raise ValueError("init_std must be positive")
+        self.check_attributes()
 
 
 @register_method
@@ -71,6 +78,7 @@ class MaPLe(PromptedMethod):
             deep_depth=cfg.depth,
             init_std=cfg.init_std,
         )
+        apply_attributes(self, cfg)
         self.learner.coupling = MultimodalCoupling(cfg.depth, self.text_encoder.width, vision_width)
         with torch.no_grad():  # the reference clones one Linear for all deep layers (identical initial maps)
             layers = self.learner.coupling.layers
@@ -79,4 +87,5 @@ class MaPLe(PromptedMethod):
         self.learner.to(backbone.device)
 
     def visual_prompts(self) -> list[torch.Tensor]:
+        # F_0 maps the class context only; ATPrompt's attribute blocks stay text-side (reference ``proj(self.ctx)``)
         return self.learner.coupling(self.learner.text.ctx, self.learner.text.deep)

@@ -11,11 +11,16 @@ the logits, the cross-entropy step, class-list switching and a cache of the clas
 
 A subclass builds ``self.learner.text`` (a :class:`~promptkd.prompts.TextPromptLearner`) and overrides
 :meth:`PromptedMethod.text_deep_prompts` / :meth:`PromptedMethod.visual_prompts` when it has deep prompts.
+
+ATPrompt (Li et al., ICCV 2025; zhengli97/ATPrompt) is a prompt *form*, not a method: every method whose config
+mixes in :class:`AttributePromptConfig` (CoOp, CoCoOp, MaPLe, PromptSRC) puts the configured attribute words, each
+after its own block of soft tokens, before its class context (:func:`apply_attributes`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,10 +30,13 @@ from promptkd.backbones import Backbone
 from promptkd.errors import PromptKDError
 from promptkd.methods.base import Batch, Method, MethodConfig, StepOutput
 from promptkd.prompts import PromptedImageEncoder, PromptedTextEncoder, TextPromptLearner
+from promptkd.prompts.learners import normalise_attributes
 
 __all__ = [
+    "AttributePromptConfig",
     "PromptConfigError",
     "PromptedMethod",
+    "apply_attributes",
     "check_depth",
     "cosine_logits",
     "make_text_learner",
@@ -37,6 +45,44 @@ __all__ = [
 
 class PromptConfigError(PromptKDError, ValueError):
     """Prompt settings that do not fit the method or the backbone (depth beyond the tower, bad init phrase...)."""
+
+
+@dataclass
+class AttributePromptConfig:
+    """ATPrompt options of every method with a learned text prompt (reference ``TRAINER.ATPROMPT.*``).
+
+    Empty ``attributes`` (the default) is the method's own prompt, bit for bit. ``promptkd attribute-search`` picks
+    the attributes for a dataset and prints the ``--set method.attributes=...`` to paste.
+    """
+
+    attributes: list[str] = field(
+        default_factory=list,
+        metadata={"help": "ATPrompt attribute words, e.g. [color, shape] (ATT1_TEXT..); [] = no attributes"},
+    )
+    attribute_ctx: int = field(
+        default=0, metadata={"help": "soft tokens before each attribute (N_ATT1..); 0 = the class context's count"}
+    )
+    attribute_init_std: float = field(default=0.01, metadata={"help": "std of the attribute soft-token init"})
+
+    def check_attributes(self) -> None:
+        """Called from the method config's ``__post_init__``: bad words or counts are refused with the config."""
+        self.attributes = list(normalise_attributes(self.attributes))
+        if self.attribute_ctx < 0:
+            raise ValueError("attribute_ctx must be >= 0 (0 = as many soft tokens as the class context)")
+        if self.attribute_init_std <= 0:
+            raise ValueError("attribute_init_std must be positive")
+
+
+def apply_attributes(method: PromptedMethod, config: AttributePromptConfig) -> None:
+    """Give ``method.learner.text`` the config's ATPrompt attributes (nothing to do without any)."""
+    if not config.attributes:
+        return
+    try:
+        method.learner.text.set_attributes(
+            config.attributes, config.attribute_ctx or None, init_std=config.attribute_init_std
+        )
+    except ValueError as error:
+        raise PromptConfigError(f"{method.name}: {error}") from error
 
 
 def check_depth(method: str, field: str, depth: int, blocks: int, tower: str, backbone: Backbone) -> None:
@@ -113,7 +159,8 @@ class PromptedMethod(Method):
     def text_features(self) -> torch.Tensor:
         """n(g(t_c; P_t)) for every current class: [C, E], float32."""
         embeddings, token_ids = self.learner.text()
-        features = self.text_encoder(embeddings, token_ids, self.text_deep_prompts())
+        deep = self.text_deep_prompts()
+        features = self.text_encoder(embeddings, token_ids, deep, deep_offset=self.learner.text.deep_offset)
         return F.normalize(features.float(), dim=-1)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from promptkd.checkpoints import CheckpointError
 from promptkd.methods import MethodConfig, register_method
 from promptkd.methods.base import Batch, StepOutput
 from promptkd.methods.ivlp import IVLP, IVLPConfig
-from promptkd.methods.prompted import cosine_logits
+from promptkd.methods.prompted import AttributePromptConfig, apply_attributes, cosine_logits
 
 __all__ = [
     "PromptSRC",
@@ -60,7 +60,7 @@ _GPA_META = "gpa.meta"  # float64 [last epoch accumulated, total epochs, accumul
 
 
 @dataclass
-class PromptSRCConfig(IVLPConfig):
+class PromptSRCConfig(IVLPConfig, AttributePromptConfig):
     """PromptSRC hyper-parameters (``TRAINER.PROMPTSRC.*`` of ``vit_b16_c2_ep20_batch4_4+4ctx``)."""
 
     n_ctx_text: int = field(default=4, metadata={"help": "text prompt tokens n_t (N_CTX_TEXT)"})
@@ -84,6 +84,7 @@ class PromptSRCConfig(IVLPConfig):
             raise ValueError("gpa_std must be positive")
         if self.text_loss_weight < 0 or self.image_loss_weight < 0:
             raise ValueError("loss weights must be >= 0")
+        self.check_attributes()
 
 
 def gpa_weights(total_epochs: int, mean: float, std: float) -> torch.Tensor:
@@ -169,6 +170,7 @@ class PromptSRC(IVLP):
 
     def __init__(self, backbone: Backbone, classnames: list[str], config: PromptSRCConfig | None = None):
         super().__init__(backbone, classnames, config)
+        apply_attributes(self, self.config)  # ATPrompt: t̃ stays the plain templates' features (no attributes)
         # t̃ (unnormalised mean over templates) for the current classes; filled lazily, never saved.
         self.register_buffer("fixed_text_features", None, persistent=False)
         self._gpa_sum: dict[str, torch.Tensor] = {}

@@ -118,12 +118,15 @@ class PromptedTextEncoder(nn.Module):
         *,
         truncate: bool = True,
         normalize: bool = False,
+        deep_offset: int = 1,
     ) -> torch.Tensor:
         """Encode prompt embeddings [N, L, W] whose token ids [N, L] give the pooling position.
 
         Args:
             deep_prompts: prompts replacing positions 1..n before blocks 1..len(deep_prompts) (IVLP/MaPLe rule);
                 [depth-1, n, W], [N, depth-1, n, W] or a per-layer sequence.
+            deep_offset: first position the deep prompts replace (1: right after SOS; ATPrompt's attribute blocks
+                come first, see ``TextPromptLearner.deep_offset``).
             truncate: drop positions after the last EOT (exact: the causal mask hides them from the EOT token);
                 saves ~4x compute for typical prompts.
         """
@@ -143,7 +146,7 @@ class PromptedTextEncoder(nn.Module):
             if 1 <= index <= len(layers):
                 prompt = _expand(layers[index - 1], n_seq, x.dtype)
                 n_tokens = prompt.shape[1]
-                x = torch.cat([x[:, :1], prompt, x[:, 1 + n_tokens :]], dim=1)
+                x = torch.cat([x[:, :deep_offset], prompt, x[:, deep_offset + n_tokens :]], dim=1)
             x = block(x, attn_mask=mask)
         x = self.ln_final(x)
         pooled = x[torch.arange(n_seq, device=x.device), positions]
