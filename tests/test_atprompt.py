@@ -275,6 +275,7 @@ def test_cli_search_writes_the_choice(world, tmp_path, capsys):
     import hashlib
 
     assert record["candidates_sha256"] == hashlib.sha256(b"shape\npattern\nbackground").hexdigest()
+    assert record["candidates_file_sha256"] == hashlib.sha256(candidates.read_bytes()).hexdigest()
     assert "--set 'method.attributes=[" in capsys.readouterr().out
 
 

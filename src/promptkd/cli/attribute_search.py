@@ -94,35 +94,17 @@ def _search(args, setup, candidates, combinations, alpha_lr: float) -> int:
 
     import torch
 
-    from promptkd.backbones import load_backbone
-    from promptkd.backbones.loading import run_weights
     from promptkd.checkpoints import atomic_write_text
-    from promptkd.engine.distributed import init_distributed
     from promptkd.engine.trainer import build_optimizer, learning_rate
-    from promptkd.prompts import PromptedTextEncoder
-    from promptkd.prompts.attribute_search import AttributeSearch, candidates_sha256, run_search
+    from promptkd.prompts.attribute_search import candidates_sha256, run_search
 
     config, method_config = setup
     epochs = args.epochs or SEARCH_EPOCHS
     n_ctx = method_config.n_ctx if "n_ctx" in config.method_config else SEARCH_CTX
-    weights = run_weights(config.model, config.pretrained)
-    _, device = init_distributed(config.device)
-    backbone = load_backbone(config.model, weights, quick_gelu=config.quick_gelu, device=device, precision="fp32")
-    splits, classnames = _classes(config)
-    generator = torch.Generator().manual_seed(config.seed)
-    model = AttributeSearch(
-        PromptedTextEncoder(backbone.model).to(device),
-        backbone.tokenizer,
-        classnames,
-        combinations,
-        n_ctx=n_ctx,
-        attribute_ctx=method_config.attribute_ctx or n_ctx,
-        generator=generator,
-    ).to(device)  # prompts that do not fit the context length are refused here, before the images are read
+    backbone, device, model, splits = _model(config, combinations, n_ctx, method_config.attribute_ctx or n_ctx)
     train_set, val_set = _data(config, backbone, splits)
-    optimizer = build_optimizer(
-        config.train, [{"params": model.prompt_parameters(), "weight_decay": config.train.weight_decay}]
-    )
+    groups = [{"params": model.prompt_parameters(), "weight_decay": config.train.weight_decay}]
+    optimizer = build_optimizer(config.train, groups)
     train_batches, val_batches, steps = _loaders(config, train_set, val_set, device)
     image_encoder = backbone.model
 
@@ -131,7 +113,7 @@ def _search(args, setup, candidates, combinations, alpha_lr: float) -> int:
         return torch.nn.functional.normalize(image_encoder.encode_image(images).float(), dim=-1)
 
     train_cfg = config.train
-    train_cfg.epochs = epochs
+    train_cfg.epochs = epochs  # the schedule spans the search's epochs
     started = time.perf_counter()
     history = run_search(
         model,
@@ -153,6 +135,33 @@ def _search(args, setup, candidates, combinations, alpha_lr: float) -> int:
     atomic_write_text(out / "attributes.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     _report(record, out)
     return 0
+
+
+def _model(config, combinations, n_ctx: int, attribute_ctx: int):
+    """Backbone, device, the search model and the dataset's splits; prompts that do not fit the context length
+    are refused here, before any image is read."""
+    import torch
+
+    from promptkd.backbones import load_backbone
+    from promptkd.backbones.loading import run_weights
+    from promptkd.engine.distributed import init_distributed
+    from promptkd.prompts import PromptedTextEncoder
+    from promptkd.prompts.attribute_search import AttributeSearch
+
+    weights = run_weights(config.model, config.pretrained)
+    _, device = init_distributed(config.device)
+    backbone = load_backbone(config.model, weights, quick_gelu=config.quick_gelu, device=device, precision="fp32")
+    splits, classnames = _classes(config)
+    model = AttributeSearch(
+        PromptedTextEncoder(backbone.model).to(device),
+        backbone.tokenizer,
+        classnames,
+        combinations,
+        n_ctx=n_ctx,
+        attribute_ctx=attribute_ctx,
+        generator=torch.Generator().manual_seed(config.seed),
+    ).to(device)
+    return backbone, device, model, splits
 
 
 def _classes(config):
@@ -217,6 +226,7 @@ def _record(args, config, model, candidates, sha, history, seconds, n_ctx) -> di
         "candidates": list(candidates),
         "candidates_file": args.candidates,
         "candidates_sha256": sha,
+        "candidates_file_sha256": _file_sha256(args.candidates),
         "max_attributes": args.max_attributes,
         "n_ctx": n_ctx,
         "chosen": chosen,
@@ -225,6 +235,14 @@ def _record(args, config, model, candidates, sha, history, seconds, n_ctx) -> di
         "seconds": round(seconds, 3),
         "paste": f"--set {shlex.quote('method.attributes=' + value)}",
     }
+
+
+def _file_sha256(path: str | None) -> str | None:
+    """SHA-256 of the candidate file's bytes (what `sha256sum FILE` prints); None for a built-in list."""
+    import hashlib
+    from pathlib import Path
+
+    return None if path is None else hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
 
 
 def _report(record: dict, out) -> None:
