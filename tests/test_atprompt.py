@@ -139,6 +139,27 @@ def test_method_trains_with_attributes_and_round_trips(name, student, tmp_path: 
     assert torch.equal(method.learner.text.token_ids, again.learner.text.token_ids)
 
 
+def test_class_specific_context_takes_attributes(student):
+    encoder = PromptedTextEncoder(student.model)
+    learner = TextPromptLearner(
+        encoder, student.tokenizer, CLASSES, n_ctx=3, init=None, class_specific=True, attributes=["shape"]
+    )
+    prompts = learner.build()
+    o = learner.deep_offset
+    assert torch.equal(prompts[:, o : o + 3], learner.ctx)  # each class its own context
+    assert torch.equal(prompts[:, 1:4], learner.attr_ctx[0].expand(len(CLASSES), -1, -1))  # shared attribute block
+    assert torch.equal(learner.build(classes=slice(1, 3)), prompts[1:3])
+
+
+def test_a_checkpoint_with_attributes_needs_them_to_load(student, tmp_path):
+    from promptkd.checkpoints import CheckpointError
+
+    torch.manual_seed(0)
+    path = make("coop", student, attributes=["shape"]).save(tmp_path / "atp")
+    with pytest.raises(CheckpointError):
+        make("coop", student).load(path)
+
+
 def test_deep_prompts_replace_the_class_context_not_the_attribute_blocks(student):
     torch.manual_seed(0)
     method = make("maple", student, attributes=["shape"])
