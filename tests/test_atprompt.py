@@ -345,3 +345,14 @@ def test_cli_bad_search_sizes_and_methods(world, tmp_path, capsys):
                      str(tmp_path / method),
                      "--set", "method.attributes=[shape]"])  # fmt: skip
         assert code == 2 and "unknown key 'attributes'" in capsys.readouterr().err
+
+
+def test_attributes_on_a_method_without_a_text_prompt_say_why(world, tmp_path, capsys):
+    """vpt has no learned text prompt: the unknown key is named with the methods that take attributes."""
+    code = main(
+        ["train", "--method", "vpt", "--preset", "world", *world, "--out", str(tmp_path / "r"),
+         "--set", "method.attributes=[color]"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown key 'attributes'" in err and "coop, cocoop, maple and promptsrc" in err
+    assert not (tmp_path / "r").exists()

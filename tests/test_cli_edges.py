@@ -256,6 +256,7 @@ def test_config_overrides_refuse_edge_values_before_any_work(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     commands = {
         "train": ["train", "--method", "coop", "--dataset", "shapes"],
+        "attribute-search": ["attribute-search", "--dataset", "shapes", "--out", str(tmp_path / "a")],
         "distill": ["distill", "--teacher-model", "pkd-world-teacher", "--student-model", "pkd-world-student"],
         "teacher-cache": ["teacher-cache", "--teacher-model", "pkd-world-teacher", "--student-model", "x"],
         "protocol": ["protocol", "base2new", "--method", "coop", "--datasets", "shapes"],

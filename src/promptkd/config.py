@@ -214,8 +214,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
     unknown = [k for k in data if k not in types_]
     if unknown:
         key = unknown[0]
+        hint = getattr(cls, "unknown_key_hints", {}).get(key)
         raise ConfigError(
             f"{where}: unknown key {key!r}.{_did_you_mean(key, list(types_))} Valid keys: {', '.join(sorted(types_))}."
+            + (f" {hint}" if hint else "")
         )
     kwargs = {k: _convert(v, types_[k], f"{where}.{k}") for k, v in data.items()}
     _check_rules(cls, kwargs, where)

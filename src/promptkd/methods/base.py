@@ -32,6 +32,12 @@ from promptkd.config import to_dict
 class MethodConfig:
     """Base of every method's config; subclasses add the paper's hyper-parameters with their defaults."""
 
+    #: why a key other methods take is not one of this method's (added to the unknown-key message)
+    unknown_key_hints: ClassVar[dict[str, str]] = {
+        key: "ATPrompt attributes go into a learned text prompt: methods coop, cocoop, maple and promptsrc take them."
+        for key in ("attributes", "attribute_ctx", "attribute_init_std")
+    }
+
 
 @dataclass
 class Batch:

@@ -216,7 +216,7 @@ class PromptedCLIP(torch.nn.Module):
             deep = deep_layers
             ids = learner.token_ids[classes, :length]
         with self.backbone.autocast():
-            features = self.text_encoder(embeddings, ids, deep or None)
+            features = self.text_encoder(embeddings, ids, deep or None, deep_offset=learner.deep_offset)
         return F.normalize(features.float(), dim=-1)
 
     def text_features(self, params: PromptParams | None = None, *, grad: bool | None = None) -> torch.Tensor:
