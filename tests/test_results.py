@@ -23,7 +23,9 @@ from promptkd.results import (
 )
 
 
-def _result(dataset: str, method: str, acc1: float, *, subsample: str = "all", seed: int | None = 1, **kw) -> dict:
+def _result(
+    dataset: str, method: str, acc1: float, *, subsample: str = "all", seed: int | None = 1, config=None, **kw
+) -> dict:
     return make_result(
         dataset=dataset,
         task="zeroshot_classification",
@@ -34,7 +36,7 @@ def _result(dataset: str, method: str, acc1: float, *, subsample: str = "all", s
         subsample=subsample,
         seed=seed,
         num_shots=16 if subsample != "all" else None,
-        config={"method": method, "lr": 0.002},
+        config=config or {"method": method, "lr": 0.002},
         **kw,
     )
 
@@ -159,3 +161,107 @@ def test_cli_report_end_to_end(tmp_path, capsys):
     assert (tmp_path / "report" / "report.md").is_file() and list((tmp_path / "report").glob("report_*.png"))
     with pytest.raises(ResultError, match="no result JSON"):
         report.run(parser.parse_args([str(tmp_path / "report")]))  # report.json is not a result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeds and noise: intervals, "within noise", refusal to pool what is not one experiment
+
+
+def test_interval_is_student_t_with_n_minus_1_dof():
+    from promptkd.results import Stat, t_critical
+
+    assert t_critical(1) == pytest.approx(12.7062, abs=1e-4) and t_critical(2) == pytest.approx(4.3027, abs=1e-4)
+    assert t_critical(4) == pytest.approx(2.7764, abs=1e-4) and t_critical(10**6) == pytest.approx(1.95996, abs=1e-4)
+    stat = Stat.of([93.7, 89.2, 97.6])  # the Caltech base accuracies users report for PromptKD's three seeds
+    assert stat.mean == pytest.approx(93.5) and stat.sample_std == pytest.approx(math.sqrt(17.67))
+    half = 4.302653 * math.sqrt(17.67) / math.sqrt(3)
+    assert stat.ci95 == pytest.approx([93.5 - half, 93.5 + half], abs=1e-4)  # [83.06, 103.94]
+    assert stat.ci_text() == f"[{93.5 - half:.2f}, {93.5 + half:.2f}]"
+    assert Stat.of([70.0]).ci95 is None and Stat.of([70.0]).ci_text() == "1 seed, no interval"
+
+
+def test_welch_test_and_the_within_noise_statement():
+    from promptkd.results import Stat, noise_note, welch_test
+
+    a, b = Stat.of([1.0, 2.0, 3.0, 4.0]), Stat.of([2.0, 3.0, 5.0, 9.0, 1.0])
+    t, df, p = welch_test(a, b)
+    assert t == pytest.approx(-0.964901, abs=1e-6) and df == pytest.approx(5.520788, abs=1e-6)
+    assert p == pytest.approx(0.374935, abs=1e-6)  # scipy.stats.ttest_ind(..., equal_var=False)
+    assert "within noise" in noise_note(b, a) and noise_note(b, b) == "best"
+    far = Stat.of([10.0, 10.5, 11.0])
+    assert "within noise" not in noise_note(far, a) and "(p 0.0" in noise_note(far, a)
+    assert "too few seeds" in noise_note(far, Stat.of([1.0]))
+
+
+def _b2n(method, seed, base, novel, **config):
+    return [
+        _result("dtd", method, base, subsample="base", seed=seed, **config),
+        _result("dtd", method, novel, subsample="new", seed=seed, **config),
+    ]
+
+
+def test_report_shows_intervals_and_says_when_methods_are_within_noise():
+    results = [
+        *_b2n("coop", 1, 0.80, 0.70),
+        *_b2n("coop", 2, 0.82, 0.72),
+        *_b2n("coop", 3, 0.81, 0.69),
+        *_b2n("cocoop", 1, 0.79, 0.74),
+        *_b2n("cocoop", 2, 0.78, 0.75),
+        *_b2n("cocoop", 3, 0.80, 0.73),
+        *_b2n("zsclip", 1, 0.50, 0.50),
+        *_b2n("zsclip", 2, 0.52, 0.51),
+    ]
+    report = aggregate(results)
+    rows = {r.method: r for r in report.rows}
+    assert rows["cocoop"].vs_best == "best"
+    assert "within noise" in rows["coop"].vs_best and "within noise" not in rows["zsclip"].vs_best
+    assert rows["coop"].hm_seeds.n == 3 and rows["coop"].base.ci95 is not None
+    text = format_markdown(report)
+    assert "vs best" in text and "95% intervals" in text and "Welch" in text
+    assert f"{rows['coop'].base.ci_text()}" in text
+
+
+def test_one_seed_says_no_interval():
+    text = format_markdown(aggregate(_b2n("coop", 1, 0.8, 0.7)))
+    assert "1 seed, no interval" in text
+
+
+def _cli_report(tmp_path, results):
+    from promptkd.cli.main import main
+
+    folder = tmp_path / "runs"
+    for r in results:
+        write_result(r, folder, filename=f"{len(list(folder.glob('*.json'))) if folder.exists() else 0}.json")
+    before = sorted(p.name for p in folder.iterdir())
+    code = main(["report", str(folder), "--no-plot", "--out", str(tmp_path / "report")])
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing stored is lost or replaced
+    assert (tmp_path / "report" / "report.md").exists() == (code == 0)  # a refusal writes nothing
+    return code
+
+
+@pytest.mark.parametrize(
+    ("second", "named"),
+    [
+        ({"config": {"method": "coop", "lr": 0.01}}, "recipe (lr 0.002 vs 0.01)"),
+        ({"classnames": ["a", "b", "x"]}, "class list"),
+        ({"num_samples": 500}, "number of test images"),
+        ({"config": {"method": "cocoop", "lr": 0.002}}, "recipe (method"),
+    ],
+)
+def test_report_refuses_to_pool_other_experiments_as_seeds(tmp_path, capsys, second, named):
+    first = _result("dtd", "coop", 0.8, seed=1, classnames=["a", "b", "c"], num_samples=400)
+    other = _result("dtd", "coop", 0.7, seed=2, **{"classnames": ["a", "b", "c"], "num_samples": 400, **second})
+    assert _cli_report(tmp_path, [first, other]) == 2
+    err = capsys.readouterr().err
+    assert "not seeds of one experiment" in err and named in err and "Traceback" not in err
+
+
+def test_report_pools_seeds_that_differ_only_in_seed_and_folder(tmp_path, capsys):
+    results = [
+        _result(
+            "dtd", "coop", 0.8, seed=s, config={"method": "coop", "seed": s, "out": f"r/seed_{s}", "train": {"seed": s}}
+        )
+        for s in (1, 2)
+    ]
+    assert _cli_report(tmp_path, results) == 0
+    assert "80.00 ± 0.00" in capsys.readouterr().out

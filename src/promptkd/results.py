@@ -42,15 +42,21 @@ __all__ = [
     "ResultError",
     "Stat",
     "aggregate",
+    "check_poolable",
     "config_hash",
     "find_results",
     "format_markdown",
     "is_result",
     "make_result",
+    "noise_note",
     "plot_report",
     "protocol_label",
     "read_result",
+    "recipe",
     "result_filename",
+    "t_critical",
+    "t_two_sided_p",
+    "welch_test",
     "write_report",
     "write_result",
 ]
@@ -302,14 +308,66 @@ def find_results(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]
 # Aggregation
 
 
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betai(a: float, b: float, x: float) -> float:
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """Two-sided p-value of Student's t with ``df`` (possibly fractional) degrees of freedom."""
+    if math.isnan(t) or df <= 0:
+        return float("nan")
+    return _betai(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_critical(df: float, level: float = 0.95) -> float:
+    """The t value whose two-sided tail is ``1 - level`` (12.706 for 1 dof, 4.303 for 2, 1.960 in the limit)."""
+    if df <= 0:
+        return float("nan")
+    alpha, low, high = 1.0 - level, 0.0, 1.0
+    while t_two_sided_p(high, df) > alpha:
+        high *= 2.0
+    for _ in range(200):  # bisection: p falls monotonically with t
+        mid = (low + high) / 2.0
+        low, high = (mid, high) if t_two_sided_p(mid, df) > alpha else (low, mid)
+    return (low + high) / 2.0
+
+
 @dataclass
 class Stat:
-    """Mean and population std over seeds, in percent for fraction metrics."""
+    """Mean, population std (as the references' parse_test_res.py) and a 95% Student-t interval over seeds.
+
+    The interval is mean ± t(0.975, n−1)·s/√n with the *sample* std s (n−1 divisor); one seed has none."""
 
     mean: float
     std: float
     n: int
     values: list[float] = field(default_factory=list)
+    ci95: list[float] | None = None
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Stat:
@@ -318,7 +376,18 @@ class Stat:
             return cls(float("nan"), float("nan"), 0, [])
         mean = sum(vals) / len(vals)
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))  # population std, as parse_test_res.py
-        return cls(mean, std, len(vals), vals)
+        stat = cls(mean, std, len(vals), vals)
+        if len(vals) > 1:
+            half = t_critical(len(vals) - 1) * stat.sample_std / math.sqrt(len(vals))
+            stat.ci95 = [mean - half, mean + half]
+        return stat
+
+    @property
+    def sample_std(self) -> float:
+        """The std with the n−1 divisor (what the interval and the Welch test use)."""
+        if self.n < 2:
+            return float("nan")
+        return math.sqrt(sum((v - self.mean) ** 2 for v in self.values) / (self.n - 1))
 
     def text(self, digits: int = 2) -> str:
         if self.n == 0 or math.isnan(self.mean):
@@ -326,6 +395,41 @@ class Stat:
         if self.n == 1:
             return f"{self.mean:.{digits}f}"
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+    def ci_text(self, digits: int = 2) -> str:
+        if self.n == 0 or math.isnan(self.mean):
+            return "–"
+        if self.ci95 is None:
+            return "1 seed, no interval"
+        return f"[{self.ci95[0]:.{digits}f}, {self.ci95[1]:.{digits}f}]"
+
+
+def welch_test(a: Stat, b: Stat) -> tuple[float, float, float] | None:
+    """Welch's unequal-variance t test of two seed samples: (t, dof, two-sided p); None below 2 seeds each.
+
+    Two identical constant samples give p = 1; two different constant samples p = 0."""
+    if a.n < 2 or b.n < 2:
+        return None
+    va, vb = a.sample_std**2 / a.n, b.sample_std**2 / b.n
+    diff = a.mean - b.mean
+    if va + vb == 0:
+        return (0.0, float("inf"), 1.0) if diff == 0 else (math.copysign(math.inf, diff), float("inf"), 0.0)
+    t = diff / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / ((va**2 / (a.n - 1) if va else 0.0) + (vb**2 / (b.n - 1) if vb else 0.0))
+    return t, df, t_two_sided_p(t, df)
+
+
+def noise_note(best: Stat, other: Stat, level: float = 0.95) -> str:
+    """How ``other`` compares with the best row: its difference and whether Welch's test (95%) tells them apart."""
+    if other is best:
+        return "best"
+    diff = other.mean - best.mean
+    test = welch_test(other, best)
+    if test is None:
+        return f"{diff:+.2f} (too few seeds to test)"
+    if test[2] >= 1.0 - level:
+        return f"{diff:+.2f} ≈ best, within noise (p {test[2]:.2f})"
+    return f"{diff:+.2f} (p {test[2]:.3f})"
 
 
 @dataclass
@@ -342,6 +446,8 @@ class ReportRow:
     novel: Stat | None = None
     hm: float | None = None
     files: list[str] = field(default_factory=list)
+    hm_seeds: Stat | None = None  # the per-seed HMs: their spread and interval (the cell itself is HM of means)
+    vs_best: str = ""
 
 
 @dataclass
@@ -356,6 +462,10 @@ class AverageRow:
     base: float | None = None
     novel: float | None = None
     hm: float | None = None
+    # over seeds of the per-seed averages across datasets (only seeds every dataset has): "base", "novel", "hm" or
+    # the headline metrics
+    seed_stats: dict[str, Stat] = field(default_factory=dict)
+    vs_best: str = ""
 
 
 @dataclass
@@ -447,14 +557,118 @@ def _dedupe(results: list[dict[str, Any]], warnings: list[str]) -> list[dict[str
     return list(latest.values())
 
 
+#: Config keys that may differ between seeds of one experiment: the seeds themselves and where/how a run ran.
+POOL_IGNORED_KEYS = frozenset(
+    {
+        "seed",
+        "split_seed",
+        "init_seed",
+        "order_seed",
+        "view_seed",
+        "out",
+        "device",
+        "data_root",
+        "progress",
+        "num_workers",
+        "workers",
+        "log_every",
+        "checkpoint_every",
+        "eval_every",
+        "tensorboard",
+        "evaluate",
+    }
+)
+
+
+def recipe(config: Any) -> Any:
+    """A result's resolved config less the seeds and the run's place (``POOL_IGNORED_KEYS`` at any depth)."""
+    if isinstance(config, Mapping):
+        return {k: recipe(v) for k, v in config.items() if k not in POOL_IGNORED_KEYS}
+    if isinstance(config, list):
+        return [recipe(v) for v in config]
+    return config
+
+
+def _flat(value: Any, where: str = "") -> dict[str, str]:
+    if isinstance(value, Mapping):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{where}.{k}" if where else str(k)))
+        return out
+    return {where: json.dumps(value, sort_keys=True, default=str)}
+
+
+def _fingerprint(result: Mapping[str, Any]) -> dict[str, Any]:
+    """What must be equal for two results to be seeds of one experiment (per subsample)."""
+    classes = result.get("classnames")
+    return {
+        "method": result.get("method"),
+        "classes": list(classes) if classes is not None else result.get("num_classes"),
+        "images": result.get("num_samples"),
+        "recipe": recipe(result.get("config") or {}),
+    }
+
+
+def _pool_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    fa, fb = _fingerprint(a), _fingerprint(b)
+    if fa["method"] != fb["method"]:
+        return f"method {fa['method']} vs {fb['method']}"
+    if fa["classes"] != fb["classes"]:
+        ca, cb = fa["classes"], fb["classes"]
+        if isinstance(ca, list) and isinstance(cb, list):
+            only = sorted(set(ca) ^ set(cb))[:4]
+            detail = f"{len(ca)} vs {len(cb)} classes" + (f", differing {only}" if only else ", other order")
+        else:
+            detail = f"{ca} vs {cb} classes"
+        return f"class list ({detail})"
+    if fa["images"] != fb["images"]:
+        return f"number of test images ({fa['images']} vs {fb['images']})"
+    ra, rb = _flat(fa["recipe"]), _flat(fb["recipe"])
+    keys = [k for k in sorted(set(ra) | set(rb)) if ra.get(k) != rb.get(k)]
+    shown = ", ".join(f"{k} {ra.get(k, 'absent')} vs {rb.get(k, 'absent')}" for k in keys[:4])
+    return "recipe (" + shown + (f", and {len(keys) - 4} more" if len(keys) > 4 else "") + ")"
+
+
+def check_poolable(items: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse (ResultError, before anything is written) a group whose results are not seeds of one experiment:
+    another method, class list, recipe (resolved config except the seeds) or number of test images."""
+    problems: list[str] = []
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in items:
+        groups.setdefault((*_group_key(r), r.get("subsample") or "all", r.get("split") or "test"), []).append(r)
+    for key, members in groups.items():
+        first = members[0]
+        for other in members[1:]:
+            if _fingerprint(other) != _fingerprint(first):
+                problems.append(
+                    f"{key[1]} on {key[3]} ({key[0]}, {key[4]}): {_pool_difference(first, other)} — "
+                    f"{first.get('_path', 'seed ' + str(first.get('seed')))} vs "
+                    f"{other.get('_path', 'seed ' + str(other.get('seed')))}"
+                )
+                break
+    if problems:
+        raise ResultError(
+            "these results are not seeds of one experiment, so they are not pooled into mean ± std:\n"
+            + "\n".join(f"  {line}" for line in problems[:8])
+            + (f"\n  ... and {len(problems) - 8} more groups" if len(problems) > 8 else "")
+            + "\nReport them from separate folders, or name the variants apart (e.g. --method NAME). Nothing was "
+            "written."
+        )
+
+
+def _group_key(r: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    return (protocol_label(r), str(r.get("method") or r.get("task")), _model_label(r), str(r["dataset"]))
+
+
 def aggregate(results: Iterable[Mapping[str, Any]]) -> Report:
-    """Group results and summarise seeds and datasets (see the module docstring for the rules)."""
+    """Group results and summarise seeds and datasets (see the module docstring for the rules); raises
+    ResultError when a group mixes results that are not seeds of one experiment (:func:`check_poolable`)."""
     warnings: list[str] = []
     items = _dedupe([dict(r) for r in results], warnings)
+    check_poolable(items)
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in items:
-        key = (protocol_label(r), str(r.get("method") or r.get("task")), _model_label(r), str(r["dataset"]))
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(_group_key(r), []).append(r)
 
     headline: dict[str, list[str]] = {}
     rows: list[ReportRow] = []
@@ -465,45 +679,60 @@ def aggregate(results: Iterable[Mapping[str, Any]]) -> Report:
             for key in _headline(str(r.get("task")), r["metrics"]):
                 if key not in shown:
                     shown.append(key)
-        values: dict[str, list[float]] = {}
-        base_vals: list[float] = []
-        novel_vals: list[float] = []
-        for r in members:
-            heads = _headline(str(r.get("task")), r["metrics"])
-            main = r["metrics"].get(heads[0]) if heads else None
-            subsample = r.get("subsample") or "all"
-            if subsample == "base" and main is not None:
-                base_vals.append(_percent(heads[0], float(main)))
-            elif subsample == "new" and main is not None:
-                novel_vals.append(_percent(heads[0], float(main)))
-            elif subsample == "base2new":
-                for name, bucket in (("base_acc1", base_vals), ("new_acc1", novel_vals)):
-                    if r["metrics"].get(name) is not None:
-                        bucket.append(_percent("acc1", float(r["metrics"][name])))
-            if subsample in ("all",):
-                for k, v in r["metrics"].items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        values.setdefault(k, []).append(_percent(k, float(v)))
-        row = ReportRow(
-            protocol=protocol,
-            method=method,
-            model=model,
-            dataset=dataset,
-            seeds=sorted({r.get("seed") for r in members}, key=str),
-            metrics={k: Stat.of(v) for k, v in values.items()},
-            files=[str(r.get("_path", "")) for r in members],
-        )
-        if base_vals or novel_vals:
-            row.base, row.novel = Stat.of(base_vals), Stat.of(novel_vals)
-            if base_vals and novel_vals:
-                row.hm = harmonic_mean(row.base.mean, row.novel.mean)  # from seed-averaged B and N
-            if len(base_vals) != len(novel_vals):
-                warnings.append(
-                    f"{method} on {dataset} ({protocol}): {len(base_vals)} base but {len(novel_vals)} novel results"
-                )
-        rows.append(row)
+        rows.append(_group_row(protocol, method, model, dataset, members, warnings))
     rows.sort(key=lambda r: (r.protocol, r.dataset, r.method, r.model))
-    return Report(rows, _averages(rows, headline), headline, num_results=len(items), warnings=warnings)
+    averages = _averages(rows, headline)
+    _mark_vs_best(rows, averages, headline)
+    return Report(rows, averages, headline, num_results=len(items), warnings=warnings)
+
+
+def _group_row(
+    protocol: str, method: str, model: str, dataset: str, members: list[dict[str, Any]], warnings: list[str]
+) -> ReportRow:
+    values: dict[str, dict[Any, float]] = {}
+    base_vals: dict[Any, float] = {}
+    novel_vals: dict[Any, float] = {}
+    for r in members:
+        heads = _headline(str(r.get("task")), r["metrics"])
+        main = r["metrics"].get(heads[0]) if heads else None
+        subsample, seed = r.get("subsample") or "all", r.get("seed")
+        if subsample == "base" and main is not None:
+            base_vals[seed] = _percent(heads[0], float(main))
+        elif subsample == "new" and main is not None:
+            novel_vals[seed] = _percent(heads[0], float(main))
+        elif subsample == "base2new":
+            for name, bucket in (("base_acc1", base_vals), ("new_acc1", novel_vals)):
+                if r["metrics"].get(name) is not None:
+                    bucket[seed] = _percent("acc1", float(r["metrics"][name]))
+        if subsample == "all":
+            for k, v in r["metrics"].items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    values.setdefault(k, {})[seed] = _percent(k, float(v))
+    row = ReportRow(
+        protocol=protocol,
+        method=method,
+        model=model,
+        dataset=dataset,
+        seeds=sorted({r.get("seed") for r in members}, key=str),
+        metrics={k: _seed_stat(v) for k, v in values.items()},
+        files=[str(r.get("_path", "")) for r in members],
+    )
+    if base_vals or novel_vals:
+        row.base, row.novel = _seed_stat(base_vals), _seed_stat(novel_vals)
+        if base_vals and novel_vals:
+            row.hm = harmonic_mean(row.base.mean, row.novel.mean)  # from seed-averaged B and N
+            paired = sorted(set(base_vals) & set(novel_vals), key=str)
+            row.hm_seeds = Stat.of([harmonic_mean(base_vals[s], novel_vals[s]) for s in paired])
+        if len(base_vals) != len(novel_vals):
+            warnings.append(
+                f"{method} on {dataset} ({protocol}): {len(base_vals)} base but {len(novel_vals)} novel results"
+            )
+    row._per_seed = {"base": base_vals, "novel": novel_vals, **values}  # type: ignore[attr-defined]
+    return row
+
+
+def _seed_stat(by_seed: Mapping[Any, float]) -> Stat:
+    return Stat.of([by_seed[s] for s in sorted(by_seed, key=str)])
 
 
 def _averages(rows: list[ReportRow], headline: dict[str, list[str]]) -> list[AverageRow]:
@@ -525,8 +754,54 @@ def _averages(rows: list[ReportRow], headline: dict[str, list[str]]) -> list[Ave
             avg.novel = sum(n) / len(n)
         if b and n:
             avg.hm = harmonic_mean(avg.base, avg.novel)  # HM of the averaged B and N (the papers' Average row)
+        avg.seed_stats = _average_seed_stats(members, headline.get(protocol, []))
         out.append(avg)
     return out
+
+
+def _average_seed_stats(members: list[ReportRow], keys: list[str]) -> dict[str, Stat]:
+    """Per seed, the average over datasets (only seeds that every dataset has); the Stat of those averages."""
+    stats: dict[str, Stat] = {}
+    per_seed = [getattr(r, "_per_seed", {}) for r in members]
+    for key in ["base", "novel", *keys]:
+        maps = [m.get(key) or {} for m in per_seed]
+        if not all(maps):
+            continue
+        common = sorted(set.intersection(*(set(m) for m in maps)), key=str)
+        if common:
+            stats[key] = Stat.of([sum(m[s] for m in maps) / len(maps) for s in common])
+    if "base" in stats and "novel" in stats:
+        b, n = stats["base"].values, stats["novel"].values
+        stats["hm"] = Stat.of([harmonic_mean(x, y) for x, y in zip(b, n)])
+    return stats
+
+
+def _headline_stat(row: ReportRow | AverageRow, keys: list[str]) -> Stat | None:
+    """The seed sample behind a row's headline cell: per-seed HMs for base-to-novel, else the first metric."""
+    if isinstance(row, AverageRow):
+        return row.seed_stats.get("hm") or (row.seed_stats.get(keys[0]) if keys else None)
+    if row.hm_seeds is not None:
+        return row.hm_seeds
+    return row.metrics.get(keys[0]) if keys else None
+
+
+def _mark_vs_best(rows: list[ReportRow], averages: list[AverageRow], headline: dict[str, list[str]]) -> None:
+    """Per protocol and dataset (and for the Average rows): each row's headline difference from the best row and
+    whether Welch's t test at 95% over seeds tells them apart (:func:`noise_note`)."""
+    cohorts: dict[tuple[str, str], list[ReportRow | AverageRow]] = {}
+    for row in rows:
+        cohorts.setdefault((row.protocol, row.dataset), []).append(row)
+    for avg in averages:
+        if len(avg.datasets) > 1:
+            cohorts.setdefault((avg.protocol, "\0average"), []).append(avg)
+    for (protocol, _), members in cohorts.items():
+        stats = [(m, _headline_stat(m, headline.get(protocol, []))) for m in members]
+        stats = [(m, st) for m, st in stats if st is not None and st.n]
+        if len(stats) < 2:
+            continue
+        best = max(stats, key=lambda pair: pair[1].mean)[1]
+        for member, stat in stats:
+            member.vs_best = noise_note(best, stat)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,40 +833,101 @@ def _row_head(row: ReportRow) -> list[str]:
 
 
 def _avg_head(avg: AverageRow) -> list[str]:
-    return [f"**Average** ({len(avg.datasets)})", avg.method, avg.model, ""]
+    seeds = max((st.n for st in avg.seed_stats.values()), default=0)
+    return [f"**Average** ({len(avg.datasets)})", avg.method, avg.model, str(seeds) if seeds else ""]
+
+
+def _ci_cell(stat: Stat | None) -> str:
+    return "–" if stat is None else stat.ci_text()
+
+
+def _interval_table(report: Report, protocol: str, b2n: bool) -> list[str]:
+    """The 95% intervals of every cell of a protocol's table (Student's t, n−1 dof, over seeds)."""
+    rows = [r for r in report.rows if r.protocol == protocol]
+    averages = [a for a in report.averages if a.protocol == protocol and len(a.datasets) > 1]
+    keys = ["base", "novel", "hm"] if b2n else report.headline.get(protocol, [])
+    headers = ["Dataset", "Method", "Model", *({"hm": "HM"}.get(k, k.capitalize()) if b2n else k for k in keys)]
+    if b2n and any("acc1" in r.metrics for r in rows):
+        keys, headers = [*keys, "acc1"], [*headers, "All classes"]
+    body = []
+    for row in rows:
+        cells = {"base": row.base, "novel": row.novel, "hm": row.hm_seeds, **row.metrics}
+        body.append([row.dataset, row.method, row.model, *(_ci_cell(cells.get(k)) for k in keys)])
+    for avg in averages:
+        body.append(
+            [
+                f"**Average** ({len(avg.datasets)})",
+                avg.method,
+                avg.model,
+                *(_ci_cell(avg.seed_stats.get(k)) for k in keys),
+            ]
+        )
+    return _markdown_table(headers, body)
+
+
+NOISE_NOTE = (
+    "Values in %: mean ± std over seeds (population std, as the references' parse_test_res.py). Base-to-novel HM is "
+    "the HM of the seed-averaged Base and Novel; its interval is that of the per-seed HMs. 95% intervals: mean ± "
+    "t(0.975, n−1)·s/√n with the sample std s. *vs best*: the difference from the best row of the same dataset in "
+    "the headline cell (HM for base-to-novel) and Welch's unequal-variance t test over seeds at 95%: "
+    "'≈ best, within noise' means the two cannot be told apart with these seeds. Average rows: over seeds of the "
+    "per-seed average across datasets (seeds every dataset has)."
+)
 
 
 def format_markdown(report: Report, images: Mapping[str, str] | None = None) -> str:
-    """Markdown tables, one per protocol (percentages; mean ± population std over seeds)."""
-    lines = ["# Results", "", f"{report.num_results} result files; values in %, mean ± std over seeds.", ""]
+    """Markdown tables, one per protocol (percentages; mean ± population std over seeds, a "vs best" column with
+    Welch's test), each followed by a table of 95% Student-t intervals."""
+    lines = ["# Results", "", f"{report.num_results} result files. {NOISE_NOTE}", ""]
     for protocol in report.protocols:
         rows = [r for r in report.rows if r.protocol == protocol]
-        averages = [a for a in report.averages if a.protocol == protocol]
+        averages = [a for a in report.averages if a.protocol == protocol and len(a.datasets) > 1]
         lines += [f"## {protocol}", ""]
-        if _is_b2n(report, protocol):
+        b2n = _is_b2n(report, protocol)
+        if b2n:
             headers = ["Dataset", "Method", "Model", "Seeds", "Base", "Novel", "HM"]
-            body = [[*_row_head(r), _stat_text(r.base), _stat_text(r.novel), _fmt(r.hm)] for r in rows]
-            body += [[*_avg_head(a), _fmt(a.base), _fmt(a.novel), _fmt(a.hm)] for a in averages if len(a.datasets) > 1]
+            body = [[*_row_head(r), _stat_text(r.base), _stat_text(r.novel), _hm_text(r)] for r in rows]
+            body += [[*_avg_head(a), *(_avg_text(a, k) for k in ("base", "novel", "hm"))] for a in averages]
             if any("acc1" in r.metrics for r in rows):  # base runs also scored on all classes at once
                 headers.append("All classes")
-                for line, row in zip(body, [*rows, *(a for a in averages if len(a.datasets) > 1)]):
+                for line, row in zip(body, [*rows, *averages]):
                     line.append(
-                        _stat_text(row.metrics.get("acc1"))
-                        if isinstance(row, ReportRow)
-                        else _fmt(row.metrics.get("acc1"))
+                        _stat_text(row.metrics.get("acc1")) if isinstance(row, ReportRow) else _avg_text(row, "acc1")
                     )
         else:
             keys = report.headline.get(protocol, [])
             headers = ["Dataset", "Method", "Model", "Seeds", *keys]
             body = [[*_row_head(r), *(_stat_text(r.metrics.get(k)) for k in keys)] for r in rows]
-            body += [[*_avg_head(a), *(_fmt(a.metrics.get(k)) for k in keys)] for a in averages if len(a.datasets) > 1]
+            body += [[*_avg_head(a), *(_avg_text(a, k) for k in keys)] for a in averages]
+        if any(r.vs_best for r in [*rows, *averages]):
+            headers.append("vs best")
+            for line, row in zip(body, [*rows, *averages]):
+                line.append(row.vs_best or "–")
         lines += _markdown_table(headers, body)
+        lines += ["", f"95% intervals over seeds ({protocol}):", "", *_interval_table(report, protocol, b2n)]
         if images and protocol in images:
             lines += ["", f"![{protocol}]({images[protocol]})"]
         lines.append("")
     if report.warnings:
         lines += ["## Warnings", "", *(f"- {w}" for w in report.warnings), ""]
     return "\n".join(lines)
+
+
+def _avg_text(avg: AverageRow, key: str) -> str:
+    """An Average cell: the papers' value (HM of mean B and N), ± the std over seeds of the per-seed averages."""
+    value = getattr(avg, key) if key in ("base", "novel", "hm") else avg.metrics.get(key)
+    stat = avg.seed_stats.get(key)
+    if value is None or stat is None or stat.n < 2:
+        return _fmt(value)
+    return f"{value:.2f} ± {stat.std:.2f}"
+
+
+def _hm_text(row: ReportRow) -> str:
+    if row.hm is None:
+        return "–"
+    if row.hm_seeds is None or row.hm_seeds.n < 2:
+        return _fmt(row.hm)
+    return f"{row.hm:.2f} ± {row.hm_seeds.std:.2f}"
 
 
 def _bars(ax: Any, datasets: list[str], series: list[tuple[str, list[float | None]]], title: str) -> None:

@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from promptkd.config import Rule
+from promptkd.config import Rule, to_dict
+
+#: Settings added after runs were already stored: left out of records and resume identities while at these
+#: defaults, so every earlier run resumes and hashes exactly as before.
+OPTIONAL_DEFAULTS: dict[str, Any] = {"average_last_epochs": 0, "split_seed": None, "init_seed": None}
+
+
+def stable_dict(obj: Any) -> dict[str, Any]:
+    """``to_dict`` without the :data:`OPTIONAL_DEFAULTS` that are at their default (at any depth)."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: strip(v)
+                for k, v in value.items()
+                if not (k in OPTIONAL_DEFAULTS and v == OPTIONAL_DEFAULTS[k] and type(v) is type(OPTIONAL_DEFAULTS[k]))
+            }
+        return value
+
+    return strip(to_dict(obj))
 
 
 @dataclass
@@ -38,6 +57,9 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int = 0  # also write the resume file every N steps within an epoch (0: at epoch ends only)
     select: Literal["last", "val"] = "last"  # checkpoint selection: last epoch, or best on the validation split
+    # Variance reduction needing no labels beyond training: the final trainable tensors are the mean of their
+    # values at the ends of the last K epochs (SWA-style; 0 = off, the last epoch's values).
+    average_last_epochs: int = field(default=0, metadata={"rule": Rule(0.0)})
     eval_every: int = 0  # evaluate on validation every N epochs (0: only when select == "val", every epoch)
     tensorboard: bool = False
     progress: bool = True
@@ -51,6 +73,12 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.schedule_per == "epoch" and (self.warmup_steps > 0 or self.warmup_type == "open_clip"):
             raise ValueError("warmup_steps and warmup_type 'open_clip' count optimizer steps: set schedule_per: step")
+        if self.average_last_epochs < 0 or self.average_last_epochs > max(self.epochs, 1):
+            raise ValueError(
+                f"average_last_epochs must be between 0 and epochs ({self.epochs}), got {self.average_last_epochs}"
+            )
+        if self.average_last_epochs > 1 and self.select == "val":
+            raise ValueError("average_last_epochs and select: val both choose the final prompts: use one of them")
         self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must be an area range 0 < low <= high <= 1, got {list(self.crop_scale)}")

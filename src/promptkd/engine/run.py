@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from promptkd.checkpoints import atomic_write_text
-from promptkd.config import ConfigError, config_hash, to_dict
-from promptkd.engine.config import TrainConfig
+from promptkd.config import SEED, ConfigError, config_hash
+from promptkd.engine.config import TrainConfig, stable_dict
 from promptkd.engine.distributed import DistInfo, init_distributed
 from promptkd.engine.trainer import Trainer, TrainResult, predict_logits
 from promptkd.errors import PromptKDError
@@ -37,6 +37,11 @@ class RunConfig:
     shots: int = 16
     subsample: Literal["all", "base"] = "base"  # classes trained on; base runs are also scored on the new half
     seed: int = 1
+    # The run's randomness in three parts, each settable alone to measure its share of the variance: the few-shot
+    # sample (split_seed), the method's initialisation (init_seed), both defaulting to ``seed``; the data order,
+    # augmentation and in-training randomness come from ``train.seed``.
+    split_seed: int | None = field(default=None, metadata={"rule": SEED})
+    init_seed: int | None = field(default=None, metadata={"rule": SEED})
     model: str = "pkd-world-student"
     pretrained: str | None = None
     quick_gelu: bool | None = None
@@ -112,7 +117,9 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
     if config.shots < 0:
         raise ConfigError(f"--shots must be 0 (every labelled image) or a positive K, got {config.shots}.")
     out = writable_folder(config.out) if info.is_main else Path(config.out)
-    resolved = to_dict(config)
+    resolved = stable_dict(config)  # split_seed / init_seed appear only when set: earlier runs hash the same
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    init_seed = config.seed if config.init_seed is None else config.init_seed
     if info.is_main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     handler = attach_run_log(out, info.is_main)
@@ -120,7 +127,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
         splits = resolve_dataset(config.dataset, config.data_root, classnames=config.classnames)
         if config.shots > 0:
             splits = few_shot_splits(
-                splits, config.shots, config.seed, cache_dir=out / "split_fewshot", strict=config.strict_shots
+                splits, config.shots, split_seed, cache_dir=out / "split_fewshot", strict=config.strict_shots
             )
         train_splits = subsample_classes(splits, config.subsample)
         backbone = load_backbone(
@@ -130,7 +137,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
             device=device,
             precision=config.train.precision,
         )
-        torch.manual_seed(config.seed)
+        torch.manual_seed(init_seed)
         method = method_cls(backbone, train_splits.classnames, method_config)
         train_tf = train_transform(backbone.preprocess, scale=config.train.crop_scale)
         eval_tf = build_transform(backbone.preprocess, train=False)
@@ -198,7 +205,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
 
 
 def run_hash(config: RunConfig) -> str:
-    return config_hash(to_dict(config))
+    return config_hash(stable_dict(config))
 
 
 class RunError(PromptKDError, RuntimeError):

@@ -11,7 +11,9 @@
   that trains uses the global batch's statistics (:class:`~promptkd.engine.distributed.GlobalBatchNorm`, gloo and
   nccl), so 2 processes normalise what 1 would; plain BatchNorm is put back after training.
 - Model selection: the last epoch, or (``select: val``) the best epoch on the validation split — never the test
-  split; whatever was selected on is recorded.
+  split; whatever was selected on is recorded. ``average_last_epochs: K`` ends with the mean of the trainable
+  tensors at the ends of the last K epochs (a float64 running sum kept in the resume file, so a resumed run ends
+  with the same mean; every process keeps the same sum, as DDP keeps the same tensors).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tqdm.auto import tqdm
 from promptkd.backbones import autocast_for
 from promptkd.checkpoints import atomic_write_text, file_sha256, read_with_digest, write_with_digest
 from promptkd.config import to_dict
-from promptkd.engine.config import TrainConfig
+from promptkd.engine.config import TrainConfig, stable_dict
 from promptkd.engine.data import make_loader, sample_seed, set_epoch
 from promptkd.engine.distributed import (
     DistInfo,
@@ -147,6 +149,7 @@ class _ResumePoint:
     best: dict[str, Any] = field(default_factory=dict)
     running: tuple[float, int] = (0.0, 0)
     rng: torch.Tensor | None = None
+    average: dict[str, Any] = field(default_factory=dict)  # {"count": epochs summed, "sum": float64 tensors}
 
 
 @dataclass
@@ -230,10 +233,16 @@ class Trainer:
         return {
             "method": self.method.name,
             "method_config": _bound_to_content(to_dict(self.method.config)),
-            "train": _bound_to_content(to_dict(self.cfg)),
+            "train": _bound_to_content(stable_dict(self.cfg)),
             "classnames": self.method.classnames,
             "backbone": {k: self.method.backbone.spec.to_dict()[k] for k in ("model_name", "pretrained", "quick_gelu")},
+            **self._seed_identity(),
         }
+
+    def _seed_identity(self) -> dict[str, Any]:
+        """The split and init seeds when set apart from the run seed (absent otherwise: old resume files match)."""
+        seeds = {k: self.run_config[k] for k in ("split_seed", "init_seed") if self.run_config.get(k) is not None}
+        return {"seeds": seeds} if seeds else {}
 
     def _load_resume(self, optimizer: torch.optim.Optimizer, scaler) -> _ResumePoint:
         path = self.out / RESUME_FILE
@@ -273,6 +282,7 @@ class Trainer:
             dict(state.get("best", {})),
             tuple(state.get("running", (0.0, 0))),  # type: ignore[arg-type]
             state.get("rng"),
+            dict(state.get("average") or {}),
         )
         where = f"step {point.step} of epoch {point.epoch + 1}" if point.step else f"epoch {point.epoch}"
         logger.info("resuming %s after %s", self.out, where)
@@ -288,6 +298,7 @@ class Trainer:
         *,
         step: int = 0,
         running: tuple[float, int] = (0.0, 0),
+        average: dict[str, Any] | None = None,
     ) -> None:
         """Everything a resumed run needs; ``epoch`` epochs are complete and ``step`` steps of the next one."""
         if not self.info.is_main:
@@ -305,6 +316,8 @@ class Trainer:
             "history": history,
             "best": best,
         }
+        if average:
+            state["average"] = average
         buffer = io.BytesIO()
         torch.save(state, buffer)
         write_with_digest(self.out / RESUME_FILE, buffer.getvalue())
@@ -319,7 +332,7 @@ class Trainer:
         if not method.trains or cfg.epochs == 0:
             method.prepare(train_batches, val_batches)
             path = (
-                method.save(self.out / FINAL_NAME, {"train": to_dict(cfg), "selection": {"on": "none"}})
+                method.save(self.out / FINAL_NAME, {"train": stable_dict(cfg), "selection": {"on": "none"}})
                 if info.is_main
                 else None
             )
@@ -451,7 +464,16 @@ class Trainer:
                             if key not in ("epoch", "step", "global_step"):
                                 writer.add_scalar(f"train/{key}", val, global_step)
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                    self._save_resume(epoch, optimizer, scaler, history, best, step=step + 1, running=(running, count))
+                    self._save_resume(
+                        epoch,
+                        optimizer,
+                        scaler,
+                        history,
+                        best,
+                        step=step + 1,
+                        running=(running, count),
+                        average=resume.average,
+                    )
             method.on_epoch_end(epoch + 1, cfg.epochs)
             entry: dict[str, Any] = {"epoch": epoch + 1, "loss": running / max(1, count), "lr": lr}
             if info.is_main:
@@ -476,7 +498,8 @@ class Trainer:
                     "".join(f" {k} {v:.4g}" for k, v in list(measured.items())[:8]),
                 )
                 self._append(self.out / "epochs.jsonl", entry)
-            self._save_resume(epoch + 1, optimizer, scaler, history, best)
+            self._accumulate_average(resume.average, epoch + 1)
+            self._save_resume(epoch + 1, optimizer, scaler, history, best, average=resume.average)
             barrier(info)
         if streamed and info.enabled:  # each process skipped its own unreadable samples: the record lists them all
             train_set.skipped[:] = gather_lists(train_set.skipped, info)
@@ -486,12 +509,14 @@ class Trainer:
             selection = {"on": "val", "epoch": best["epoch"], "val_acc1": best["val_acc1"]}
         elif cfg.select == "val":
             selection = {"on": "last_epoch (no validation split)", "epoch": cfg.epochs}
+        if cfg.average_last_epochs > 1:
+            selection = self._load_average(resume.average)
         restore_batchnorm(swapped)
         method.on_train_end()  # after the selection, so end-of-training steps (GPA, Tip-Adapter-F search) see it
         path = None
         if info.is_main:
             path = method.save(
-                self.out / FINAL_NAME, {"train": to_dict(cfg), "selection": selection, "run": self.run_config}
+                self.out / FINAL_NAME, {"train": stable_dict(cfg), "selection": selection, "run": self.run_config}
             )
         if writer is not None:
             writer.close()
@@ -505,6 +530,35 @@ class Trainer:
             seconds,
             images_seen / compute_seconds if compute_seconds else 0.0,
         )
+
+    def _accumulate_average(self, average: dict[str, Any], epochs_done: int) -> None:
+        """Add the trainable tensors at the end of epoch ``epochs_done`` to the running sum when it is one of the
+        last ``average_last_epochs`` epochs (float64 sum: the mean does not depend on where a run was resumed)."""
+        k = self.cfg.average_last_epochs
+        if k < 2 or epochs_done <= self.cfg.epochs - k:
+            return
+        state = {key: v.detach().cpu() for key, v in self.method.trainable_state().items()}
+        total = average.setdefault("sum", {})
+        for key, value in state.items():
+            if value.is_floating_point():
+                total[key] = total[key] + value.double() if key in total else value.double().clone()
+            else:  # integer state (a counter) is not averaged: the last value is kept
+                total[key] = value.clone()
+        average["count"] = int(average.get("count", 0)) + 1
+
+    def _load_average(self, average: dict[str, Any]) -> dict[str, Any]:
+        """Put the mean of the summed epoch ends into the method; returns the selection record."""
+        count = int(average.get("count", 0))
+        if count == 0:
+            return {"on": "last_epoch", "epoch": self.cfg.epochs}
+        current = self.method.trainable_state()
+        mean = {
+            key: (value / count).to(current[key].dtype) if value.is_floating_point() else value
+            for key, value in average["sum"].items()
+        }
+        self.method.load_trainable(mean, f"mean of the last {count} epochs")
+        first = self.cfg.epochs - count + 1
+        return {"on": "average_last_epochs", "epochs": list(range(first, self.cfg.epochs + 1))}
 
     def _prepare_data(self, train_set, val_set):
         """Re-iterable data for ``Method.prepare``: every call of ``train_batches()`` is a new augmentation pass over
