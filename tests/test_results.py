@@ -265,3 +265,17 @@ def test_report_pools_seeds_that_differ_only_in_seed_and_folder(tmp_path, capsys
     ]
     assert _cli_report(tmp_path, results) == 0
     assert "80.00 ± 0.00" in capsys.readouterr().out
+
+
+def test_per_seed_teacher_paths_pool_but_another_teacher_does_not():
+    def student(seed, teacher_dir, sha):
+        config = {
+            "method": "promptkd",
+            "teacher": f"/r/{teacher_dir}/base2new/dtd/promptkd/seed_{seed}/teacher/prompts.safetensors",
+            "teacher_identity": {"method": "promptsrc", "checkpoint_sha256": sha, "about": {"seed": seed}},
+        }
+        return _result("dtd", "promptkd", 0.8, seed=seed, config=config)
+
+    assert aggregate([student(1, "coop", "a" * 64), student(2, "coop", "b" * 64)]).rows[0].metrics["acc1"].n == 2
+    with pytest.raises(ResultError, match=r"recipe \(teacher .*coop\+atprompt"):
+        aggregate([student(1, "coop+atprompt", "a" * 64), student(2, "coop", "b" * 64)])

@@ -557,14 +557,15 @@ def _dedupe(results: list[dict[str, Any]], warnings: list[str]) -> list[dict[str
     return list(latest.values())
 
 
-#: Config keys that may differ between seeds of one experiment: the seeds themselves and where/how a run ran.
+#: Config keys that may differ between seeds of one experiment: the seeds themselves, where/how a run ran, and
+#: what a per-seed stage produced (a PromptKD student's teacher trained with the same seed: its file's hash;
+#: ``about`` holds paths and tags, never compared by the teacher identity either).
 POOL_IGNORED_KEYS = frozenset(
     {
         "seed",
         "split_seed",
         "init_seed",
         "order_seed",
-        "view_seed",
         "out",
         "device",
         "data_root",
@@ -576,16 +577,28 @@ POOL_IGNORED_KEYS = frozenset(
         "eval_every",
         "tensorboard",
         "evaluate",
+        "checkpoint_sha256",
+        "about",
     }
 )
+#: Settings added later, absent from older records: equal to their default when absent.
+_OPTIONAL_DEFAULTS: dict[str, Any] = {"average_last_epochs": 0}
+_SEED_IN_PATH = re.compile(r"(?<![A-Za-z])seed[_-]?\d+")
 
 
 def recipe(config: Any) -> Any:
-    """A result's resolved config less the seeds and the run's place (``POOL_IGNORED_KEYS`` at any depth)."""
+    """A result's resolved config less the seeds and the run's place (``POOL_IGNORED_KEYS`` at any depth; a
+    ``seed_<s>`` folder inside a path, as the protocols name per-seed stages, reads ``seed_*``)."""
     if isinstance(config, Mapping):
-        return {k: recipe(v) for k, v in config.items() if k not in POOL_IGNORED_KEYS}
+        return {
+            k: recipe(v)
+            for k, v in config.items()
+            if k not in POOL_IGNORED_KEYS and not (k in _OPTIONAL_DEFAULTS and v == _OPTIONAL_DEFAULTS[k])
+        }
     if isinstance(config, list):
         return [recipe(v) for v in config]
+    if isinstance(config, str):
+        return _SEED_IN_PATH.sub("seed_*", config)
     return config
 
 
@@ -625,8 +638,8 @@ def _pool_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
         return f"number of test images ({fa['images']} vs {fb['images']})"
     ra, rb = _flat(fa["recipe"]), _flat(fb["recipe"])
     keys = [k for k in sorted(set(ra) | set(rb)) if ra.get(k) != rb.get(k)]
-    shown = ", ".join(f"{k} {ra.get(k, 'absent')} vs {rb.get(k, 'absent')}" for k in keys[:4])
-    return "recipe (" + shown + (f", and {len(keys) - 4} more" if len(keys) > 4 else "") + ")"
+    shown = ", ".join(f"{k} {ra.get(k, 'absent')} vs {rb.get(k, 'absent')}" for k in keys[:3])
+    return "recipe (" + shown + (f", and {len(keys) - 3} more" if len(keys) > 3 else "") + ")"
 
 
 def check_poolable(items: Sequence[Mapping[str, Any]]) -> None:
