@@ -308,53 +308,22 @@ def find_results(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]
 # Aggregation
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        for num in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betai(a: float, b: float, x: float) -> float:
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
 def t_two_sided_p(t: float, df: float) -> float:
     """Two-sided p-value of Student's t with ``df`` (possibly fractional) degrees of freedom."""
+    from scipy import stats
+
     if math.isnan(t) or df <= 0:
         return float("nan")
-    return _betai(df / 2.0, 0.5, df / (df + t * t))
+    return float(2.0 * stats.t.sf(abs(t), df))
 
 
 def t_critical(df: float, level: float = 0.95) -> float:
     """The t value whose two-sided tail is ``1 - level`` (12.706 for 1 dof, 4.303 for 2, 1.960 in the limit)."""
+    from scipy import stats
+
     if df <= 0:
         return float("nan")
-    alpha, low, high = 1.0 - level, 0.0, 1.0
-    while t_two_sided_p(high, df) > alpha:
-        high *= 2.0
-    for _ in range(200):  # bisection: p falls monotonically with t
-        mid = (low + high) / 2.0
-        low, high = (mid, high) if t_two_sided_p(mid, df) > alpha else (low, mid)
-    return (low + high) / 2.0
+    return float(stats.t.ppf(0.5 + level / 2.0, df))
 
 
 @dataclass
