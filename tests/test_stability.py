@@ -209,3 +209,13 @@ def test_average_under_two_process_ddp_equals_one_process(tmp_path):
     assert record["selection"] == result.selection == {"on": "average_last_epochs", "epochs": [2, 3]}
     for key, value in single.trainable_state().items():
         assert torch.allclose(tensors[key], value, atol=1e-5), key
+
+
+def test_one_seed_moves_the_data_order_too_unless_set_apart():
+    """As in the references (one seed sets every generator): ``seed`` is train.seed's default, here and in distill."""
+    from promptkd.distill.run import resolve_distill_config
+    from promptkd.engine.run import resolve_run_config
+
+    assert resolve_run_config("coop", "world", [], {"seed": 3}).train.seed == 3
+    assert resolve_run_config("coop", "world", ["train.seed=7"], {"seed": 3}).train.seed == 7
+    assert resolve_distill_config("world", [], {"seed": 2}).train.seed == 2

@@ -75,6 +75,10 @@ class DistillRunConfig:
     method_config: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if self.train.seed is None:  # one seed moves the data order too, unless train.seed is set apart
+            self.train.seed = self.seed
+
 
 def resolve_distill_config(preset: str | None, overrides: list[str], base: dict[str, Any]) -> DistillRunConfig:
     """Preset (``method`` + ``train`` sections) < command-line values < ``--set key=value``; strict."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from promptkd.config import Rule, to_dict
+from promptkd.config import SEED, Rule, to_dict
 
 #: Settings added after runs were already stored: left out of records and resume identities while at these
 #: defaults, so every earlier run resumes and hashes exactly as before.
@@ -52,7 +52,9 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float | None = None
-    seed: int = 1
+    # Data order, augmentation and in-training randomness. None (the default): the run's own seed, as the
+    # references' one seed moves everything; a run config fills it in when it is built.
+    seed: int | None = field(default=None, metadata={"rule": SEED})
     num_workers: int = 0
     log_every: int = 20
     checkpoint_every: int = 0  # also write the resume file every N steps within an epoch (0: at epoch ends only)

@@ -53,6 +53,10 @@ class RunConfig:
     method_config: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if self.train.seed is None:  # one seed moves the order too, unless train.seed is set apart
+            self.train.seed = self.seed
+
 
 def resolve_run_config(method: str, preset: str | None, overrides: list[str], base: dict[str, Any]) -> RunConfig:
     """Preset (method + train sections) < command-line values < ``--set key=value`` overrides; all strict."""

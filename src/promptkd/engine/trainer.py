@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -219,7 +220,7 @@ class Trainer:
         run_config: dict[str, Any] | None = None,
     ):
         self.method = method
-        self.cfg = cfg
+        self.cfg = cfg if cfg.seed is not None else dataclasses.replace(cfg, seed=1)  # a bare TrainConfig: seed 1
         self.out = Path(out_dir)
         self.info = info or DistInfo()
         self.device = device or torch.device("cpu")

@@ -68,6 +68,8 @@ class PretrainRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.train.seed is None:  # pre-training has no run seed: train.seed is the run's only one
+            self.train.seed = 1
         if self.eval_every < 0 or self.eval_per_class < 1:
             raise ValueError("eval_every must be >= 0 and eval_per_class >= 1")
 
