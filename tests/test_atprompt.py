@@ -356,3 +356,18 @@ def test_attributes_on_a_method_without_a_text_prompt_say_why(world, tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and "unknown key 'attributes'" in err and "coop, cocoop, maple and promptsrc" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_more_attributes_than_the_context_holds_keep_the_earlier_run(world, tmp_path, capsys):
+    """Refused with the figure and a way out; the run folder's earlier config is left as it was."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.yaml").write_text("earlier: run\n")
+    words = "[" + ", ".join(f"colour{i}" for i in range(12)) + "]"
+    code = main(
+        ["train", "--method", "coop", "--preset", "world", *world, "--shots", "1", "--out", str(out),
+         "--set", f"method.attributes={words}", "method.attribute_ctx=8"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "fills the whole context length" in err and "use fewer attributes" in err
+    assert (out / "config.yaml").read_text() == "earlier: run\n"

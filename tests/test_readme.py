@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 # The `<!-- tested: NAME -->` blocks the tests below run; a new name needs a test that runs its blocks.
-RUN_BY_TESTS = {"quickstart", "activate", "howto", "pretrain"}
+RUN_BY_TESTS = {"quickstart", "activate", "howto", "pretrain", "plugins"}
 SHELL_FENCE = re.compile(r"^(\s*)```(bash|sh|shell|console|zsh)\s*$")
 MARKER = re.compile(r"^\s*<!-- (tested: [\w-]+|not tested: \S.*\S) -->\s*$")
 
@@ -210,3 +210,16 @@ def test_pretrain_block_runs_as_written(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "runs/my-clip/open_clip_model.safetensors").is_file()
     assert "zero-shot clean/held_out" in result.stdout and "acc1" in result.stdout
+
+
+@pytest.mark.slow
+def test_plugins_block_runs_as_written(tmp_path):
+    """A CoOp prompt on the world's base classes, the DPC stage over it, and the checkpoint it wrote."""
+    (block,) = readme_blocks("plugins")
+    env = user_shell(tmp_path)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", as_user_runs(block)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "method: dpc" in result.stdout and "base.text.ctx" in result.stdout
+    assert "base " in result.stdout and "HM " in (tmp_path / "runs/coop-dpc/train.log").read_text()

@@ -36,6 +36,13 @@ class DeployError(PromptKDError, ValueError):
 STUDENT_METHODS = ("promptkd", "promptkd_timm")
 
 
+def _distilled(meta: dict) -> bool:
+    """A student, or DPC over one: inference from the checkpoint and the stored teacher features."""
+    if meta.get("method") == "dpc":
+        return (meta.get("base_checkpoint") or {}).get("method") in STUDENT_METHODS
+    return meta.get("method") in STUDENT_METHODS
+
+
 def load_for_inference(
     checkpoint: str | Path, features: str | Path | None = None, *, device: str = "cpu", precision: str = "fp32"
 ):
@@ -46,7 +53,7 @@ def load_for_inference(
 
     _, meta = load_checkpoint(checkpoint)
     name = meta.get("method")
-    if name in STUDENT_METHODS:
+    if name in STUDENT_METHODS or (name == "dpc" and (features is None or _distilled(meta))):
         return get_method(name).from_checkpoint(checkpoint, features, device=device, precision=precision)
     if features is not None:
         raise DeployError(f"--features applies to promptkd students only; {checkpoint} is a {name!r} checkpoint.")
@@ -483,7 +490,7 @@ def export_student(
     from promptkd.methods import get_method
 
     _, meta = load_checkpoint(checkpoint)
-    if meta.get("method") not in STUDENT_METHODS:
+    if not _distilled(meta):
         raise DeployError(
             f"{checkpoint}: export is for promptkd students; this is a {meta.get('method')!r} "
             "checkpoint (use `promptkd predict` with the checkpoint itself)."

@@ -124,8 +124,6 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
     resolved = stable_dict(config)  # split_seed / init_seed appear only when set: earlier runs hash the same
     split_seed = config.seed if config.split_seed is None else config.split_seed
     init_seed = config.seed if config.init_seed is None else config.init_seed
-    if info.is_main:
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     handler = attach_run_log(out, info.is_main)
     try:
         splits = resolve_dataset(config.dataset, config.data_root, classnames=config.classnames)
@@ -143,6 +141,9 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
         )
         torch.manual_seed(init_seed)
         method = method_cls(backbone, train_splits.classnames, method_config)
+        if info.is_main:  # once the method accepted its settings (e.g. attributes that fit the context): a refused
+            # run leaves an earlier run's config in the folder as it was
+            atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         train_tf = train_transform(backbone.preprocess, scale=config.train.crop_scale)
         eval_tf = build_transform(backbone.preprocess, train=False)
         train_set = ImageDataset(train_splits.train, train_tf, skip_bad=config.skip_bad)

@@ -27,6 +27,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "tip_adapter_f": "promptkd.methods.tip_adapter",
     "promptkd": "promptkd.methods.promptkd",
     "promptkd_timm": "promptkd.methods.promptkd_timm",
+    "dpc": "promptkd.methods.dpc",
     "contrastive": "promptkd.methods.contrastive",
 }
 

@@ -106,7 +106,13 @@ def _base_config(spec: ProtocolSpec, dataset: str, seed: int, shots: int, subsam
     }
     from promptkd.engine.run import resolve_run_config
 
-    return resolve_run_config(spec.method, spec.preset, list(spec.overrides or []), base)
+    return resolve_run_config(spec.method, spec.preset, per_run_overrides(spec.overrides, dataset, seed), base)
+
+
+def per_run_overrides(overrides: Sequence[str] | None, dataset: str, seed: int) -> list[str]:
+    """``--set`` values with ``{dataset}`` and ``{seed}`` filled in per run, so a stage over earlier runs names
+    each one (e.g. DPC: ``method.base=runs/coop/base2new/{dataset}/coop/seed_{seed}``)."""
+    return [item.replace("{dataset}", dataset).replace("{seed}", str(seed)) for item in overrides or []]
 
 
 def run_protocol(spec: ProtocolSpec) -> dict[str, Any]:

@@ -1,0 +1,193 @@
+"""The plug-ins the field stacks on PromptKD, on the embedded world: ATPrompt teachers and DPC, 3 seeds.
+
+    python scripts/world_plugins.py --out runs/world_plugins [--dataset shapes] [--seeds 1 2 3]
+        [--parts teachers students dpc] [--attributes background type]
+
+- ``teachers``: CoOp, MaPLe and PromptSRC on the world teacher (``pkd-world-teacher``), each with and without the
+  ATPrompt attributes (16 shots of the base classes, each method's ``world`` preset); the rows of the teachers.
+- ``students``: a PromptKD student (``pkd-world-student``, ``world`` preset, transductive) distilled from each of
+  those teachers (``promptkd protocol base2new --method promptkd --teacher FOLDER``).
+- ``dpc``: the DPC stage (``dpc`` preset ``world``) over CoOp and PromptSRC on the student backbone and over the
+  PromptKD students of the plain and the ATPrompt PromptSRC teachers (weights 0.2 / 0.0, the authors' choice for
+  PromptKD); needs the ``students`` part first.
+
+Finished runs are reused on a re-run (the protocol runner skips them). The table (base / novel / HM / all classes,
+mean ± std over seeds and the 95% interval of HM) is printed and written to ``<out>/table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from promptkd.backbones.weights import shipped_weights
+from promptkd.data.world import ensure_world
+
+TEACHER, STUDENT = "pkd-world-teacher", "pkd-world-student"
+TEACHER_METHODS = ("coop", "maple", "promptsrc")
+
+
+def _attribute_set(attributes: list[str]) -> str:
+    return "method.attributes=[" + ", ".join(attributes) + "]"
+
+
+def variants(attributes: list[str]) -> dict[str, list[str]]:
+    """Row suffix -> method overrides: the plain prompt and the ATPrompt one."""
+    return {"": [], "+atprompt": [_attribute_set(attributes)]}
+
+
+def run_teachers(root: str, dataset: str, seeds: list[int], out: Path, attributes: list[str]) -> None:
+    from promptkd.protocols import ProtocolSpec, run_protocol
+
+    for method in TEACHER_METHODS:
+        for suffix, overrides in variants(attributes).items():
+            spec = ProtocolSpec(
+                "base2new",
+                method,
+                "world",
+                [dataset],
+                seeds,
+                str(out / "teachers" / f"{method}{suffix}"),
+                data_root=root,
+                model=TEACHER,
+                pretrained=shipped_weights(TEACHER),
+                overrides=["train.progress=false", *overrides],
+            )
+            tic = time.perf_counter()
+            run_protocol(spec)
+            print(f"teacher {method}{suffix}: {time.perf_counter() - tic:.0f} s", flush=True)
+
+
+def teacher_folder(out: Path, dataset: str, seeds: list[int], name: str) -> Path:
+    """The protocol's ``--teacher`` layout (``<folder>/<dataset>/seed_<s>/prompts.*``) over a teacher run's files."""
+    folder = out / "teacher_links" / name
+    for seed in seeds:
+        run = out / "teachers" / name / "base2new" / dataset / name.split("+")[0] / f"seed_{seed}"
+        target = folder / dataset / f"seed_{seed}"
+        target.mkdir(parents=True, exist_ok=True)
+        for suffix in (".safetensors", ".json"):
+            link = target / f"prompts{suffix}"
+            if not link.exists():
+                os.symlink((run / f"prompts{suffix}").resolve(), link)
+    return folder
+
+
+def run_students(root: str, dataset: str, seeds: list[int], out: Path, attributes: list[str]) -> None:
+    from promptkd.protocols import ProtocolSpec, run_protocol
+
+    for method in TEACHER_METHODS:
+        for suffix in variants(attributes):
+            name = f"{method}{suffix}"
+            spec = ProtocolSpec(
+                "base2new",
+                "promptkd",
+                "world",
+                [dataset],
+                seeds,
+                str(out / "students" / name),
+                data_root=root,
+                teacher=str(teacher_folder(out, dataset, seeds, name)),
+                progress=False,
+            )
+            tic = time.perf_counter()
+            run_protocol(spec)
+            print(f"student from {name}: {time.perf_counter() - tic:.0f} s", flush=True)
+
+
+def run_dpc(root: str, dataset: str, seeds: list[int], out: Path) -> None:
+    """CoOp and PromptSRC (student backbone, 16 base shots) and the PromptKD students of the PromptSRC teachers,
+    each then with the DPC stage over the same seed's tuned prompt (``method.base`` names it per seed)."""
+    from promptkd.protocols import ProtocolSpec, run_protocol
+
+    student = shipped_weights(STUDENT)
+    stages: list[tuple[str, str, list[str]]] = []
+    for method in ("coop", "promptsrc"):
+        spec = ProtocolSpec(
+            "base2new",
+            method,
+            "world",
+            [dataset],
+            seeds,
+            str(out / "dpc" / method),
+            data_root=root,
+            model=STUDENT,
+            pretrained=student,
+            overrides=["train.progress=false"],
+        )
+        run_protocol(spec)
+        stages.append((method, f"{out / 'dpc' / method}/base2new/{{dataset}}/{method}/seed_{{seed}}", []))
+    for teacher in ("promptsrc", "promptsrc+atprompt"):
+        base = f"{out / 'students' / teacher}/base2new/{{dataset}}/promptkd/seed_{{seed}}"
+        stages.append((f"promptkd-{teacher}", base, ["method.weight_base=0.2", "method.weight_new=0.0"]))
+    for name, base, weights in stages:
+        spec = ProtocolSpec(
+            "base2new",
+            "dpc",
+            "world",
+            [dataset],
+            seeds,
+            str(out / "dpc" / f"{name}+dpc"),
+            data_root=root,
+            model=STUDENT,
+            pretrained=student,
+            overrides=["train.progress=false", f"method.base={base}", *weights],
+        )
+        tic = time.perf_counter()
+        run_protocol(spec)
+        print(f"dpc over {name}: {time.perf_counter() - tic:.0f} s", flush=True)
+
+
+def table(out: Path) -> str:
+    """Rows of every report.json under ``out``: base / novel / HM / all classes, mean ± std, HM's 95% interval."""
+    from promptkd.results import Stat
+
+    lines = [
+        "| row | model | seeds | base | novel | HM (per-seed mean ± std) | HM 95% interval | all classes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for report in sorted(out.rglob("report.json")):
+        experiment = report.parent.parent.relative_to(out).as_posix()
+        for row in json.loads(report.read_text(encoding="utf-8"))["rows"]:
+            if row.get("base") is None or row["method"] == "zeroshot":
+                continue
+            base, novel = row["base"]["values"], row["novel"]["values"]
+            hms = [2 * b * n / (b + n) for b, n in zip(base, novel)]
+            hm = Stat.of(hms)
+            lines.append(
+                f"| {experiment} ({row['method']}) | {row['model']} | {len(hms)} | {row['base']['mean']:.1f} | "
+                f"{row['novel']['mean']:.1f} | {hm.text(1)} | {hm.ci_text(1)} | "
+                f"{row['metrics']['acc1']['mean']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/world_plugins")
+    parser.add_argument("--world-root", default=None)
+    parser.add_argument("--dataset", default="shapes")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--parts", nargs="+", default=["teachers", "students", "dpc"])
+    parser.add_argument(
+        "--attributes", nargs="+", default=["background", "type"], help="ATPrompt words (attribute-search's choice)"
+    )
+    args = parser.parse_args()
+    root = str(ensure_world(args.world_root))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if "teachers" in args.parts:
+        run_teachers(root, args.dataset, args.seeds, out, args.attributes)
+    if "students" in args.parts:
+        run_students(root, args.dataset, args.seeds, out, args.attributes)
+    if "dpc" in args.parts:
+        run_dpc(root, args.dataset, args.seeds, out)
+    text = table(out)
+    (out / "table.md").write_text(text + "\n", encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
