@@ -187,3 +187,36 @@ def test_torchrun_two_processes_distil_the_student_one_process_does(sources, tmp
     assert set(runs[1]) == set(runs[2]) and ("projector.bn.running_var" in runs[1]) == (projector == "mlp")
     for key, value in runs[1].items():
         assert torch.allclose(runs[2][key].float(), value.float(), rtol=0, atol=WEIGHT_ATOL), key
+
+
+# --- DPC: its shipped world preset under torchrun ------------------------------------------------------------------
+@pytest.mark.slow
+def test_torchrun_two_processes_train_dpc_with_the_world_preset(sources, tmp_path):
+    """A CoOp prompt (one process), then DPC over it on 2 gloo processes: the ranks' hard-negative batches differ in
+    size, the parallel prompt moves, the tuned one is kept inside the DPC checkpoint unchanged."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    common = [*sources["dataset"], "--shots", "0", "--device", "cpu", "--set", "evaluate=false", "train.progress=false"]
+    cli = [sys.executable, "-m", "promptkd.cli.main", "train", "--preset", "world"]
+    coop = tmp_path / "coop"
+    done = subprocess.run(
+        [*cli, "--method", "coop", "--out", str(coop), *common, "train.epochs=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    ddp = [sys.executable, *launcher, "-m", "promptkd.cli.main", "train", "--preset", "world"]
+    out = tmp_path / "dpc"
+    done = subprocess.run(
+        [*ddp, "--method", "dpc", "--out", str(out), *common, "train.epochs=2", f"method.base={coop}"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    tuned, _ = load_checkpoint(coop / "prompts")
+    stage, record = load_checkpoint(out / "prompts")
+    assert record["method"] == "dpc" and record["base_checkpoint"]["method"] == "coop"
+    assert torch.equal(stage["base.text.ctx"], tuned["text.ctx"])
+    assert not torch.allclose(stage["parallel.ctx"], tuned["text.ctx"])
