@@ -120,7 +120,7 @@ def run_dpc(root: str, dataset: str, seeds: list[int], out: Path) -> None:
         run_protocol(spec)
         stages.append((method, f"{out / 'dpc' / method}/base2new/{{dataset}}/{method}/seed_{{seed}}", []))
     for teacher in ("promptsrc", "promptsrc+atprompt"):
-        base = f"{out / 'students' / teacher}/base2new/{{dataset}}/promptkd/seed_{{seed}}"
+        base = f"{out / 'students' / teacher}/base2new/{{dataset}}/promptkd/seed_{{seed}}/student"
         stages.append((f"promptkd-{teacher}", base, ["method.weight_base=0.2", "method.weight_new=0.0"]))
     for name, base, weights in stages:
         spec = ProtocolSpec(
@@ -145,7 +145,7 @@ def table(out: Path) -> str:
     from promptkd.results import Stat
 
     lines = [
-        "| row | model | seeds | base | novel | HM (per-seed mean ± std) | HM 95% interval | all classes |",
+        "| row | model | seeds | base | novel | HM (per-seed) | HM 95% interval | all classes |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for report in sorted(out.rglob("report.json")):
@@ -153,13 +153,15 @@ def table(out: Path) -> str:
         for row in json.loads(report.read_text(encoding="utf-8"))["rows"]:
             if row.get("base") is None or row["method"] == "zeroshot":
                 continue
+            if experiment.startswith("students/") and row["method"] != "promptkd":
+                continue  # the teacher's own rows, already under teachers/
             base, novel = row["base"]["values"], row["novel"]["values"]
             hms = [2 * b * n / (b + n) for b, n in zip(base, novel)]
             hm = Stat.of(hms)
             lines.append(
-                f"| {experiment} ({row['method']}) | {row['model']} | {len(hms)} | {row['base']['mean']:.1f} | "
-                f"{row['novel']['mean']:.1f} | {hm.text(1)} | {hm.ci_text(1)} | "
-                f"{row['metrics']['acc1']['mean']:.1f} |"
+                f"| {experiment} ({row['method']}) | {row['model'].split('/')[0]} | {len(hms)} | "
+                f"{Stat.of(base).text(1)} | {Stat.of(novel).text(1)} | {hm.text(1)} | {hm.ci_text(1)} | "
+                f"{Stat.of(row['metrics']['acc1']['values']).text(1)} |"
             )
     return "\n".join(lines)
 

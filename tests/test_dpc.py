@@ -192,7 +192,7 @@ def test_unwrappable_checkpoints_are_refused_before_any_work(student, tmp_path, 
     vpt.save(tmp_path / "vpt" / "prompts")
     with pytest.raises(DPCError, match="no tuned prompt"):
         DPCConfig(base=str(tmp_path / "vpt"))
-    with pytest.raises(DPCError, match="no checkpoint there"):
+    with pytest.raises(DPCError, match="no such run folder"):
         DPCConfig(base=str(tmp_path / "nowhere"))
     out = tmp_path / "run"
     out.mkdir()

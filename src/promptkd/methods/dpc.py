@@ -102,6 +102,8 @@ def base_checkpoint(path: str | Path) -> Path:
     if path.is_dir():
         path = path / "prompts"
     tensor_path, config_path = checkpoint_paths(path)
+    if not path.parent.is_dir():
+        raise DPCError(f"method.base={path}: no such run folder or checkpoint.")
     if not tensor_path.is_file() or not config_path.is_file():
         raise DPCError(
             f"method.base={path}: no checkpoint there (expected {tensor_path.name} and {config_path.name}); give "
