@@ -98,16 +98,12 @@ class DPCConfig(MethodConfig):
 def base_checkpoint(path: str | Path) -> Path:
     """The tensor file a ``base`` setting names: a checkpoint (``prompts``, ``.safetensors``, ``.json``) or a run
     folder holding ``prompts.safetensors``."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "prompts"
-    tensor_path, config_path = checkpoint_paths(path)
-    if not path.parent.is_dir():
-        raise DPCError(f"method.base={path}: no such run folder or checkpoint.")
+    given = Path(path)
+    tensor_path, config_path = checkpoint_paths(given / "prompts" if given.is_dir() else given)
     if not tensor_path.is_file() or not config_path.is_file():
         raise DPCError(
-            f"method.base={path}: no checkpoint there (expected {tensor_path.name} and {config_path.name}); give "
-            "the tuned prompt's run folder or its prompts.safetensors."
+            f"method.base={given}: no such run folder or checkpoint (expected {tensor_path.name} and "
+            f"{config_path.name} there); give the tuned prompt's run folder or its prompts.safetensors."
         )
     return tensor_path
 
