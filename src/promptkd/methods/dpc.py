@@ -158,13 +158,12 @@ class DPC(Method):
         self.trained_classes = list(classnames)
         self.trained_weight_base = float(trained_weight_base or self.config.weight_base)
         owner = self.base.learner.projector if self.kind == "student" else self.base.learner.text
-        self._owner = "projector" if self.kind == "student" else "text"
         self.tuned = {n: p.detach().clone() for n, p in owner.named_parameters()}
         self.learner.parallel = nn.ParameterDict({_key(n): nn.Parameter(p.clone()) for n, p in self.tuned.items()})
         self.learner.to(backbone.device)
         self.base.set_classnames(self.classnames)
         self.bank: dict[int, torch.Tensor] = {}
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._class_cache: dict[tuple, torch.Tensor] = {}
 
     # --- the tuned model ---------------------------------------------------------------------------------------------
     def _base_record(self, meta: dict[str, Any], source: str) -> dict[str, Any]:
@@ -335,12 +334,10 @@ class DPC(Method):
         if self.kind == "student" or torch.is_grad_enabled():
             return self.class_side(prompt)
         key = (weight, tuple(self.classnames), tuple((p.data_ptr(), p._version) for p in self.learner.parameters()))
-        cache = getattr(self, "_class_cache", {})
-        if key not in cache:
-            cache = {k: v for k, v in cache.items() if k[1:] == key[1:]}
-            cache[key] = self.class_side(prompt)
-            self._class_cache = cache
-        return cache[key]
+        if key not in self._class_cache:  # entries of other class lists or older tensors are dropped
+            self._class_cache = {k: v for k, v in self._class_cache.items() if k[1:] == key[1:]}
+            self._class_cache[key] = self.class_side(prompt)
+        return self._class_cache[key]
 
     def set_classnames(self, classnames: list[str]) -> None:
         self.base.set_classnames(list(classnames))
