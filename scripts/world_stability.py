@@ -1,13 +1,14 @@
 """Seed stability on the embedded world: which randomness moves base-to-novel results, and does averaging help.
 
     python scripts/world_stability.py --out runs/world_stability [--dataset shapes] [--method coop] [--seeds 5]
-        [--average-last K] [--set train.epochs=10 ...]
+        [--average-last K] [--restarts R] [--set train.epochs=10 ...]
 
 A promptkd run has three sources of randomness, each with its own seed: the few-shot sample (``split_seed``),
 the method's initialisation (``init_seed``) and the data order / augmentation / in-training randomness
 (``train.seed``). For each factor, N runs vary that seed alone (the others held at 1); then N full seeds (all
-three moved together) of the plain recipe and of the same recipe with ``train.average_last_epochs: K`` (the
-variance-reduction option, no test labels involved). Every run writes its result JSONs under
+three moved together) of the plain recipe, of the same recipe with ``train.average_last_epochs: K`` and with
+``restarts: R`` (R initialisations, the lowest last-epoch training loss kept): the two variance-reduction options,
+no test or validation label involved. Every run writes its result JSONs under
 ``<out>/<dataset>/<method>/split<a>-init<b>-order<c>[-avg<K>]/`` (finished runs are skipped; the all-ones run is
 shared by the three factors); the table is printed and written to ``<out>/stability.md`` and ``stability.json``.
 Stds are population stds over seeds (as ``promptkd report``), intervals Student-t 95% with n−1 dof.
@@ -27,20 +28,24 @@ from typing import Any
 STUDENT = "pkd-world-student"
 
 
-def job_folder(out: Path, dataset: str, method: str, split: int, init: int, order: int, average: int) -> Path:
+def job_folder(
+    out: Path, dataset: str, method: str, split: int, init: int, order: int, average: int, restarts: int = 1
+) -> Path:
     name = f"split{split}-init{init}-order{order}" + (f"-avg{average}" if average else "")
+    name += f"-restarts{restarts}" if restarts > 1 else ""
     return out / dataset / method / name
 
 
-def jobs(n: int, average: int) -> dict[str, list[tuple[int, int, int, int]]]:
-    """(split, init, order, average) seeds per table row: one factor varied at a time, then full seeds."""
+def jobs(n: int, average: int, restarts: int) -> dict[str, list[tuple[int, int, int, int, int]]]:
+    """(split, init, order, average, restarts) per table row: one factor varied at a time, then full seeds."""
     seeds = range(1, n + 1)
     return {
-        "split": [(s, 1, 1, 0) for s in seeds],
-        "init": [(1, s, 1, 0) for s in seeds],
-        "order": [(1, 1, s, 0) for s in seeds],
-        "full (plain)": [(s, s, s, 0) for s in seeds],
-        f"full (averaged last {average})": [(s, s, s, average) for s in seeds],
+        "split": [(s, 1, 1, 0, 1) for s in seeds],
+        "init": [(1, s, 1, 0, 1) for s in seeds],
+        "order": [(1, 1, s, 0, 1) for s in seeds],
+        "full (plain)": [(s, s, s, 0, 1) for s in seeds],
+        f"full (averaged last {average})": [(s, s, s, average, 1) for s in seeds],
+        f"full (lowest-loss of {restarts} inits)": [(s, s, s, 0, restarts) for s in seeds],
     }
 
 
@@ -56,11 +61,11 @@ def read_accuracies(folder: Path) -> dict[str, float] | None:
     return {"base": 100 * found["base"]["metrics"]["acc1"], "novel": 100 * found["new"]["metrics"]["acc1"]}
 
 
-def run_one(args: argparse.Namespace, root: str, seeds: tuple[int, int, int, int]) -> dict[str, float]:
+def run_one(args: argparse.Namespace, root: str, seeds: tuple[int, int, int, int, int]) -> dict[str, float]:
     from promptkd.backbones.weights import shipped_weights
     from promptkd.engine.run import resolve_run_config, run_training
 
-    split, init, order, average = seeds
+    split, init, order, average, restarts = seeds
     folder = job_folder(Path(args.out), args.dataset, args.method, *seeds)
     done = read_accuracies(folder)
     if done is not None:
@@ -74,6 +79,8 @@ def run_one(args: argparse.Namespace, root: str, seeds: tuple[int, int, int, int
     ]
     if average:
         overrides.append(f"train.average_last_epochs={average}")
+    if restarts > 1:
+        overrides.append(f"restarts={restarts}")
     base = {
         "dataset": args.dataset,
         "data_root": root,
@@ -134,10 +141,13 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=5, help="runs per factor and per recipe (default 5)")
     parser.add_argument("--average-last", type=int, default=None, help="K for the averaged recipe (default E/2)")
+    parser.add_argument("--restarts", type=int, default=3, help="initialisations per run of the restarts recipe")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides, e.g. train.epochs=10")
     args = parser.parse_args()
     if args.seeds < 2:
         parser.error("--seeds must be at least 2 (a spread needs two runs)")
+    if args.restarts < 2:
+        parser.error("--restarts must be at least 2 (one initialisation is the plain recipe)")
     from promptkd.data.world import ensure_world
     from promptkd.engine.run import resolve_run_config
 
@@ -146,7 +156,7 @@ def main() -> None:
     average = min(epochs, args.average_last or max(2, epochs // 2))  # 1: averaging one epoch is the plain recipe
     rows: dict[str, list[dict[str, float]]] = {}
     ran, seconds = 0, []
-    for name, plan in jobs(args.seeds, average).items():
+    for name, plan in jobs(args.seeds, average, args.restarts).items():
         rows[name] = [run_one(args, root, seeds) for seeds in plan]
         ran += sum(1 for r in rows[name] if "seconds" in r)
         seconds += [r["seconds"] for r in rows[name] if "seconds" in r]

@@ -551,7 +551,7 @@ POOL_IGNORED_KEYS = frozenset(
     }
 )
 #: Settings added later, absent from older records: equal to their default when absent.
-_OPTIONAL_DEFAULTS: dict[str, Any] = {"average_last_epochs": 0}
+_OPTIONAL_DEFAULTS: dict[str, Any] = {"average_last_epochs": 0, "restarts": 1}
 _SEED_IN_PATH = re.compile(r"(?<![A-Za-z])seed[_-]?\d+")
 
 

@@ -9,7 +9,7 @@ from promptkd.config import SEED, Rule, to_dict
 
 #: Settings added after runs were already stored: left out of records and resume identities while at these
 #: defaults, so every earlier run resumes and hashes exactly as before.
-OPTIONAL_DEFAULTS: dict[str, Any] = {"average_last_epochs": 0, "split_seed": None, "init_seed": None}
+OPTIONAL_DEFAULTS: dict[str, Any] = {"average_last_epochs": 0, "split_seed": None, "init_seed": None, "restarts": 1}
 
 
 def stable_dict(obj: Any) -> dict[str, Any]:

@@ -7,6 +7,8 @@ evaluation (with ``results.jsonl`` as the run table). The test split is evaluate
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 import yaml
 
 from promptkd.checkpoints import atomic_write_text
-from promptkd.config import SEED, ConfigError, config_hash
+from promptkd.config import AT_LEAST_ONE, SEED, ConfigError, config_hash
 from promptkd.engine.config import TrainConfig, stable_dict
 from promptkd.engine.distributed import DistInfo, init_distributed
 from promptkd.engine.trainer import Trainer, TrainResult, predict_logits
@@ -42,6 +44,9 @@ class RunConfig:
     # augmentation and in-training randomness come from ``train.seed``.
     split_seed: int | None = field(default=None, metadata={"rule": SEED})
     init_seed: int | None = field(default=None, metadata={"rule": SEED})
+    # Train this many initialisations (init seeds s, s + 1000, ...; same split and data order), keep the one whose
+    # last epoch has the lowest training loss and test only that one: no test or validation label is read.
+    restarts: int = field(default=1, metadata={"rule": AT_LEAST_ONE})
     model: str = "pkd-world-student"
     pretrained: str | None = None
     quick_gelu: bool | None = None
@@ -97,8 +102,37 @@ class RunOutcome:
     results: list[dict[str, Any]]
 
 
-def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutcome:
-    """Train and evaluate one (method, dataset, shots, seed) run."""
+RESTART_STRIDE = 1000  # init seeds of a run's restarts: s, s + 1000, ... (never another protocol seed's)
+
+
+def run_with_restarts(config: RunConfig, info: DistInfo | None = None) -> RunOutcome:
+    """``restarts`` trainings that differ only in their initialisation, each in ``<out>/restarts/init_<seed>`` (resumed
+    or skipped like any run); the one with the lowest last-epoch training loss is trained again in ``<out>`` and
+    tested there (the choice and every loss in ``<out>/restarts.json``): a failed start is left behind without
+    looking at a test label. Costs restarts + 1 trainings."""
+    first = config.seed if config.init_seed is None else config.init_seed
+    losses: dict[int, float] = {}
+    for k in range(config.restarts):
+        seed = first + k * RESTART_STRIDE
+        trial = dataclasses.replace(
+            config, restarts=1, init_seed=seed, evaluate=False, out=str(Path(config.out) / "restarts" / f"init_{seed}")
+        )
+        losses[seed] = float(run_training(trial, info=info).train.history[-1]["loss"])
+    chosen = min(losses, key=lambda seed: (losses[seed], seed))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank keeps rank 0's choice
+        box = [chosen]
+        torch.distributed.broadcast_object_list(box, src=0)
+        chosen = box[0]
+    logger.info("restarts: last-epoch losses %s; init seed %d kept", losses, chosen)
+    outcome = run_training(dataclasses.replace(config, init_seed=chosen), info=info, restart_chosen=True)
+    if info is None or info.is_main:
+        record = {"criterion": "last-epoch training loss", "losses": {str(k): v for k, v in losses.items()}}
+        atomic_write_text(Path(config.out) / "restarts.json", json.dumps({**record, "chosen": chosen}, indent=2))
+    return outcome
+
+
+def run_training(config: RunConfig, *, info: DistInfo | None = None, restart_chosen: bool = False) -> RunOutcome:
+    """Train and evaluate one (method, dataset, shots, seed) run (of its ``restarts``, the one with the lowest loss)."""
     from promptkd.backbones import load_backbone
     from promptkd.backbones.loading import run_weights
     from promptkd.data.datasets import resolve_dataset
@@ -111,6 +145,7 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
     from promptkd.paths import writable_folder
     from promptkd.results import make_result, write_result
 
+    given_info = info  # restarts hand it on unchanged: each run then picks its own device
     if info is None:
         info, device = init_distributed(config.device)
     else:
@@ -118,6 +153,8 @@ def run_training(config: RunConfig, *, info: DistInfo | None = None) -> RunOutco
     method_cls = get_method(config.method)
     method_config = config_from(method_cls, config.method_config)
     weights = run_weights(config.model, config.pretrained)  # cheap checks before any data is read
+    if config.restarts > 1 and not restart_chosen:
+        return run_with_restarts(config, given_info)
     if config.shots < 0:
         raise ConfigError(f"--shots must be 0 (every labelled image) or a positive K, got {config.shots}.")
     out = writable_folder(config.out) if info.is_main else Path(config.out)
