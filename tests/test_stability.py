@@ -3,6 +3,7 @@ epochs' trainable tensors is their exact mean and survives an interruption; the 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from engine_helpers import NoisyImages, make_method
 from promptkd.engine import TrainConfig, Trainer
@@ -170,7 +172,7 @@ def test_world_stability_script_smoke(world, tmp_path):
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert first.returncode == 0, first.stderr[-2000:]
     table = (out / "stability.md").read_text()
-    assert "split" in table and "init" in table and "order" in table and "averaged" in table
+    assert "split" in table and "init" in table and "order" in table and "averaged" in table and "lowest-loss" in table
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0 and "0 ran" in again.stdout
 
@@ -219,3 +221,31 @@ def test_one_seed_moves_the_data_order_too_unless_set_apart():
     assert resolve_run_config("coop", "world", [], {"seed": 3}).train.seed == 3
     assert resolve_run_config("coop", "world", ["train.seed=7"], {"seed": 3}).train.seed == 7
     assert resolve_distill_config("world", [], {"seed": 2}).train.seed == 2
+
+
+def test_restarts_keep_the_lowest_loss_start_and_retrain_it_alone(world, tmp_path):
+    """Two starts (init seeds 3 and 1003) trained without testing; the lower last-epoch loss is trained again in the
+    run folder, identical to its trial, and recorded as the run's init seed; restarts=1 is the plain run."""
+    from promptkd.backbones.weights import shipped_weights
+    from promptkd.checkpoints import load_checkpoint
+    from promptkd.engine.run import resolve_run_config, run_training
+
+    def run(out, overrides):
+        base = {"dataset": "counts", "data_root": str(world), "shots": 2, "out": str(out)}
+        base.update(model="pkd-world-student", pretrained=shipped_weights("pkd-world-student"))
+        fast = ["train.epochs=1", "train.progress=false", "train.batch_size=4", "evaluate=false", "method.ctx_init="]
+        run_training(resolve_run_config("coop", "world", [*fast, *overrides], base))
+
+    run(tmp_path / "r", ["restarts=2", "init_seed=3"])
+    record = json.loads((tmp_path / "r" / "restarts.json").read_text())
+    losses = {int(k): v for k, v in record["losses"].items()}
+    assert set(losses) == {3, 1003} and record["chosen"] == min(losses, key=losses.get)
+    kept, _ = load_checkpoint(tmp_path / "r" / "prompts")
+    trial, _ = load_checkpoint(tmp_path / "r" / "restarts" / f"init_{record['chosen']}" / "prompts")
+    assert _same(kept, trial)
+    config = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert config["restarts"] == 2 and config["init_seed"] == record["chosen"]
+    assert not list((tmp_path / "r" / "restarts").glob("*/*classification.json"))  # trials are never tested
+    run(tmp_path / "plain", [])
+    assert not (tmp_path / "plain" / "restarts").exists()
+    assert "restarts" not in yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())
