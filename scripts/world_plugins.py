@@ -10,6 +10,7 @@
 - ``dpc``: the DPC stage (``dpc`` preset ``world``) over CoOp and PromptSRC on the student backbone and over the
   PromptKD students of the plain and the ATPrompt PromptSRC teachers (weights 0.2 / 0.0, the authors' choice for
   PromptKD); needs the ``students`` part first.
+- ``weights``: DPC's inference weights re-applied to those DPC checkpoints (test split; an analysis, not a recipe).
 
 Finished runs are reused on a re-run (the protocol runner skips them). The table (base / novel / HM / all classes,
 mean ± std over seeds and the 95% interval of HM) is printed and written to ``<out>/table.md``.
@@ -22,6 +23,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+import torch
 
 from promptkd.backbones.weights import shipped_weights
 from promptkd.data.world import ensure_world
@@ -140,6 +143,52 @@ def run_dpc(root: str, dataset: str, seeds: list[int], out: Path) -> None:
         print(f"dpc over {name}: {time.perf_counter() - tic:.0f} s", flush=True)
 
 
+def test_sets(root: str, dataset: str, preprocess) -> dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """The base, new and all-class test images of ``dataset`` held in memory, with their class lists and labels."""
+    from promptkd.data.datasets import resolve_dataset
+    from promptkd.data.items import ImageDataset
+    from promptkd.data.sampling import subsample_classes
+    from promptkd.data.transforms import build_transform
+
+    splits = resolve_dataset(dataset, root)
+    sets = {}
+    for half in ("base", "new", "all"):
+        part = subsample_classes(splits, half) if half != "all" else splits
+        data = ImageDataset(part.test, build_transform(preprocess, train=False))
+        pairs = [data[i] for i in range(len(data))]
+        sets[half] = (part.classnames, torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs]))
+    return sets
+
+
+def weights_table(root: str, dataset: str, seeds: list[int], out: Path) -> str:
+    """DPC's inference weights (ω_b / ω_n) re-applied to the trained DPC checkpoints: base, new and all-class
+    accuracy, mean ± std over seeds. Scored on the test split: an analysis of the weights, not a way to pick them."""
+    from promptkd.methods.dpc import DPC
+    from promptkd.results import Stat
+
+    grids = {"coop+dpc": [(0.5, 0.2), (0.5, 0.5), (0.2, 0.2)], "promptkd-promptsrc+dpc": [(0.2, 0.0), (0.2, 0.2)]}
+    grids["promptkd-promptsrc+atprompt+dpc"] = grids["promptkd-promptsrc+dpc"]
+    lines = ["| DPC over | ω_b / ω_n | base | new | HM | all classes |", "|---|---|---|---|---|---|"]
+    for name, grid in grids.items():
+        runs = [out / "dpc" / name / "base2new" / dataset / "dpc" / f"seed_{seed}" / "prompts" for seed in seeds]
+        sets = test_sets(root, dataset, DPC.from_checkpoint(runs[0]).backbone.preprocess)
+        for weights in grid:
+            acc: dict[str, list[float]] = {}
+            for run in runs:
+                method = DPC.from_checkpoint(run, weight_base=weights[0], weight_new=weights[1])
+                for half, (names, images, labels) in sets.items():
+                    method.set_classnames(names)
+                    with torch.no_grad():
+                        hits = (method.logits(images).argmax(-1) == labels).float().mean()
+                    acc.setdefault(half, []).append(100 * float(hits))
+            hm = Stat.of([2 * b * n / (b + n) for b, n in zip(acc["base"], acc["new"])])
+            cells = " | ".join(Stat.of(acc[h]).text(1) for h in ("base", "new"))
+            lines.append(
+                f"| {name} | {weights[0]} / {weights[1]} | {cells} | {hm.text(1)} | {Stat.of(acc['all']).text(1)} |"
+            )
+    return "\n".join(lines)
+
+
 def table(out: Path) -> str:
     """Rows of every report.json under ``out``: base / novel / HM / all classes, mean ± std, HM's 95% interval."""
     from promptkd.results import Stat
@@ -172,7 +221,7 @@ def main() -> None:
     parser.add_argument("--world-root", default=None)
     parser.add_argument("--dataset", default="shapes")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--parts", nargs="+", default=["teachers", "students", "dpc"])
+    parser.add_argument("--parts", nargs="+", default=["teachers", "students", "dpc", "weights"])
     parser.add_argument(
         "--attributes", nargs="+", default=["background", "type"], help="ATPrompt words (attribute-search's choice)"
     )
@@ -187,6 +236,8 @@ def main() -> None:
     if "dpc" in args.parts:
         run_dpc(root, args.dataset, args.seeds, out)
     text = table(out)
+    if "weights" in args.parts:
+        text += "\n\n" + weights_table(root, args.dataset, args.seeds, out)
     (out / "table.md").write_text(text + "\n", encoding="utf-8")
     print(text)
 
