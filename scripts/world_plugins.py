@@ -42,26 +42,33 @@ def variants(attributes: list[str]) -> dict[str, list[str]]:
     return {"": [], "+atprompt": [_attribute_set(attributes)]}
 
 
-def run_teachers(root: str, dataset: str, seeds: list[int], out: Path, attributes: list[str]) -> None:
+def base2new(method: str, model: str, root: str, dataset: str, seeds: list[int], folder: Path, overrides: list[str]):
+    """One base-to-novel protocol (finished seeds skipped) on a shipped world model; returns its seconds."""
     from promptkd.protocols import ProtocolSpec, run_protocol
 
+    spec = ProtocolSpec(
+        "base2new",
+        method,
+        "world",
+        [dataset],
+        seeds,
+        str(folder),
+        data_root=root,
+        model=model,
+        pretrained=shipped_weights(model),
+        overrides=["train.progress=false", *overrides],
+    )
+    tic = time.perf_counter()
+    run_protocol(spec)
+    return time.perf_counter() - tic
+
+
+def run_teachers(root: str, dataset: str, seeds: list[int], out: Path, attributes: list[str]) -> None:
     for method in TEACHER_METHODS:
         for suffix, overrides in variants(attributes).items():
-            spec = ProtocolSpec(
-                "base2new",
-                method,
-                "world",
-                [dataset],
-                seeds,
-                str(out / "teachers" / f"{method}{suffix}"),
-                data_root=root,
-                model=TEACHER,
-                pretrained=shipped_weights(TEACHER),
-                overrides=["train.progress=false", *overrides],
-            )
-            tic = time.perf_counter()
-            run_protocol(spec)
-            print(f"teacher {method}{suffix}: {time.perf_counter() - tic:.0f} s", flush=True)
+            folder = out / "teachers" / f"{method}{suffix}"
+            seconds = base2new(method, TEACHER, root, dataset, seeds, folder, overrides)
+            print(f"teacher {method}{suffix}: {seconds:.0f} s", flush=True)
 
 
 def teacher_folder(out: Path, dataset: str, seeds: list[int], name: str) -> Path:
@@ -103,44 +110,17 @@ def run_students(root: str, dataset: str, seeds: list[int], out: Path, attribute
 def run_dpc(root: str, dataset: str, seeds: list[int], out: Path) -> None:
     """CoOp and PromptSRC (student backbone, 16 base shots) and the PromptKD students of the PromptSRC teachers,
     each then with the DPC stage over the same seed's tuned prompt (``method.base`` names it per seed)."""
-    from promptkd.protocols import ProtocolSpec, run_protocol
-
-    student = shipped_weights(STUDENT)
     stages: list[tuple[str, str, list[str]]] = []
     for method in ("coop", "promptsrc"):
-        spec = ProtocolSpec(
-            "base2new",
-            method,
-            "world",
-            [dataset],
-            seeds,
-            str(out / "dpc" / method),
-            data_root=root,
-            model=STUDENT,
-            pretrained=student,
-            overrides=["train.progress=false"],
-        )
-        run_protocol(spec)
+        base2new(method, STUDENT, root, dataset, seeds, out / "dpc" / method, [])
         stages.append((method, f"{out / 'dpc' / method}/base2new/{{dataset}}/{method}/seed_{{seed}}", []))
     for teacher in ("promptsrc", "promptsrc+atprompt"):
         base = f"{out / 'students' / teacher}/base2new/{{dataset}}/promptkd/seed_{{seed}}/student"
         stages.append((f"promptkd-{teacher}", base, ["method.weight_base=0.2", "method.weight_new=0.0"]))
     for name, base, weights in stages:
-        spec = ProtocolSpec(
-            "base2new",
-            "dpc",
-            "world",
-            [dataset],
-            seeds,
-            str(out / "dpc" / f"{name}+dpc"),
-            data_root=root,
-            model=STUDENT,
-            pretrained=student,
-            overrides=["train.progress=false", f"method.base={base}", *weights],
-        )
-        tic = time.perf_counter()
-        run_protocol(spec)
-        print(f"dpc over {name}: {time.perf_counter() - tic:.0f} s", flush=True)
+        folder = out / "dpc" / f"{name}+dpc"
+        seconds = base2new("dpc", STUDENT, root, dataset, seeds, folder, [f"method.base={base}", *weights])
+        print(f"dpc over {name}: {seconds:.0f} s", flush=True)
 
 
 def test_sets(root: str, dataset: str, preprocess) -> dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]:
