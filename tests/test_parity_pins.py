@@ -122,7 +122,7 @@ def test_tip_adapter_f_without_a_preset_trains_with_its_recipe():
     # A preset and --set still win over the method's recipe; other methods keep the engine's defaults.
     assert resolve_run_config("tip_adapter_f", "world", [], {}).train.batch_size == 64
     assert resolve_run_config("tip_adapter_f", None, ["train.lr=0.01"], {}).train.lr == 0.01
-    assert resolve_run_config("coop", None, [], {}).train == TrainConfig()
+    assert resolve_run_config("coop", None, [], {}).train == TrainConfig(seed=1)  # train.seed: the run seed
 
 
 # --- Visual prompting (hjbahng/visual_prompting utils.py cosine_lr, main_clip.py) ------------------------------------
