@@ -180,10 +180,21 @@ def test_over_a_promptkd_student_the_projector_is_mixed_and_exported(student, st
         assert torch.allclose(restored.deployable()(x), got, atol=1e-5)
 
 
-@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
-def test_weights_outside_zero_one_are_refused(value):
-    with pytest.raises(ValueError, match="within \\[0, 1\\]"):
-        DPCConfig(weight_new=float(value))
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("weight_new", "1.5", "must be from 0 to 1"),
+        ("weight_new", "-0.1", "must be from 0 to 1"),
+        ("weight_new", "nan", "finite number"),
+        ("weight_base", "0", "above 0 up to 1"),
+        ("hard_negatives", "1", "at least 2"),
+    ],
+)
+def test_weights_outside_zero_one_are_refused(key, value, message):
+    from promptkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"dpc config.{key}: .*{message}"):
+        config_from(DPC, {key: value})
 
 
 def test_unwrappable_checkpoints_are_refused_before_any_work(student, tmp_path, capsys):
@@ -201,7 +212,7 @@ def test_unwrappable_checkpoints_are_refused_before_any_work(student, tmp_path, 
     assert main([*argv, f"method.base={tmp_path / 'vpt'}"]) == 2
     assert "no tuned prompt" in capsys.readouterr().err
     assert main([*argv, f"method.base={tmp_path / 'vpt'}", "method.weight_base=2"]) == 2
-    assert "within [0, 1]" in capsys.readouterr().err
+    assert "weight_base: must be above 0 up to 1, got 2" in capsys.readouterr().err
     assert (out / "config.yaml").read_text() == "kept: true\n"  # nothing already stored lost
 
 

@@ -199,15 +199,24 @@ def test_howto_blocks_run_as_written(tmp_path):
     assert "predicted: " in result.stdout
 
 
+def run_block(marker: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The one block marked ``marker``, run as a user would in ``tmp_path``; fails the test unless it exits 0."""
+    (block,) = readme_blocks(marker)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", as_user_runs(block)],
+        cwd=tmp_path,
+        env=user_shell(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_pretrain_block_runs_as_written(tmp_path):
     """Pre-training on the world's corpus through the engine, then the model it wrote, used by another command."""
-    (block,) = readme_blocks("pretrain")
-    env = user_shell(tmp_path)
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", as_user_runs(block)], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_block("pretrain", tmp_path)
     assert (tmp_path / "runs/my-clip/open_clip_model.safetensors").is_file()
     assert "zero-shot clean/held_out" in result.stdout and "acc1" in result.stdout
 
@@ -215,11 +224,6 @@ def test_pretrain_block_runs_as_written(tmp_path):
 @pytest.mark.slow
 def test_plugins_block_runs_as_written(tmp_path):
     """A CoOp prompt on the world's base classes, the DPC stage over it, and the checkpoint it wrote."""
-    (block,) = readme_blocks("plugins")
-    env = user_shell(tmp_path)
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", as_user_runs(block)], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_block("plugins", tmp_path)
     assert "method: dpc" in result.stdout and "base.text.ctx" in result.stdout
     assert "base " in result.stdout and "HM " in (tmp_path / "runs/coop-dpc/train.log").read_text()

@@ -249,3 +249,12 @@ def test_restarts_keep_the_lowest_loss_start_and_retrain_it_alone(world, tmp_pat
     run(tmp_path / "plain", [])
     assert not (tmp_path / "plain" / "restarts").exists()
     assert "restarts" not in yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "two"])
+def test_bad_restarts_are_refused_by_the_shared_rules(value):
+    from promptkd.config import ConfigError
+    from promptkd.engine.run import resolve_run_config
+
+    with pytest.raises(ConfigError, match="restarts"):
+        resolve_run_config("coop", "world", [f"restarts={value}"], {})

@@ -49,6 +49,7 @@ from torch.func import functional_call
 
 from promptkd.backbones import Backbone
 from promptkd.checkpoints import CheckpointError, checkpoint_paths, load_checkpoint, load_trainable_state
+from promptkd.config import FRACTION, Rule
 from promptkd.errors import PromptKDError
 from promptkd.methods import MethodConfig, get_method, register_method
 from promptkd.methods.base import Batch, Method, StepOutput, config_from
@@ -78,19 +79,18 @@ class DPCConfig(MethodConfig):
     """DPC hyper-parameters (reference ``SPLE.*``)."""
 
     base: str = field(default="", metadata={"help": "the tuned prompt: a checkpoint file or its run folder"})
-    weight_base: float = field(default=0.5, metadata={"help": "ω_b, P' share for base classes (STACK.WEIGHT)"})
-    weight_new: float = field(default=0.2, metadata={"help": "ω_n, P' share for new classes (WEIGHT_FOR_NEW)"})
-    hard_negatives: int = field(default=8, metadata={"help": "top-K classes of the tuned model per image (INFER_TOPK)"})
+    # ω_b > 0: P' is trained through the base mixture ω_b·P' + (1−ω_b)·P
+    weight_base: float = field(
+        default=0.5, metadata={"help": "ω_b, P' share for base classes (STACK.WEIGHT)", "rule": FRACTION}
+    )
+    weight_new: float = field(
+        default=0.2, metadata={"help": "ω_n, P' share for new classes (WEIGHT_FOR_NEW)", "rule": Rule(0.0, 1.0)}
+    )
+    hard_negatives: int = field(
+        default=8, metadata={"help": "top-K classes of the tuned model per image (INFER_TOPK)", "rule": Rule(2.0)}
+    )
 
     def __post_init__(self) -> None:
-        for name in ("weight_base", "weight_new"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:  # NaN fails both
-                raise ValueError(f"{name} must be within [0, 1], got {value}")
-        if self.weight_base == 0:
-            raise ValueError("weight_base must be above 0: P' is trained through the base mixture ω_b·P' + (1−ω_b)·P")
-        if self.hard_negatives < 2:
-            raise ValueError("hard_negatives must be at least 2 (the true class and one negative)")
         if self.base:  # refused with the config, before any data is read or any file written
             wrappable_method(base_checkpoint(self.base))
 
@@ -281,7 +281,9 @@ class DPC(Method):
         """Each image followed by one bank image of each of its hard negatives: (features [N, ·], classes [N])."""
         if not self.bank:
             raise DPCError("dpc: the hard-negative bank is empty; prepare() runs before training.")
-        tuned = cosine_logits(self.logit_scale(), self.image_side(frozen, self.tuned_prompt()), self.class_side(None))
+        tuned = cosine_logits(
+            self.logit_scale(), self.image_side(frozen, self._tuned_on_device()), self.class_side(None)
+        )
         features, classes = [], []
         for feature, label, negatives in zip(frozen, labels.tolist(), self.hard_negatives(tuned, labels)):
             features.append(feature[None])
@@ -291,9 +293,6 @@ class DPC(Method):
                 features.append(stored[int(torch.randint(len(stored), ()))][None].to(frozen.device))
                 classes.append(negative)
         return torch.cat(features), torch.tensor(classes, device=frozen.device)
-
-    def tuned_prompt(self) -> dict[str, torch.Tensor]:
-        return self._tuned_on_device()
 
     def training_step(self, batch: Batch) -> StepOutput:
         if batch.labels is None:
