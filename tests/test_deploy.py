@@ -185,6 +185,20 @@ def test_int8_export_is_checked_against_fp32_and_records_it(onnx_exports, studen
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # int8 weights and activations, not an fp32 copy
 
 
+def test_onnx_export_writes_attention_batch_first(onnx_exports):
+    """The exported graph holds the attention as promptkd writes it for export (per block: the QKV permute, the key
+    transpose, the transpose back; nn.MultiheadAttention's own export has 8): those layout shuffles were a third of
+    ONNX Runtime's time on the world student."""
+    import onnx
+
+    root, _ = onnx_exports
+    nodes = onnx.load(str(root / "fp32" / "student.onnx")).graph.node
+    attention = [n for n in nodes if "/attn/" in n.name]
+    blocks = {n.name.split("/attn/")[0] for n in attention}
+    transposes = sum(n.op_type == "Transpose" for n in attention)
+    assert blocks and transposes <= 3 * len(blocks)
+
+
 def test_int8_check_scores_hm_and_accuracy_where_labels_and_split_are_known():
     from promptkd.deploy import CheckImages, _int8_check
 

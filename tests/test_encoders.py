@@ -231,3 +231,28 @@ def test_maple_coupling_maps_text_to_vision_prompts(tiny_backbone, wide_backbone
     assert torch.allclose(layers[1], coupling.layers[1](deep[0]))
     with pytest.raises(ValueError, match="coupling has 3 layers but got 2"):
         coupling(ctx, deep[:1])
+
+
+def test_export_friendly_attention_equals_open_clip_and_leaves_the_original_alone(tiny_backbone):
+    """The ONNX export's batch-first attention holds the same weights and gives the same image features; calls it
+    does not cover (a mask, cross-attention, weights asked for) go to the original module."""
+    from promptkd.backbones.onnx_attention import BatchFirstSelfAttention, export_friendly
+
+    visual = tiny_backbone.model.visual
+    friendly, swapped = export_friendly(visual)
+    blocks = friendly.transformer.resblocks
+    assert swapped == len(blocks) and all(isinstance(b.attn, BatchFirstSelfAttention) for b in blocks)
+    assert all(isinstance(b.attn, torch.nn.MultiheadAttention) for b in visual.transformer.resblocks)
+    images = torch.randn(
+        3, 3, tiny_backbone.image_size, tiny_backbone.image_size, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(friendly(images), visual(images), rtol=0, atol=1e-5)
+        attn, x = blocks[0].attn, torch.randn(2, 5, blocks[0].attn.mha.embed_dim)
+        mask = torch.zeros(5, 5, dtype=torch.bool)
+        mask[0, 1] = True
+        other = torch.randn(2, 4, x.shape[-1])
+        for kwargs in ({"attn_mask": mask, "need_weights": False}, {"need_weights": True}):
+            got, expected = attn(x, x, x, **kwargs), attn.mha(x, x, x, **kwargs)
+            torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(attn(x, other, other)[0], attn.mha(x, other, other)[0], rtol=0, atol=0)

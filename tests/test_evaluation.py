@@ -103,21 +103,32 @@ def test_eval_transform_keeps_aspect_and_uses_model_interpolation():
     assert tuple(squashed.size) == (32, 32)
 
 
-def test_batch_normalized_decoding_equals_the_per_image_transform_bit_for_bit():
-    """predict's decoder normalises whole batches; the result must be exactly the per-image transform's."""
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
+def test_batch_normalized_decoding_equals_the_per_image_transform_bit_for_bit(resize_mode):
+    """predict's decoder normalises whole batches and takes images already at the input size straight to a tensor;
+    the result must be exactly the per-image transform's, for every resize mode and image mode."""
+    from promptkd.data.items import _to_rgb
     from promptkd.data.transforms import BatchNormalized
 
-    info = PreprocessInfo(size=24, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28), interpolation="bicubic")
+    info = PreprocessInfo(24, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28), "bicubic", resize_mode)
     transform = eval_transform(info)
     generator = torch.Generator().manual_seed(0)
     images = [
         Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy())
-        for h, w in ((24, 24), (40, 31), (17, 60))
+        for h, w in ((24, 24), (40, 31), (17, 60), (24, 25))
     ]
+    images += [_to_rgb(images[0].convert(mode)) for mode in ("RGBA", "L", "P")]
     batched = BatchNormalized.of(transform)
     assert batched is not None and BatchNormalized.of(T.Compose([T.ToTensor()])) is None
+    assert batched.unchanged_at == 24 and BatchNormalized.of(train_transform(info)).unchanged_at is None
     got = batched.stack([batched.per_image(image) for image in images])
     assert torch.equal(got, torch.stack([transform(image) for image in images]))
+
+    class Changed(T.CenterCrop):  # a crop that is not the plain centre crop: no shortcut taken
+        pass
+
+    odd = BatchNormalized(T.Compose([transform.transforms[0], Changed(24), *transform.transforms[2:]]))
+    assert odd.unchanged_at is None
 
 
 def test_train_transform_is_the_dassl_recipe():

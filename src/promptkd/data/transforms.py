@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -126,15 +127,26 @@ def build_transform(preprocess: Any, train: bool = False) -> T.Compose:
 class BatchNormalized:
     """An eval transform split in two so that the float conversion and normalisation run once per batch, not once
     per image: at 32 px that is most of the decoding time (measured ~1.45x images/s in one process). Bit-identical to
-    the per-image transform: the same divide-by-255, subtract and divide, in float32, element by element."""
+    the per-image transform: the same divide-by-255, subtract and divide, in float32, element by element.
+
+    An image already at the model's square input size skips the resize and centre crop: both return it unchanged
+    there (PIL's resize to the same size is a copy), so :meth:`per_image` goes straight to the tensor (~2x faster
+    decoding of pre-sized images, e.g. the world's 32 px PNGs)."""
 
     def __init__(self, transform: T.Compose):
         *geometry, to_tensor, normalize = transform.transforms
         if not isinstance(to_tensor, T.ToTensor) or not isinstance(normalize, T.Normalize):
             raise TransformError("BatchNormalized needs a transform that ends with ToTensor and Normalize")
-        self.per_image = T.Compose([*geometry, T.PILToTensor()])
+        self.geometry = T.Compose([*geometry, T.PILToTensor()])
+        self.unchanged_at = _unchanged_size(geometry)
         self.mean = torch.tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def per_image(self, image: Image.Image) -> torch.Tensor:
+        """The [3, H, W] uint8 tensor of one RGB image after the resize and crop."""
+        if self.unchanged_at is not None and image.size == (self.unchanged_at, self.unchanged_at):
+            return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        return self.geometry(image)
 
     @classmethod
     def of(cls, transform: Any) -> BatchNormalized | None:
@@ -147,6 +159,21 @@ class BatchNormalized:
     def stack(self, images: list[torch.Tensor]) -> torch.Tensor:
         """[B, 3, H, W] float images from the per-image uint8 tensors."""
         return torch.stack(images).float().div_(255).sub_(self.mean).div_(self.std)
+
+
+def _unchanged_size(geometry: list) -> int | None:
+    """The square size at which ``geometry`` (an eval resize, then a centre crop) returns an image unchanged: the
+    crop size, when the resize maps a square of that size onto itself; None for any other pipeline."""
+    if len(geometry) != 2 or type(geometry[1]) is not T.CenterCrop:
+        return None
+    resize, crop = geometry
+    side = crop.size[0] if crop.size[0] == crop.size[1] else None
+    if type(resize) is ResizeLongest:
+        return side if resize.size == side else None
+    if type(resize) is T.Resize and resize.max_size is None:
+        sizes = [resize.size] if isinstance(resize.size, int) else list(resize.size)
+        return side if side is not None and all(size == side for size in sizes) else None
+    return None
 
 
 def transform_key(transform: Any) -> str:
