@@ -258,6 +258,24 @@ def test_predict_onnx_engine_streams_the_same_predictions_as_torch(onnx_exports,
     assert len(list(csv.reader((tmp_path / "q.csv").open()))) == 25
 
 
+def test_onnx_threads_sleep_only_beside_decoding_workers(onnx_exports):
+    """With decoders in other processes, ONNX Runtime's spinning threads would take their cores; alone, they may."""
+    import argparse
+
+    from promptkd.cli.predict import _predictor
+
+    root, _ = onnx_exports
+    key = "session.intra_op.allow_spinning"
+    for workers in (2, 0):
+        args = argparse.Namespace(engine="onnx", features=None, checkpoint=str(root / "fp32"), workers=workers)
+        options = _predictor(args).session.get_session_options()
+        if workers:
+            assert options.get_session_config_entry(key) == "0"
+        else:
+            with pytest.raises(Exception, match=key):  # ONNX Runtime's default: spinning allowed
+                options.get_session_config_entry(key)
+
+
 def test_predict_bad_input_is_one_message(onnx_exports, student_run, tmp_path):
     root, _ = onnx_exports
     images = tmp_path / "images"

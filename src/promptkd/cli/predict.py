@@ -61,7 +61,7 @@ def _predictor(args: argparse.Namespace):
     if args.engine == "onnx":
         if args.features is not None:
             raise DeployError("--features applies to --engine torch; an export folder holds its class features.")
-        return OnnxPredictor(args.checkpoint)
+        return OnnxPredictor(args.checkpoint, beside_decoders=args.workers > 0)
     checkpoint = args.checkpoint
     if Path(checkpoint).is_dir():
         if (Path(checkpoint) / "export.json").is_file():
