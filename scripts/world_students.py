@@ -7,8 +7,8 @@ are the students'. Students:
 
 - CLIP student pkd-world-student on shapes' train split (the paper's data): prompts + projector (the paper), with
   LoRA (rank 4) on its attention, with its last block unfrozen; and the paper's student on the rendered images;
-- timm students from random weights on rendered unlabelled shapes images (promptkd world-render): a CNN
-  (test_convnext3) and a small ViT (test_vit, patch 4);
+- timm students from random weights on rendered unlabelled shapes images (promptkd world-render): two CNNs
+  (test_convnext3; test_byobnet, trained longer: --cnn-epochs) and a small ViT (test_vit, patch 4);
 - inductive + extend: the paper student distilled on base-class images with base-class features only, then
   `promptkd features extend` adds the novel names; its novel accuracy among the novel names and among all names
   (what `predict` does) against the transductive student's (calibration and a short distillation of the extended
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--render", type=int, default=RENDERED, help="rendered unlabelled images for timm students")
     parser.add_argument("--timm-epochs", type=int, default=10)
+    parser.add_argument("--cnn-epochs", type=int, default=30, help="test_byobnet's epochs (10 leave it at HM ~71)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these students")
     args = parser.parse_args()
 
@@ -85,6 +86,11 @@ def main() -> None:
             "--student", "timm:test_convnext3", "--student-pretrained", "random",
             "--unlabeled-folder", str(rendered / "images"), "--classnames", str(rendered / "classnames.txt"),
             "--eval-dataset", "shapes", "--set", f"train.epochs={args.timm_epochs}",
+        ],
+        "timm CNN test_byobnet (random init)": [
+            "--student", "timm:test_byobnet", "--student-pretrained", "random",
+            "--unlabeled-folder", str(rendered / "images"), "--classnames", str(rendered / "classnames.txt"),
+            "--eval-dataset", "shapes", "--set", f"train.epochs={args.cnn_epochs}",
         ],
         "timm ViT test_vit p4 (random init)": [
             "--student", "timm:test_vit", "--student-pretrained", "random", "--student-kwargs", "patch_size=4",
