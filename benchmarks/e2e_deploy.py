@@ -309,17 +309,17 @@ def world_part(args, work: Path) -> None:
         for name, spec in specs.items()
     }
     rates = in_turns(measures, args.rounds)
+    best = {name: max(rates[name, setting] for setting in settings) for name in specs}
     print(
         f"\nworld `shapes` test split ({len(paths)} PNG images of 32 px, {args.repeat} passes per timing), end-to-end "
         f"images/s at (batch, decoding workers), median of {args.rounds} rounds; HM on the same images:"
     )
-    world_table(rates, accuracies, settings)
-    goal(rates, accuracies, next(iter(specs)))
+    world_table(rates, best, accuracies, settings)
+    goal(best, accuracies, next(iter(specs)))
 
 
-def world_table(rates: dict, accuracies: dict, settings: list[tuple[int, int]]) -> None:
+def world_table(rates: dict, best: dict, accuracies: dict, settings: list[tuple[int, int]]) -> None:
     """One row per engine: images/s at each setting, its fastest against the teacher's fastest, its accuracy."""
-    best = {name: max(rates[name, s] for s in settings) for name in accuracies}
     teacher = next(iter(accuracies))
     heads = " | ".join(f"b{size} w{workers}" for size, workers in settings)
     print(f"| model | {heads} | fastest vs teacher's | HM | all-class acc | HM vs teacher |")
@@ -335,10 +335,9 @@ def world_table(rates: dict, accuracies: dict, settings: list[tuple[int, int]]) 
         )
 
 
-def goal(rates: dict, accuracies: dict, teacher: str) -> None:
-    """The goal line: each model at its fastest setting; the fastest student that keeps >= 90% of the teacher's HM
-    (the fastest student of all when none does) against the teacher."""
-    best = {name: max(rate for (n, _), rate in rates.items() if n == name) for name in accuracies}
+def goal(best: dict, accuracies: dict, teacher: str) -> None:
+    """The goal line: each model at its fastest setting (``best``); the fastest student that keeps >= 90% of the
+    teacher's HM (the fastest student of all when none does) against the teacher."""
     share = {name: accuracies[name]["hm"] / accuracies[teacher]["hm"] for name in accuracies}
     students = [name for name in best if name != teacher]
     keeping = [name for name in students if share[name] >= 0.9] or students

@@ -72,6 +72,14 @@ def main() -> None:
     rendered = render_unlabeled("shapes", args.render, out / "rendered", seed=1)
     splits = resolve_dataset("shapes", root)
 
+    def timm(model: str, epochs: int, *extra: str) -> list[str]:
+        """A timm student from random weights on the rendered images, scored on shapes' test split."""
+        return [
+            "--student", f"timm:{model}", "--student-pretrained", "random", *extra,
+            "--unlabeled-folder", str(rendered / "images"), "--classnames", str(rendered / "classnames.txt"),
+            "--eval-dataset", "shapes", "--set", f"train.epochs={epochs}",
+        ]  # fmt: skip
+
     students = {
         "prompts (paper)": ["--student-model", STUDENT, "--dataset", "shapes"],
         "prompts + LoRA r4": ["--student-model", STUDENT, "--dataset", "shapes", "--set", "method.lora_rank=4"],
@@ -82,21 +90,9 @@ def main() -> None:
             "--student-model", STUDENT, "--unlabeled-folder", str(rendered / "images"), "--classnames",
             str(rendered / "classnames.txt"), "--eval-dataset", "shapes",
         ],
-        "timm CNN test_convnext3 (random init)": [
-            "--student", "timm:test_convnext3", "--student-pretrained", "random",
-            "--unlabeled-folder", str(rendered / "images"), "--classnames", str(rendered / "classnames.txt"),
-            "--eval-dataset", "shapes", "--set", f"train.epochs={args.timm_epochs}",
-        ],
-        "timm CNN test_byobnet (random init)": [
-            "--student", "timm:test_byobnet", "--student-pretrained", "random",
-            "--unlabeled-folder", str(rendered / "images"), "--classnames", str(rendered / "classnames.txt"),
-            "--eval-dataset", "shapes", "--set", f"train.epochs={args.cnn_epochs}",
-        ],
-        "timm ViT test_vit p4 (random init)": [
-            "--student", "timm:test_vit", "--student-pretrained", "random", "--student-kwargs", "patch_size=4",
-            "--unlabeled-folder", str(rendered / "images"), "--classnames", str(rendered / "classnames.txt"),
-            "--eval-dataset", "shapes", "--set", f"train.epochs={args.timm_epochs}",
-        ],
+        "timm CNN test_convnext3 (random init)": timm("test_convnext3", args.timm_epochs),
+        "timm CNN test_byobnet (random init)": timm("test_byobnet", args.cnn_epochs),
+        "timm ViT test_vit p4 (random init)": timm("test_vit", args.timm_epochs, "--student-kwargs", "patch_size=4"),
     }  # fmt: skip
     rows: dict[str, list[dict[str, float]]] = {}
     for name, extra in students.items():
